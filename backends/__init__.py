@@ -1,0 +1,1 @@
+"""Backends that run or compile graphopt models: onnxruntime (`ort`) and TVM (`tvm`)."""

@@ -1,0 +1,102 @@
+"""onnxruntime backend: what the installed runtime accepts, sessions and runs.
+
+Sessions for validation run on the CPU execution provider with ORT's own graph
+optimizations off, so a comparison measures graphopt's rewrites and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnxruntime as ort
+
+from graphopt.errors import BackendError
+
+CPU = "CPUExecutionProvider"
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """The newest ONNX IR version the installed onnxruntime loads (probed once)."""
+    for version in range(onnx.IR_VERSION, 3, -1):
+        if _loads(_probe_model(version, 13)):
+            return version
+    raise BackendError("onnxruntime loads no ONNX IR version this onnx package writes", hint="reinstall onnxruntime")
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime loads (probed once)."""
+    ir_version = max_ir_version()
+    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
+        if _loads(_probe_model(ir_version, opset)):
+            return opset
+    raise BackendError("onnxruntime loads no opset this onnx package knows", hint="reinstall onnxruntime")
+
+
+def _probe_model(ir_version: int, opset: int) -> bytes:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+def _loads(model: bytes) -> bool:
+    try:
+        ort.InferenceSession(model, providers=[CPU])
+        return True
+    except Exception:
+        return False
+
+
+@dataclasses.dataclass
+class OrtExecutable:
+    session: ort.InferenceSession
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.session.get_inputs())
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.session.run(None, dict(feeds))
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+        return dict(zip(self.output_names, results))
+
+
+def session(
+    model: bytes | str,
+    *,
+    optimize: bool = False,
+    providers: Sequence[str] = (CPU,),
+    threads: int | None = None,
+) -> OrtExecutable:
+    """An onnxruntime session over serialized model bytes or a model path."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return OrtExecutable(ort.InferenceSession(model, options, providers=list(providers)))
+    except Exception as exc:
+        raise BackendError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:400] if text else type(exc).__name__

@@ -1,0 +1,41 @@
+"""graphopt: compiler-style graph rewriting for neural networks.
+
+    model = graphopt.load("model.onnx")            # or a torch module + example_inputs
+    result = graphopt.optimize(model, preset="exact")
+    graphopt.save(result.model, "model.opt.onnx")
+    print(result.report.to_dict())
+"""
+
+from graphopt.errors import (
+    BackendError,
+    GraphoptError,
+    InputError,
+    NumericMismatchError,
+    PassError,
+    UnsupportedModelError,
+)
+from graphopt.exporters import save
+from graphopt.importers import load
+from graphopt.model import Model
+from graphopt.optimizer import OptimizeResult, optimize
+from graphopt.summary import summarize as inspect
+from graphopt.verify import Validation, validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "GraphoptError",
+    "InputError",
+    "Model",
+    "NumericMismatchError",
+    "OptimizeResult",
+    "PassError",
+    "UnsupportedModelError",
+    "Validation",
+    "inspect",
+    "load",
+    "optimize",
+    "save",
+    "validate",
+]

@@ -1,0 +1,237 @@
+"""The `graphopt` command: a thin layer that parses, calls the public API, prints.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback
+unless --debug); 3 numeric validation failed (nothing written); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import graphopt
+from graphopt import presets, registry, verify
+from graphopt.errors import GraphoptError, InputError
+from graphopt.report import validation_table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except GraphoptError as exc:
+        if args.debug:
+            raise
+        err.print(f"graphopt: error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("graphopt: interrupted; nothing was written")
+        return 130
+    except Exception as exc:  # a bug in graphopt: say so, keep the traceback behind --debug
+        if args.debug:
+            raise
+        err.print(f"graphopt: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p = argparse.ArgumentParser(prog="graphopt", description=__doc__.splitlines()[0], parents=[common])
+    p.add_argument("--version", action="version", version=f"graphopt {graphopt.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", parents=[common], help="inputs, outputs, op histogram, parameters, opsets")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("optimize", parents=[common], help="rewrite a model with a preset or a list of passes")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--preset", default=presets.DEFAULT, help=f"one of {', '.join(presets.PRESETS)} (default {presets.DEFAULT})")
+    s.add_argument("--passes", type=_csv, help="comma-separated pass names, in order (overrides --preset)")
+    s.add_argument("--report", help="write the JSON report here")
+    _add_input_args(s)
+    s.add_argument("--no-validate", action="store_true", help="skip per-pass checks and the final validation")
+    s.add_argument("--explain", action="store_true", help="show why rules did not fire")
+    s.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_optimize)
+
+    s = sub.add_parser("validate", parents=[common], help="compare two models' outputs in onnxruntime")
+    s.add_argument("reference")
+    s.add_argument("candidate")
+    _add_input_args(s)
+    s.add_argument("--rtol", type=float)
+    s.add_argument("--atol", type=float)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("passes", parents=[common], help="list the registered passes and presets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_passes)
+
+    s = sub.add_parser("convert", parents=[common], help="export a torch module to ONNX: FILE.py:FACTORY")
+    s.add_argument("factory", help="FILE.py:FUNCTION returning (module, example_inputs[, dynamic_shapes])")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--external-data", action="store_true")
+    s.set_defaults(func=cmd_convert)
+    return p
+
+
+def _add_input_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--inputs", help=".npz with one array per model input (default: seeded generated inputs)")
+    s.add_argument("--dims", type=_dims, default=None, help="symbolic dims for generated inputs, e.g. batch=1,seq=128")
+    s.add_argument("--seed", type=int, default=0)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _dims(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in _csv(text))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected name=int pairs like batch=1,seq=128, got {text!r}") from None
+
+
+def cmd_inspect(args) -> int:
+    info = graphopt.inspect(graphopt.load(args.model))
+    if args.json:
+        out.print_json(data=info)
+        return 0
+    table = Table(title=f"{args.model}", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            table.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+    out.print(table)
+    out.print(f"nodes {info['num_nodes']}, parameters {info['num_params']:,} ({info['param_bytes']:,} bytes), "
+              f"ir_version {info['ir_version']}, opsets {info['opsets']}")
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["op_counts"].items()))
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    output = Path(args.output)
+    with _spinner(f"loading {args.model}"):
+        model = graphopt.load(args.model)
+    if model.source and output.resolve() == model.source and not args.force:
+        raise InputError(f"refusing to overwrite the input {output}", hint="choose another -o path, or pass --force")
+    inputs = args.inputs
+    if inputs is not None:
+        verify.resolve_inputs(model, inputs)  # bad --inputs fail before any work
+    with _bar() as bar:
+        task = bar.add_task("optimizing", total=None)
+
+        def progress(i: int, total: int, name: str) -> None:
+            bar.update(task, total=total, completed=i, description=f"pass {name}")
+
+        result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=inputs,
+                                   validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
+                                   progress=progress)
+    report = result.report
+    out.print(report.tables())
+    if args.explain:
+        for p in report.passes:
+            for line in p.near_misses:
+                out.print(f"explain {p.name}: {line}", markup=False)
+    if not result.passed:
+        err.print("graphopt: error: the optimized model failed validation; nothing was written")
+        return 3
+    with _spinner(f"writing {output}"):
+        graphopt.save(result.model, output, external_data=True if args.external_data else None, force=args.force)
+        if args.report:
+            report.write_json(args.report)
+    out.print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    with _spinner("validating"):
+        result = graphopt.validate(args.reference, args.candidate, args.inputs, rtol=args.rtol, atol=args.atol,
+                                   seed=args.seed, dims=args.dims)
+    if args.json:
+        out.print(json.dumps(result.to_dict(), indent=2), markup=False)
+    else:
+        out.print(validation_table(result))
+        out.print("PASS" if result.passed else "FAIL")
+    return 0 if result.passed else 3
+
+
+def cmd_passes(args) -> int:
+    rows = [{"name": p.name, "kind": str(p.kind), "doc": p.summary()} for p in registry.available()]
+    if args.json:
+        out.print(json.dumps({"passes": rows, "presets": {k: list(v) for k, v in presets.PRESETS.items()}}, indent=2), markup=False)
+        return 0
+    table = Table(title="passes", title_justify="left")
+    for col in ("name", "kind", "what it does"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["doc"])
+    out.print(table)
+    for name, names in presets.PRESETS.items():
+        out.print(f"preset {name}: {', '.join(names)}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    module, example_inputs, dynamic_shapes = _call_factory(args.factory)
+    with _spinner("exporting with torch.onnx (dynamo)"):
+        model = graphopt.load(module, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)
+        graphopt.save(model, args.output, external_data=True if args.external_data else None)
+    out.print(f"wrote {args.output}")
+    return 0
+
+
+def _call_factory(spec: str):
+    file, sep, func = spec.rpartition(":")
+    if not sep or not file or not func:
+        raise InputError(f"expected FILE.py:FUNCTION, got '{spec}'")
+    path = Path(file)
+    if not path.is_file():
+        raise InputError(f"file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"graphopt_factory_{path.stem}", path)
+    mod = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        module_spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(mod, func, None)
+    if not callable(factory):
+        raise InputError(f"{path} has no function '{func}'")
+    made = factory()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise InputError(f"{spec} must return (module, example_inputs) or (module, example_inputs, dynamic_shapes)")
+    return (*made, None) if len(made) == 2 else made
+
+
+def _spinner(text: str):
+    return err.status(text, spinner="dots")
+
+
+def _bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

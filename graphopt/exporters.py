@@ -1,0 +1,117 @@
+"""Write models as ONNX files the installed onnxruntime accepts.
+
+Writes are atomic: everything goes into a temporary folder beside the target,
+then is renamed into place (external data first, the model last), so a failed
+save never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from graphopt.backends import ort as ort_backend
+from graphopt.errors import InputError
+from graphopt.ir import ir
+from graphopt.model import Model
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GiB less a margin for the graph itself
+EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+def save(model: Model | ir.Model, path: str | os.PathLike, *, external_data: bool | None = None, force: bool = False) -> Path:
+    """Save `model` to `path` atomically.
+
+    external_data: True writes initializers to `<name>.data` beside the model; None
+    (default) does so only when the weights exceed the 2 GB protobuf limit.
+    force: allow overwriting the file the model was loaded from.
+    """
+    model = model if isinstance(model, Model) else Model(model)
+    path = Path(path)
+    _refuse_overwriting_source(model, path, force)
+    if external_data is None:
+        external_data = model.parameter_bytes() > PROTOBUF_LIMIT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = f"{path.name}.data"
+    with _staging_dir(path) as stage, _ort_compatible(model.ir):
+        staged = stage / path.name
+        if external_data:
+            ir.save(model.ir, staged, format="protobuf", external_data=data_name, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
+        else:
+            onnx.save(_inline_proto(model.ir), staged)
+        for name in sorted(os.listdir(stage), key=lambda n: n == path.name):  # the model last
+            os.replace(stage / name, path.parent / name)
+    logger.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
+    return path
+
+
+def to_proto(model: Model | ir.Model) -> onnx.ModelProto:
+    """A self-contained ModelProto (external tensors read in) that the installed ORT loads."""
+    model_ir = model.ir if isinstance(model, Model) else model
+    with _ort_compatible(model_ir):
+        return _inline_proto(model_ir)
+
+
+@contextlib.contextmanager
+def ort_loadable(model: Model | ir.Model) -> Iterator[bytes | str]:
+    """Model bytes for onnxruntime, or a temporary file path when over the protobuf limit."""
+    model = model if isinstance(model, Model) else Model(model)
+    if model.parameter_bytes() <= PROTOBUF_LIMIT:
+        yield to_proto(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
+        target = Path(tmp) / "model.onnx"
+        save(model, target, external_data=True)
+        yield os.fspath(target)
+
+
+def _inline_proto(model: ir.Model) -> onnx.ModelProto:
+    if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()):
+        model = ir.external_data.load_to_model(model.clone())
+    return ir.serde.serialize_model(model)
+
+
+@contextlib.contextmanager
+def _ort_compatible(model: ir.Model):
+    """Temporarily lower the IR version to what the installed onnxruntime loads."""
+    original = model.ir_version
+    model.ir_version = min(original, ort_backend.max_ir_version())
+    try:
+        yield
+    finally:
+        model.ir_version = original
+
+
+@contextlib.contextmanager
+def _staging_dir(path: Path) -> Iterator[Path]:
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _refuse_overwriting_source(model: Model, path: Path, force: bool) -> None:
+    target = path.resolve()
+    protected = {model.source} | model.external_files() if model.source else model.external_files()
+    data_target = target.with_name(f"{target.name}.data")
+    if force:
+        if data_target in model.external_files():
+            # The model still reads weights lazily from that file: read them in first.
+            ir.external_data.load_to_model(model.ir)
+        return
+    for p in protected:
+        if p in (target, data_target):
+            raise InputError(
+                f"refusing to overwrite {p}, which the model was loaded from",
+                hint="choose another output path, or pass force=True (--force)",
+            )

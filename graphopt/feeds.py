@@ -1,0 +1,158 @@
+"""Model inputs: seeded generation and `.npz` loading, both checked against the model.
+
+Generated inputs respect dtypes, bind symbolic dims to defaults the user can
+override, and keep integer inputs that are token ids, positions or masks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from graphopt import ops
+from graphopt.errors import InputError
+from graphopt.ir import ir
+from graphopt.model import Model
+
+DEFAULT_DIMS: Mapping[str, int] = {"batch": 1, "seq": 128}
+_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity"})
+
+
+def make_inputs(model: Model, *, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input that is not an initializer."""
+    dims = {**DEFAULT_DIMS, **(dims or {})}
+    rng = np.random.default_rng(seed)
+    return {v.name: _make_one(v, rng, dims) for v in _runtime_inputs(model)}
+
+
+def load_inputs(path: str | os.PathLike, model: Model) -> dict[str, np.ndarray]:
+    """Inputs from an `.npz` file keyed by input name, checked against the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path} is not a readable .npz file ({exc})", hint="write it with numpy.savez") from None
+    check_inputs(feeds, model, where=str(path))
+    return feeds
+
+
+def check_inputs(feeds: Mapping[str, np.ndarray], model: Model, *, where: str = "inputs") -> None:
+    """Names, dtypes and static dims must match the model's inputs; symbolic dims must agree."""
+    expected = {v.name: v for v in _runtime_inputs(model)}
+    problems = []
+    missing = sorted(set(expected) - set(feeds))
+    unknown = sorted(set(feeds) - set(expected))
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if unknown:
+        problems.append(f"unknown {', '.join(unknown)} (model inputs: {', '.join(expected)})")
+    bound: dict[str, tuple[int, str]] = {}
+    for name, value in expected.items():
+        if name not in feeds:
+            continue
+        array = np.asarray(feeds[name])
+        want_dtype = _numpy_dtype(value)
+        if want_dtype is not None and array.dtype != want_dtype:
+            problems.append(f"'{name}' has dtype {array.dtype}, the model wants {want_dtype}")
+        if value.shape is None:
+            continue
+        if array.ndim != len(value.shape):
+            problems.append(f"'{name}' has shape {list(array.shape)}, the model wants rank {len(value.shape)} {_shape_str(value.shape)}")
+            continue
+        for axis, (dim, got) in enumerate(zip(value.shape, array.shape)):
+            if isinstance(dim, int) and dim != got:
+                problems.append(f"'{name}' has shape {list(array.shape)}, the model wants {_shape_str(value.shape)} (axis {axis})")
+                break
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                first = bound.setdefault(dim.value, (got, name))
+                if first[0] != got:
+                    problems.append(f"dim '{dim.value}' is {first[0]} in '{first[1]}' but {got} in '{name}'")
+    if problems:
+        raise InputError(f"inputs do not fit the model: {'; '.join(problems)}", where=where)
+
+
+def _runtime_inputs(model: Model) -> list[ir.Value]:
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def _numpy_dtype(value: ir.Value):
+    if not isinstance(value.type, ir.TensorType):
+        return None
+    try:
+        return value.dtype.numpy()
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _shape_str(shape: ir.Shape) -> str:
+    return "[" + ", ".join(str(d.value if isinstance(d, ir.SymbolicDim) else d) for d in shape) + "]"
+
+
+def _bind_shape(value: ir.Value, dims: Mapping[str, int]) -> tuple[int, ...]:
+    if value.shape is None:
+        raise InputError(f"input '{value.name}' has no shape", hint="pass inputs with --inputs data.npz")
+    out = []
+    for axis, dim in enumerate(value.shape):
+        if isinstance(dim, int):
+            out.append(dim)
+        elif dim.value is None:
+            out.append(dims["batch"] if axis == 0 else dims["seq"])
+        else:
+            out.append(_bind_named(dim.value, axis, dims))
+    return tuple(out)
+
+
+def _bind_named(name: str, axis: int, dims: Mapping[str, int]) -> int:
+    if name in dims:
+        return dims[name]
+    lowered = name.lower()
+    if "batch" in lowered:
+        return dims["batch"]
+    if any(k in lowered for k in ("seq", "len", "token", "past", "total")):
+        return dims["seq"]
+    return dims["batch"] if axis == 0 else dims["seq"]
+
+
+def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int]) -> np.ndarray:
+    dtype = _numpy_dtype(value)
+    if dtype is None or dtype.kind in "OSU":
+        raise InputError(
+            f"cannot generate input '{value.name}' of type {value.type}", hint="pass inputs with --inputs data.npz"
+        )
+    shape = _bind_shape(value, dims)
+    name = value.name.lower()
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    if dtype.kind in "iu":
+        if "mask" in name:
+            return np.ones(shape, dtype)
+        if "position" in name:
+            return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), shape).copy()
+        if "token_type" in name or "segment" in name:
+            return np.zeros(shape, dtype)
+        high = _index_bound(value) or 2
+        return rng.integers(0, high, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _index_bound(value: ir.Value, depth: int = 4) -> int | None:
+    """The valid index range when `value` (maybe through Casts/Reshapes) indexes a constant table."""
+    bounds = []
+    for node, index in value.uses():
+        if (node.domain, node.op_type) == ops.GATHER and index == 1:
+            table = node.inputs[0]
+            axis = node.attributes.get_int("axis", 0)
+            if table is not None and table.shape is not None and isinstance(table.shape[axis], int):
+                bounds.append(table.shape[axis])
+        elif node.op_type in _PASS_THROUGH and index == 0 and depth > 0:
+            bound = _index_bound(node.outputs[0], depth - 1)
+            if bound:
+                bounds.append(bound)
+    return min(bounds) if bounds else None

@@ -1,0 +1,33 @@
+"""The one place that imports onnx_ir and onnxscript's rewriter API.
+
+Everything else in graphopt imports the IR from here, so an upstream rename
+is fixed in one file.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir import passes as ir_passes
+from onnx_ir.passes import common as common_passes
+from onnxscript import optimizer as onnxscript_optimizer
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.pattern import (
+    MatchingTracer,
+    MatchResult,
+    MatchStatus,
+    RewriteRuleClassBase,
+    RewriteRuleSet,
+)
+
+__all__ = [
+    "ir",
+    "ir_passes",
+    "common_passes",
+    "onnxscript_optimizer",
+    "pattern",
+    "MatchingTracer",
+    "MatchResult",
+    "MatchStatus",
+    "RewriteRuleClassBase",
+    "RewriteRuleSet",
+]

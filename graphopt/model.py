@@ -1,0 +1,51 @@
+"""graphopt's model object: an onnx_ir model plus where it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from graphopt.ir import ir
+
+
+@dataclasses.dataclass
+class Model:
+    """An ONNX model held as `onnx_ir.Model`.
+
+    `source` is the file the model was loaded from, if any; `save` refuses to
+    overwrite it unless forced.
+    """
+
+    ir: ir.Model
+    source: Path | None = None
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.ir.graph
+
+    def clone(self) -> Model:
+        """A structural copy; tensors (including lazy external ones) are shared, not copied."""
+        return Model(self.ir.clone(), self.source)
+
+    def parameter_bytes(self) -> int:
+        return sum(_tensor_nbytes(v.const_value) for g in self.ir.graphs() for v in g.initializers.values())
+
+    def external_files(self) -> set[Path]:
+        """The external-data files the model's lazy tensors read from."""
+        files = set()
+        for g in self.ir.graphs():
+            for v in g.initializers.values():
+                t = v.const_value
+                if isinstance(t, ir.ExternalTensor):
+                    files.add(Path(os.path.join(t.base_dir, t.location)).resolve())
+        return files
+
+
+def _tensor_nbytes(tensor) -> int:
+    if tensor is None:
+        return 0
+    try:
+        return int(tensor.nbytes)
+    except (AttributeError, TypeError, ValueError):
+        return 0

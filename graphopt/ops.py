@@ -1,0 +1,43 @@
+"""Operator identities: domains and op types graphopt refers to by name.
+
+Op-type strings live here (and inside rewrite patterns) and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+ONNX_DOMAIN = ""
+ONNX_DOMAIN_ALIASES = ("", "ai.onnx")
+ONNX_ML_DOMAIN = "ai.onnx.ml"
+ONNX_TRAINING_DOMAIN = "ai.onnx.preview.training"
+ORT_CONTRIB_DOMAIN = "com.microsoft"
+GRAPHOPT_DOMAIN = "graphopt"
+
+# Domains whose op schemas ship with the `onnx` package and can be checked there.
+SCHEMA_DOMAINS = (*ONNX_DOMAIN_ALIASES, ONNX_ML_DOMAIN, ONNX_TRAINING_DOMAIN)
+# Domains onnxruntime implements without schemas in `onnx`.
+RUNTIME_DOMAINS = (ORT_CONTRIB_DOMAIN,)
+
+
+class OpId(NamedTuple):
+    domain: str
+    op_type: str
+
+    def __str__(self) -> str:
+        return self.op_type if self.domain in ONNX_DOMAIN_ALIASES else f"{self.domain}::{self.op_type}"
+
+
+GATHER = OpId(ONNX_DOMAIN, "Gather")
+CONSTANT = OpId(ONNX_DOMAIN, "Constant")
+
+# Ops whose outputs change from run to run: never folded, never merged by CSE,
+# and compared by shape only.
+NONDETERMINISTIC = frozenset(
+    OpId(ONNX_DOMAIN, name)
+    for name in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
+)
+
+
+def normalize_domain(domain: str) -> str:
+    return ONNX_DOMAIN if domain in ONNX_DOMAIN_ALIASES else domain

@@ -1,0 +1,37 @@
+"""Presets: ordered tuples of pass names. Order matters where commented."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from graphopt.errors import InputError
+
+_CLEANUP = (
+    # First: exporters emit Shape -> Gather -> Concat chains and Constant nodes that
+    # later rules must see as constants.
+    "fold-constants",
+    # After folding, which leaves Identity nodes and Casts to the same type behind.
+    "eliminate-identity",
+    # After identity elimination, so readers of x and of Identity(x) unify.
+    "cse",
+    # Last: removes everything the passes above orphaned.
+    "eliminate-dead-code",
+)
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "cleanup": _CLEANUP,
+    # The default. Later pass families (norms, reparam, attention) slot in after cleanup.
+    "exact": _CLEANUP,
+}
+
+DEFAULT = "exact"
+
+
+def resolve(preset: str | None = DEFAULT, passes: Sequence[str] | None = None) -> list[str]:
+    """Explicit `passes` win over `preset`; unknown names raise `InputError`."""
+    if passes:
+        return list(passes)
+    name = preset or DEFAULT
+    if name not in PRESETS:
+        raise InputError(f"unknown preset '{name}'", hint=f"known presets: {', '.join(sorted(PRESETS))}")
+    return list(PRESETS[name])

@@ -1,0 +1,113 @@
+"""What a run did: per-pass rewrites, time, numeric checks, final validation.
+
+`Report.to_dict()` is the JSON schema pipelines read:
+{"preset", "passes": [{"name", "kind", "rewrites", "seconds", "status", "check", ...}],
+ "validation": {...}, "model": {"before": {...}, "after": {...}}, "notes": [...]}
+`Report.tables()` renders the same for people (rich).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from graphopt.pipeline import PassRecord
+from graphopt.verify import Validation
+
+_MODEL_KEYS = ("num_nodes", "num_params", "param_bytes", "op_counts")
+
+
+@dataclasses.dataclass
+class Report:
+    preset: str | None
+    passes: list[PassRecord]
+    validation: Validation | None
+    before: dict[str, Any]
+    after: dict[str, Any]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def total_rewrites(self) -> int:
+        return sum(p.total_rewrites for p in self.passes if p.status == "applied")
+
+    def rewrites(self) -> dict[str, int]:
+        """{rule: count} over applied passes, the form golden tests compare."""
+        counts: dict[str, int] = {}
+        for p in self.passes:
+            if p.status == "applied":
+                for rule, n in p.rewrites.items():
+                    if n:
+                        counts[rule] = counts.get(rule, 0) + n
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "passes": [p.to_dict() for p in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+            "model": {"before": {k: self.before[k] for k in _MODEL_KEYS}, "after": {k: self.after[k] for k in _MODEL_KEYS}},
+            "notes": list(self.notes),
+        }
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Atomic write: a temporary file beside `path`, then a rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2, default=_json_default)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def tables(self):
+        """rich renderables: the passes table, the validation table, notes."""
+        from rich.console import Group
+        from rich.table import Table
+
+        passes = Table(title="passes", title_justify="left")
+        for col in ("pass", "kind", "rewrites", "status", "check", "ms"):
+            passes.add_column(col, justify="right" if col in ("ms",) else "left")
+        for p in self.passes:
+            fired = ", ".join(f"{r}={n}" for r, n in p.rewrites.items() if n) or "-"
+            check = "-" if not p.check else ("ok" if p.check.get("passed") else "FAILED") + (
+                f" (max abs {p.check['max_abs_error']:.2e})" if "max_abs_error" in p.check else "")
+            passes.add_row(p.name, p.kind, fired, p.status + (f": {p.note}" if p.note else ""), check, f"{p.seconds * 1e3:.1f}")
+        parts: list[Any] = [passes]
+        summary = Table(title="model", title_justify="left")
+        for col in ("", "nodes", "params", "bytes"):
+            summary.add_column(col)
+        for label, d in (("before", self.before), ("after", self.after)):
+            summary.add_row(label, str(d["num_nodes"]), f"{d['num_params']:,}", f"{d['param_bytes']:,}")
+        parts.append(summary)
+        if self.validation:
+            parts.append(validation_table(self.validation))
+        parts.extend(f"note: {n}" for n in self.notes)
+        return Group(*parts)
+
+
+def validation_table(validation: Validation):
+    from rich.table import Table
+
+    table = Table(title=f"validation on {validation.input_source} inputs", title_justify="left")
+    for col in ("output", "dtype", "shape", "max abs", "max rel", "cosine", "rtol/atol", "result"):
+        table.add_column(col)
+    for o in validation.outputs:
+        table.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs_error:.2e}", f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}",
+                      f"{o.rtol:g}/{o.atol:g}", ("pass" if o.passed else "FAIL") + (f" ({o.note})" if o.note else ""))
+    return table
+
+
+def _json_default(obj: Any):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

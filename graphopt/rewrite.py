@@ -1,0 +1,101 @@
+"""Passes and rules.
+
+A `Pass` is a model-to-model transform that mutates an onnx_ir model in place
+and returns how many rewrites each of its rules made. A `Rule` is one
+mathematical identity written with onnxscript's pattern API: `pattern`,
+`check` (fails once per numbered precondition, with a reason), `rewrite`.
+A `RulePass` applies its rules to a fixpoint and counts what fired; onnxscript
+tags every node a rule creates with the rule's name in its metadata.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+from typing import ClassVar
+
+from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, ir
+
+logger = logging.getLogger(__name__)
+
+
+class PassKind(str, enum.Enum):
+    EXACT = "exact"  # computes the same function to float tolerance; rolled back if it diverges
+    APPROXIMATE = "approximate"  # changes the function; always reported with fidelity numbers
+    LOWERING = "lowering"  # targets one backend or execution provider
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Pass(abc.ABC):
+    """Base class: subclasses set `name` (kebab-case), `kind`, and a docstring whose first line is the summary."""
+
+    name: ClassVar[str]
+    kind: ClassVar[PassKind]
+    requires_shapes: ClassVar[bool] = False
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @abc.abstractmethod
+    def run(self, model: ir.Model) -> dict[str, int]:
+        """Mutate `model` in place; return rewrites per rule (or per step)."""
+
+    def explain(self, model: ir.Model) -> list[str]:
+        """Why rules missed (near misses), for `--explain`. Must not mutate `model`."""
+        return []
+
+
+class Rule(RewriteRuleClassBase):
+    """Base class for rewrite rules. The docstring is the contract:
+
+    the math of the identity, then numbered preconditions that `check` verifies
+    in order, failing with `MatchResult().fail(reason, value_or_node)`.
+    """
+
+    commute: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__(name=type(self).__name__)
+
+
+class RulePass(Pass):
+    """A pass made of rules, applied until none fires (at most `max_rounds` rounds)."""
+
+    rules: ClassVar[tuple[type[Rule], ...]]
+    max_rounds: ClassVar[int] = 8
+
+    def _rule_set(self, rule_cls: type[Rule]) -> RewriteRuleSet:
+        return RewriteRuleSet([rule_cls.rule()], commute=rule_cls.commute)
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        counts = {rule.__name__: 0 for rule in self.rules}
+        for _ in range(self.max_rounds):
+            fired = 0
+            for rule in self.rules:
+                n = self._rule_set(rule).apply_to_model(model)
+                counts[rule.__name__] += n
+                fired += n
+            if not fired:
+                break
+        return counts
+
+    def explain(self, model: ir.Model) -> list[str]:
+        lines = []
+        for rule in self.rules:
+            tracer = MatchingTracer()
+            self._rule_set(rule).apply_to_model(model.clone(), tracer=tracer)
+            for infos in tracer.best_matches_map.values():
+                for info in infos:
+                    if info.status == MatchStatus.SUCCESS:
+                        continue
+                    node = info.root_node
+                    where = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+                    reason = info.match_result.reason or "pattern did not match"
+                    culprits = [getattr(x, "name", None) for x in info.match_result.failure_nodes_and_values]
+                    at = f" at {', '.join(repr(c) for c in culprits if c)}" if any(culprits) else ""
+                    lines.append(f"{rule.__name__}: {where}: {info.status.name.lower().replace('_', ' ')}: {reason}{at}")
+        return lines

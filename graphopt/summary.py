@@ -1,0 +1,40 @@
+"""What a model is: inputs, outputs, op histogram, parameters, opsets, size."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from graphopt import ops
+from graphopt.ir import ir
+from graphopt.model import Model
+
+
+def count_nodes(model: ir.Model) -> int:
+    """Nodes in the main graph, its subgraphs and the model-local functions."""
+    in_graph = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+    return in_graph + sum(len(f) for f in model.functions.values())
+
+
+def summarize(model: Model) -> dict[str, Any]:
+    m = model.ir
+    op_counts = Counter(str(ops.OpId(n.domain, n.op_type)) for n in ir.traversal.RecursiveGraphIterator(m.graph))
+    params = [v for g in m.graphs() for v in g.initializers.values() if v.const_value is not None]
+    return {
+        "inputs": [_value_info(v) for v in m.graph.inputs if not v.is_initializer()],
+        "outputs": [_value_info(v) for v in m.graph.outputs],
+        "op_counts": dict(sorted(op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "num_nodes": count_nodes(m),
+        "num_params": int(sum(v.const_value.size for v in params)),
+        "param_bytes": model.parameter_bytes(),
+        "opsets": {(k or "ai.onnx"): v for k, v in sorted(m.opset_imports.items())},
+        "functions": [f"{f.domain}::{f.name}" for f in m.functions.values()],
+        "ir_version": m.ir_version,
+        "producer": f"{m.producer_name or ''} {m.producer_version or ''}".strip(),
+        "source": str(model.source) if model.source else None,
+    }
+
+
+def _value_info(v: ir.Value) -> dict[str, Any]:
+    shape = None if v.shape is None else [d if isinstance(d, int) else (d.value or "?") for d in v.shape]
+    return {"name": v.name, "dtype": str(v.dtype.name.lower()) if v.dtype is not None else str(v.type), "shape": shape}

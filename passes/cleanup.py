@@ -1,0 +1,135 @@
+"""Cleanup: constant folding, identity elimination, CSE, dead-code elimination.
+
+Folding, CSE and dead-code removal reuse onnxscript's folder and onnx_ir's
+passes; identity elimination is written as rules so `--explain` can say why a
+no-op was kept.
+"""
+
+from __future__ import annotations
+
+from graphopt.ir import MatchResult, common_passes, ir, onnxscript_optimizer
+from graphopt.passes._checks import forwarding_blocker
+from graphopt.summary import count_nodes
+from graphopt.registry import register
+from graphopt.rewrite import Pass, PassKind, Rule, RulePass
+
+
+@register
+class FoldConstants(Pass):
+    """Evaluate nodes whose inputs are all constant and store their results as initializers."""
+
+    name = "fold-constants"
+    kind = PassKind.EXACT
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        before = count_nodes(model)
+        onnxscript_optimizer.fold_constants(model)  # skips random ops and control flow bodies it cannot prove
+        common_passes.RemoveUnusedNodesPass()(model)
+        return {"FoldConstants": max(before - count_nodes(model), 0)}
+
+
+class RemoveIdentity(Rule):
+    """Identity(x) = x.
+
+    Preconditions:
+        1. Forwarding x keeps every graph input, initializer and output name.
+    """
+
+    def pattern(self, op, x):
+        return op.Identity(x)
+
+    def check(self, context, x, **_):
+        result = MatchResult()
+        if reason := forwarding_blocker(x, context.output_values[0]):
+            return result.fail(reason, x)
+        return result
+
+    def rewrite(self, op, x):
+        return x
+
+
+class RemoveSameTypeCast(Rule):
+    """Cast(x, to=T) = x when x already has element type T.
+
+    Preconditions:
+        1. The element type of x is known and equals `to`.
+        2. Forwarding x keeps every graph input, initializer and output name.
+    """
+
+    def pattern(self, op, x, to):
+        return op.Cast(x, to=to)
+
+    def check(self, context, x, to, **_):
+        result = MatchResult()
+        if x.dtype is None or x.dtype.value != to.as_int():
+            return result.fail(f"'{x.name}' has element type {x.dtype}, Cast makes {ir.DataType(to.as_int())}", x)
+        if reason := forwarding_blocker(x, context.output_values[0]):
+            return result.fail(reason, x)
+        return result
+
+    def rewrite(self, op, x, to):
+        return x
+
+
+class RemoveIdentityTranspose(Rule):
+    """Transpose(x, perm=[0, 1, ..., n-1]) = x.
+
+    Preconditions:
+        1. `perm` is given and is the identity permutation.
+        2. Forwarding x keeps every graph input, initializer and output name.
+    """
+
+    def pattern(self, op, x, perm):
+        return op.Transpose(x, perm=perm)
+
+    def check(self, context, x, perm, **_):
+        result = MatchResult()
+        if perm.is_ref() or list(perm.as_ints()) != list(range(len(perm.as_ints()))):
+            return result.fail("perm is not the identity permutation", x)
+        if reason := forwarding_blocker(x, context.output_values[0]):
+            return result.fail(reason, x)
+        return result
+
+    def rewrite(self, op, x, perm):
+        return x
+
+
+@register
+class EliminateIdentity(RulePass):
+    """Remove Identity nodes, Casts to the same type and identity Transposes."""
+
+    name = "eliminate-identity"
+    kind = PassKind.EXACT
+    rules = (RemoveIdentity, RemoveSameTypeCast, RemoveIdentityTranspose)
+
+
+@register
+class EliminateCommonSubexpressions(Pass):
+    """Merge nodes that compute the same op on the same inputs (random ops excluded)."""
+
+    name = "cse"
+    kind = PassKind.EXACT
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        before = count_nodes(model)
+        common_passes.CommonSubexpressionEliminationPass()(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        return {"MergeCommonSubexpressions": max(before - count_nodes(model), 0)}
+
+
+@register
+class EliminateDeadCode(Pass):
+    """Remove nodes, initializers and functions that no graph output depends on."""
+
+    name = "eliminate-dead-code"
+    kind = PassKind.EXACT
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        nodes, initializers, functions = count_nodes(model), len(model.graph.initializers), len(model.functions)
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.RemoveUnusedFunctionsPass()(model)
+        return {
+            "RemoveDeadNodes": nodes - count_nodes(model),
+            "RemoveDeadInitializers": initializers - len(model.graph.initializers),
+            "RemoveDeadFunctions": functions - len(model.functions),
+        }
