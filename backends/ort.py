@@ -49,8 +49,10 @@ def _probe_model(ir_version: int, opset: int) -> bytes:
 
 
 def _loads(model: bytes) -> bool:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
     try:
-        ort.InferenceSession(model, providers=[CPU])
+        ort.InferenceSession(model, options, providers=[CPU])
         return True
     except Exception:
         return False
@@ -85,7 +87,7 @@ def session(
 ) -> OrtExecutable:
     """An onnxruntime session over serialized model bytes or a model path."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the user as BackendError, not as ORT's log lines
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

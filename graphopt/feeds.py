@@ -134,7 +134,11 @@ def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int]
         if "mask" in name:
             return np.ones(shape, dtype)
         if "position" in name:
-            return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), shape).copy()
+            length, bound = (shape[-1] if shape else 1), _index_bound(value)
+            if bound is not None and length > bound:
+                raise InputError(f"input '{value.name}' indexes a table of {bound} positions but the generated length is {length}",
+                                 hint=f"pass dims with a sequence length of at most {bound} (e.g. --dims seq={bound})")
+            return np.broadcast_to(np.arange(length, dtype=dtype), shape).copy()
         if "token_type" in name or "segment" in name:
             return np.zeros(shape, dtype)
         high = _index_bound(value) or 2

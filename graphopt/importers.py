@@ -76,7 +76,7 @@ def _load_path(path: Path) -> Model:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset imports)", hint="check that the file is complete")
     _check_external_data(proto, path.parent, path)
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(os.fspath(path), full_check=False)  # by path: resolves external data beside it
     except onnx.checker.ValidationError as exc:
         raise InputError(f"{path} is not a valid ONNX model: {_first_line(exc)}", hint="check that the file is complete") from None
     model = _deserialize(proto, where=str(path))

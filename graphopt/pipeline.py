@@ -18,7 +18,6 @@ import numpy as np
 
 from graphopt import registry, verify
 from graphopt.errors import GraphoptError
-from graphopt.ir import common_passes, ir
 from graphopt.model import Model
 from graphopt.rewrite import Pass, PassKind
 
@@ -91,14 +90,13 @@ def _reference_outputs(model: Model, feeds, notes: list[str]):
 
 def _run_one(model: Model, p: Pass, feeds, previous, explain: bool) -> tuple[PassRecord, Any]:
     snapshot = model.ir.clone()
-    if p.requires_shapes:
-        infer_shapes(model)
     near_misses = p.explain(model.ir) if explain else []
     start = time.perf_counter()
     try:
-        rewrites = p.run(model.ir)
+        rewrites = p(model.ir)
     except Exception as exc:  # a pass bug must not take the user's model down with it
-        logger.exception("pass %s raised", p.name)
+        logger.warning("pass %s raised %s: %s; rolled back", p.name, type(exc).__name__, exc)
+        logger.debug("traceback of pass %s", p.name, exc_info=True)
         model.ir = snapshot
         return PassRecord(p.name, str(p.kind), {}, time.perf_counter() - start, "failed",
                           note=f"raised {type(exc).__name__}: {exc}; rolled back", near_misses=near_misses), previous
@@ -129,12 +127,4 @@ def _run_one(model: Model, p: Pass, feeds, previous, explain: bool) -> tuple[Pas
         logger.warning("pass %s diverged; rolled back", p.name)
         return record, previous
     return record, outputs
-
-
-def infer_shapes(model: Model) -> None:
-    """ONNX shape inference into the IR; a failure is logged, not fatal (rules then see fewer shapes)."""
-    try:
-        model.ir = common_passes.ShapeInferencePass()(model.ir).model
-    except Exception as exc:  # shape inference is best effort on exotic models
-        logger.warning("shape inference failed: %s", exc)
 

@@ -15,7 +15,7 @@ import enum
 import logging
 from typing import ClassVar
 
-from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, ir
+from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, common_passes, ir
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,15 @@ class Pass(abc.ABC):
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    def __call__(self, model: ir.Model) -> dict[str, int]:
+        """Prepare what the pass declares it needs (shapes), then run it."""
+        if self.requires_shapes:
+            infer_shapes(model)
+        return self.run(model)
+
     @abc.abstractmethod
     def run(self, model: ir.Model) -> dict[str, int]:
-        """Mutate `model` in place; return rewrites per rule (or per step)."""
+        """Mutate `model` in place; return rewrites per rule (or per step). Call the pass, not `run`."""
 
     def explain(self, model: ir.Model) -> list[str]:
         """Why rules missed (near misses), for `--explain`. Must not mutate `model`."""
@@ -84,10 +90,13 @@ class RulePass(Pass):
         return counts
 
     def explain(self, model: ir.Model) -> list[str]:
+        model = model.clone()
+        if self.requires_shapes:
+            infer_shapes(model)
         lines = []
         for rule in self.rules:
             tracer = MatchingTracer()
-            self._rule_set(rule).apply_to_model(model.clone(), tracer=tracer)
+            self._rule_set(rule).apply_to_model(model, tracer=tracer)
             for infos in tracer.best_matches_map.values():
                 for info in infos:
                     if info.status == MatchStatus.SUCCESS:
@@ -99,3 +108,12 @@ class RulePass(Pass):
                     at = f" at {', '.join(repr(c) for c in culprits if c)}" if any(culprits) else ""
                     lines.append(f"{rule.__name__}: {where}: {info.status.name.lower().replace('_', ' ')}: {reason}{at}")
         return lines
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """ONNX shape inference into the IR, in place. Best effort: a failure is logged
+    and rules then see fewer shapes (and say so through --explain)."""
+    try:
+        common_passes.ShapeInferencePass()(model)
+    except Exception as exc:  # exotic models can trip onnx's shape inference
+        logger.warning("shape inference failed: %s", exc)

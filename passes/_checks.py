@@ -9,15 +9,15 @@ from graphopt.ir import ir
 def forwarding_blocker(source: ir.Value, replaced: ir.Value) -> str | None:
     """Why `replaced` cannot be substituted by `source` (deleting its producer), or None.
 
-    Substitution hands `replaced`'s name to `source`. When `replaced` is a graph
-    output, that would rename a graph input, an initializer or another output.
+    onnxscript's replacement hands `replaced`'s name to `source`. That renames the
+    model's interface when `source` is a graph input or an initializer, and merges
+    two outputs into one when both are graph outputs. (fold-constants forwards
+    initializers through Identity itself.)
     """
-    if not replaced.is_graph_output():
-        return None
     if source.is_graph_input():
-        return f"'{replaced.name}' is a graph output fed straight from graph input '{source.name}'"
+        return f"'{source.name}' is a graph input; forwarding it would rename it to '{replaced.name}'"
     if source.is_initializer():
-        return f"'{replaced.name}' is a graph output fed straight from initializer '{source.name}'"
-    if source.is_graph_output():
+        return f"'{source.name}' is an initializer; forwarding it would rename it to '{replaced.name}'"
+    if replaced.is_graph_output() and source.is_graph_output():
         return f"'{replaced.name}' and '{source.name}' are both graph outputs"
     return None

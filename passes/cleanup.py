@@ -32,7 +32,7 @@ class RemoveIdentity(Rule):
     """Identity(x) = x.
 
     Preconditions:
-        1. Forwarding x keeps every graph input, initializer and output name.
+        1. x is not a graph input or initializer, and not both x and the result are graph outputs.
     """
 
     def pattern(self, op, x):
@@ -53,7 +53,7 @@ class RemoveSameTypeCast(Rule):
 
     Preconditions:
         1. The element type of x is known and equals `to`.
-        2. Forwarding x keeps every graph input, initializer and output name.
+        2. x is not a graph input or initializer, and not both x and the result are graph outputs.
     """
 
     def pattern(self, op, x, to):
@@ -76,7 +76,7 @@ class RemoveIdentityTranspose(Rule):
 
     Preconditions:
         1. `perm` is given and is the identity permutation.
-        2. Forwarding x keeps every graph input, initializer and output name.
+        2. x is not a graph input or initializer, and not both x and the result are graph outputs.
     """
 
     def pattern(self, op, x, perm):
@@ -100,6 +100,7 @@ class EliminateIdentity(RulePass):
 
     name = "eliminate-identity"
     kind = PassKind.EXACT
+    requires_shapes = True  # RemoveSameTypeCast compares element types
     rules = (RemoveIdentity, RemoveSameTypeCast, RemoveIdentityTranspose)
 
 
@@ -113,7 +114,6 @@ class EliminateCommonSubexpressions(Pass):
     def run(self, model: ir.Model) -> dict[str, int]:
         before = count_nodes(model)
         common_passes.CommonSubexpressionEliminationPass()(model)
-        common_passes.RemoveUnusedNodesPass()(model)
         return {"MergeCommonSubexpressions": max(before - count_nodes(model), 0)}
 
 

