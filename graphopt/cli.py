@@ -36,16 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraphoptError as exc:
         if args.debug:
             raise
-        err.print(f"graphopt: error: {exc}", markup=False)
+        _fail(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("graphopt: interrupted; nothing was written")
+        _fail("interrupted; nothing was written")
         return 130
     except Exception as exc:  # a bug in graphopt: say so, keep the traceback behind --debug
         if args.debug:
             raise
-        err.print(f"graphopt: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False)
+        _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return 1
+
+
+def _fail(message: str) -> None:
+    """One unwrapped line on stderr, whatever the terminal width."""
+    sys.stderr.write(f"graphopt: {' '.join(message.split())}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,7 +159,7 @@ def cmd_optimize(args) -> int:
             for line in p.near_misses:
                 out.print(f"explain {p.name}: {line}", markup=False)
     if not result.passed:
-        err.print("graphopt: error: the optimized model failed validation; nothing was written")
+        _fail("error: the optimized model failed validation; nothing was written")
         return 3
     with _spinner(f"writing {output}"):
         graphopt.save(result.model, output, external_data=True if args.external_data else None, force=args.force)

@@ -1,0 +1,143 @@
+"""The `graphopt` command, as a user runs it: exit codes, messages, files written or not."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from test_load_save import mlp_proto
+
+GRAPHOPT = [str(Path(sys.executable).with_name("graphopt"))]
+
+
+def graphopt(*args, check_rc=None):
+    proc = subprocess.run([*GRAPHOPT, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def mlp(tmp):
+    path = tmp / "mlp.onnx"
+    onnx.save(mlp_proto(), path)
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_inspect_json(mlp):
+    info = json.loads(graphopt("inspect", mlp, "--json", check_rc=0).stdout)
+    assert {"inputs", "outputs", "op_counts", "num_nodes", "num_params", "opsets"} <= set(info)
+    assert info["op_counts"] == {"MatMul": 2, "Relu": 1} and info["num_params"] == 2 * 64 * 64
+    assert info["inputs"] == [{"name": "x", "dtype": "float", "shape": ["N", 64]}]
+
+
+def test_passes_json():
+    data = json.loads(graphopt("passes", "--json", check_rc=0).stdout)
+    assert {"fold-constants", "cse"} <= {p["name"] for p in data["passes"]}
+    assert data["presets"]["exact"][0] == "fold-constants"
+
+
+def test_optimize_writes_model_and_report(mlp, tmp):
+    proc = graphopt("optimize", mlp, "-o", tmp / "out.onnx", "--report", tmp / "r.json", "--dims", "N=3", check_rc=0)
+    assert "validation" in proc.stdout
+    report = json.loads((tmp / "r.json").read_text())
+    assert report["validation"]["passed"] and report["validation"]["inputs"] == {"x": [3, 64]}
+    assert json.loads(graphopt("validate", mlp, tmp / "out.onnx", "--json", check_rc=0).stdout)["passed"]
+
+
+def test_optimize_refuses_to_overwrite_input(mlp):
+    before = digest(mlp)
+    proc = graphopt("optimize", mlp, "-o", mlp, check_rc=2)
+    assert "refusing to overwrite" in proc.stderr and digest(mlp) == before
+
+
+def test_validate_mismatch_exits_3(mlp, tmp):
+    other = tmp / "other.onnx"
+    onnx.save(mlp_proto(seed=1), other)
+    proc = graphopt("validate", mlp, other, check_rc=3)
+    assert "FAIL" in proc.stdout
+
+
+def test_convert(tmp):
+    factory = tmp / "factory.py"
+    factory.write_text(
+        "import torch\n"
+        "def make():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))\n"
+        "    return m, (torch.randn(2, 8),), ({0: 'batch'},)\n"
+    )
+    graphopt("convert", f"{factory}:make", "-o", tmp / "m.onnx", check_rc=0)
+    info = json.loads(graphopt("inspect", tmp / "m.onnx", "--json", check_rc=0).stdout)
+    assert info["inputs"][0]["shape"] == ["batch", 8]
+    proc = graphopt("convert", f"{factory}:missing", "-o", tmp / "n.onnx", check_rc=2)
+    assert "no function 'missing'" in proc.stderr and not (tmp / "n.onnx").exists()
+
+
+# Bad input: exit 2, one line naming the problem, input byte-identical, no output file.
+
+def _truncated(tmp, mlp):
+    bad = tmp / "bad.onnx"
+    bad.write_bytes(mlp.read_bytes()[: mlp.stat().st_size // 2])
+    return bad, "not a readable ONNX model"
+
+
+def _not_onnx(tmp, mlp):
+    bad = tmp / "bad.onnx"
+    bad.write_text("this is a text file, not a model\n" * 10)
+    return bad, "not a"
+
+
+def _missing_external_data(tmp, mlp):
+    import graphopt as g
+
+    bad = g.save(g.load(mlp), tmp / "ext" / "bad.onnx", external_data=True)
+    (tmp / "ext" / "bad.onnx.data").unlink()
+    return bad, "missing external data file 'bad.onnx.data'"
+
+
+def _unknown_domain(tmp, mlp):
+    bad = tmp / "bad.onnx"
+    proto = onnx.parser.parse_model('<ir_version: 10, opset_import: ["" : 21, "acme" : 1]>\n'
+                                    "g (float[2] x) => (float[2] y) { y = acme.Frobnicate(x) }")
+    onnx.save(proto, bad)
+    return bad, "unsupported operators: acme::Frobnicate"
+
+
+@pytest.mark.parametrize("make_bad", [_truncated, _not_onnx, _missing_external_data, _unknown_domain])
+@pytest.mark.parametrize("command", ["inspect", "optimize"])
+def test_bad_model_file(make_bad, command, tmp, mlp):
+    bad, message = make_bad(tmp, mlp)
+    before = digest(bad)
+    out = tmp / "out.onnx"
+    args = [command, bad] + (["-o", out, "--report", tmp / "r.json"] if command == "optimize" else [])
+    proc = graphopt(*args, check_rc=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert digest(bad) == before and not out.exists() and not (tmp / "r.json").exists()
+
+
+def test_inputs_with_wrong_shapes(mlp, tmp):
+    np.savez(tmp / "in.npz", x=np.zeros((2, 32), np.float32))
+    before = digest(mlp)
+    proc = graphopt("optimize", mlp, "-o", tmp / "out.onnx", "--inputs", tmp / "in.npz", check_rc=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'x' has shape [2, 32], the model wants [N, 64]" in lines[0], proc.stderr
+    assert digest(mlp) == before and not (tmp / "out.onnx").exists()
+    graphopt("validate", mlp, mlp, "--inputs", tmp / "in.npz", check_rc=2)
+
+
+def test_debug_shows_traceback(tmp):
+    proc = graphopt("inspect", tmp / "nope.onnx", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
