@@ -62,6 +62,9 @@ class Report:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(_finite(self.to_dict()), f, indent=2, default=_json_default, allow_nan=False)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
