@@ -12,7 +12,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx.backend.test.runner import Runner
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import graphopt
-from graphopt import exporters, registry, verify
+from graphopt import exporters, registry
 
 HEADER = '<ir_version: 10, opset_import: ["" : 21]>\n'
 
