@@ -30,6 +30,7 @@ class OpId(NamedTuple):
 
 GATHER = OpId(ONNX_DOMAIN, "Gather")
 CONSTANT = OpId(ONNX_DOMAIN, "Constant")
+CONSTANT_OF_SHAPE = OpId(ONNX_DOMAIN, "ConstantOfShape")
 
 # Ops whose outputs change from run to run: never folded, never merged by CSE,
 # and compared by shape only.

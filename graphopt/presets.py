@@ -18,10 +18,19 @@ _CLEANUP = (
     "eliminate-dead-code",
 )
 
+_EXACT = (
+    *_CLEANUP[:-1],  # cleanup first: rules see folded constants (Identity/Cast-wrapped weights unwrapped)
+    # BatchNorm folding before branch merging: a RepVGG block is Add(Conv+BN, Conv+BN, BN)
+    # and merge-branches needs the Conv+BN pairs to be plain Convs first.
+    "fold-batchnorm",
+    "merge-branches",
+    # Last: rewrites orphan the original weights.
+    "eliminate-dead-code",
+)
+
 PRESETS: dict[str, tuple[str, ...]] = {
     "cleanup": _CLEANUP,
-    # The default. Later pass families (norms, reparam, attention) slot in after cleanup.
-    "exact": _CLEANUP,
+    "exact": _EXACT,  # the default
 }
 
 DEFAULT = "exact"

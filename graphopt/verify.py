@@ -1,8 +1,17 @@
 """Numeric validation: run models in onnxruntime and compare their outputs.
 
 Public: tests and users share it. Runs use the CPU execution provider with ORT's
-own graph optimizations off. Tolerances are per dtype; `allclose` semantics:
-|candidate - reference| <= atol + rtol * |reference| elementwise.
+own graph optimizations off. Tolerances are per dtype and normwise:
+
+    max |candidate - reference| <= atol + rtol * max |reference|     (per output)
+
+Why normwise and not elementwise: an exact rewrite re-associates float sums, and
+the rounding of a sum scales with the magnitude of its terms, not of its result.
+Measured on a 4-block RepVGG-style convnet (fp32, unit-scale inputs): the original
+model itself is 1.0e-6 away from a float64 evaluation and the branch-merged one
+1.7e-6, at an element where cancellation left |reference| near 0; elementwise
+`atol=1e-6` would reject the exact rewrite while the original fails it too.
+`max_rel_error` is the same normwise ratio, max |error| / max |reference|.
 """
 
 from __future__ import annotations
@@ -146,10 +155,10 @@ def compare_arrays(name: str, reference: Any, candidate: Any, *, rtol: float | N
     same_special = np.array_equal(np.isnan(r), np.isnan(c)) and np.array_equal(r[np.isinf(r)], c[np.isinf(r)]) and np.array_equal(np.isinf(r), np.isinf(c))
     finite = np.isfinite(r) & np.isfinite(c)
     diff = np.abs(r - c)[finite]
-    scale = np.abs(r)[finite]
+    scale = float(np.abs(r)[finite].max()) if diff.size else 0.0
     max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(scale, max(atol, np.finfo(np.float32).tiny))).max()) if diff.size else 0.0
-    within = bool(np.all(diff <= atol + rtol * scale))
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    within = max_abs <= atol + rtol * scale
     note = "" if same_special else "NaN/Inf positions differ"
     return OutputCheck(name, str(ref.dtype), list(ref.shape), max_abs, max_rel, _cosine(r[finite], c[finite]), rtol, atol,
                        within and same_special, note)

@@ -21,3 +21,47 @@ def forwarding_blocker(source: ir.Value, replaced: ir.Value) -> str | None:
     if replaced.is_graph_output() and source.is_graph_output():
         return f"'{replaced.name}' and '{source.name}' are both graph outputs"
     return None
+
+
+def inference_batchnorm_blocker(bn: ir.Node) -> str | None:
+    """BatchNormalization in inference form: one output, training_mode 0."""
+    if len(bn.outputs) != 1 or bn.attributes.get_int("training_mode", 0) != 0:
+        return f"BatchNormalization '{bn.name}' is in training mode"
+    return None
+
+
+def single_reader_blocker(value: ir.Value, reader: ir.Node) -> str | None:
+    """`value` is read only by `reader` (so the producer can be rewritten away)."""
+    if value.is_graph_output():
+        return f"'{value.name}' is also a graph output"
+    others = [n for n, _ in value.uses() if n is not reader]
+    if others:
+        return f"'{value.name}' has {len(others)} other reader(s), e.g. '{others[0].name}' ({others[0].op_type})"
+    return None
+
+
+class ConvGeometry:
+    """Spatial attributes of a Conv/pooling node with explicit padding."""
+
+    def __init__(self, node: ir.Node, kernel: tuple[int, ...]):
+        rank = len(kernel)
+        attrs = node.attributes
+        self.kernel = kernel
+        self.strides = tuple(attrs.get_ints("strides", (1,) * rank))
+        self.dilations = tuple(attrs.get_ints("dilations", (1,) * rank))
+        pads = tuple(attrs.get_ints("pads", (0,) * 2 * rank))
+        self.begin, self.end = pads[:rank], pads[rank:]
+        self.group = attrs.get_int("group", 1)
+        self.auto_pad = attrs.get_string("auto_pad", "NOTSET")
+
+    def explicit_padding_blocker(self) -> str | None:
+        if self.auto_pad not in ("NOTSET", "VALID"):
+            return f"auto_pad={self.auto_pad} (only explicit pads are handled)"
+        return None
+
+    def is_same_size(self) -> bool:
+        """Stride 1 and centred 'same' padding: output grid == input grid, centre tap aligned."""
+        return all(s == 1 for s in self.strides) and all(
+            k % 2 == 1 and b == e == d * (k - 1) // 2
+            for k, b, e, d in zip(self.kernel, self.begin, self.end, self.dilations)
+        )

@@ -1,0 +1,40 @@
+"""Constant weights: read them as numpy, and make new initializers whose names
+derive from the originals (unique within the graph)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt import ops
+from graphopt.ir import ir
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents, or None.
+
+    Constant means an initializer, a Constant node, or a ConstantOfShape of a
+    constant shape (a fill that constant folding leaves alone when it is large).
+    """
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is not None:
+        return tensor.numpy()
+    node = value.producer()
+    if node is not None and (node.domain, node.op_type) == ops.CONSTANT_OF_SHAPE:
+        shape = const_array(node.inputs[0])
+        fill = node.attributes.get("value")
+        if shape is not None:
+            fill_array = fill.as_tensor().numpy().reshape(()) if fill is not None else np.float32(0)
+            return np.full(tuple(int(d) for d in shape), fill_array, dtype=np.asarray(fill_array).dtype)
+    return None
+
+
+def new_initializer(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
+    """An initializer named after `like` (e.g. `conv.weight_bnfold`), unique in its graph."""
+    graph = like.graph
+    base = f"{like.name or 'w'}_{suffix}"
+    name, n = base, 1
+    while graph is not None and name in graph.initializers:
+        name, n = f"{base}{n}", n + 1
+    return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
