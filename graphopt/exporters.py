@@ -80,11 +80,21 @@ def _inline_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
+FIRST_IR_WITH_PRIVATE_INITIALIZERS = 4  # IR 3 requires every initializer to be a graph input
+
+
 @contextlib.contextmanager
 def _ort_compatible(model: ir.Model):
-    """Temporarily lower the IR version to what the installed onnxruntime loads."""
+    """Temporarily set the IR version to one the installed onnxruntime loads and the
+    graph satisfies: at most ORT's newest, and at least 4 when a rewrite added
+    initializers that are not graph inputs (IR 3 forbids those; 4 is a superset)."""
     original = model.ir_version
-    model.ir_version = min(original, ort_backend.max_ir_version())
+    version = min(original, ort_backend.max_ir_version())
+    if version < FIRST_IR_WITH_PRIVATE_INITIALIZERS:
+        inputs = set(model.graph.inputs)
+        if any(v not in inputs for v in model.graph.initializers.values()):
+            version = FIRST_IR_WITH_PRIVATE_INITIALIZERS
+    model.ir_version = version
     try:
         yield
     finally:

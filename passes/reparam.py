@@ -273,12 +273,14 @@ class AbsorbBranchIntoConv(Rule):
     """
 
     commute = True
-    BRANCHES = ("identity", "batchnorm", "avgpool")
+    BRANCHES = ("batchnorm", "avgpool", "identity")
 
     def pattern(self, op, x, w):
+        # The bare `x` alternative goes last: onnxscript does not backtrack out of an
+        # OrValue, and `x` first would bind x to a BatchNorm/AvgPool output.
         branch = pattern.OrValue(
-            [x, op.BatchNormalization(x, _allow_other_inputs=True, _allow_other_attributes=True),
-             op.AveragePool(x, _allow_other_attributes=True)],
+            [op.BatchNormalization(x, _allow_other_inputs=True, _allow_other_attributes=True),
+             op.AveragePool(x, _allow_other_attributes=True), x],
             name="branch", tag_var="kind", tag_values=self.BRANCHES,
         )
         return op.Add(op.Conv(x, w, _allow_other_inputs=True, _outputs=["conv_out"]), branch, _outputs=["out"])
