@@ -13,8 +13,9 @@ from __future__ import annotations
 import abc
 import enum
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from graphopt import functions
 from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, ir
 from graphopt.shapes import infer_shapes
 
@@ -64,9 +65,14 @@ class Rule(RewriteRuleClassBase):
     """
 
     commute: ClassVar[bool] = False
+    # Parameterized variants of the same identity (e.g. association orders of a
+    # product); each dict becomes one onnxscript rule. Counts add up per class.
+    variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
-    def __init__(self) -> None:
+    def __init__(self, **params: Any) -> None:
         super().__init__(name=type(self).__name__)
+        for key, value in params.items():
+            setattr(self, key, value)
 
 
 class RulePass(Pass):
@@ -76,7 +82,7 @@ class RulePass(Pass):
     max_rounds: ClassVar[int] = 8
 
     def _rule_set(self, rule_cls: type[Rule]) -> RewriteRuleSet:
-        return RewriteRuleSet([rule_cls.rule()], commute=rule_cls.commute)
+        return RewriteRuleSet([rule_cls.rule(**v) for v in rule_cls.variants], commute=rule_cls.commute)
 
     def run(self, model: ir.Model) -> dict[str, int]:
         counts = {rule.__name__: 0 for rule in self.rules}
@@ -88,6 +94,7 @@ class RulePass(Pass):
                 fired += n
             if not fired:
                 break
+        functions.ensure(model)  # definitions for any graphopt-domain op a rule emitted
         return counts
 
     def explain(self, model: ir.Model) -> list[str]:

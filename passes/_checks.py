@@ -65,3 +65,49 @@ class ConvGeometry:
             k % 2 == 1 and b == e == d * (k - 1) // 2
             for k, b, e, d in zip(self.kernel, self.begin, self.end, self.dilations)
         )
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """The value as a Python float if it is a constant with exactly one element."""
+    from graphopt.passes._weights import const_array
+
+    array = const_array(value)
+    return None if array is None or array.size != 1 else float(array.reshape(()))
+
+
+def constant_blocker(value: ir.Value | None, expected: float, role: str, rtol: float = 1e-6) -> str | None:
+    """`value` is a scalar constant equal to `expected` (to float32 rounding)."""
+    got = scalar(value)
+    if got is None:
+        return f"{role} '{getattr(value, 'name', None)}' is not a scalar constant"
+    if abs(got - expected) > rtol * abs(expected):
+        return f"{role} is {got!r}, the identity needs {expected!r}"
+    return None
+
+
+def last_axis_blocker(reduce: ir.Node, data: ir.Value) -> str | None:
+    """A ReduceMean over the last axis only, keeping dims (axes as attribute or input)."""
+    from graphopt.passes._weights import const_array
+
+    if reduce.attributes.get_int("keepdims", 1) != 1:
+        return f"ReduceMean '{reduce.name}' drops the reduced axis"
+    if "axes" in reduce.attributes:
+        axes = list(reduce.attributes.get_ints("axes"))
+    elif len(reduce.inputs) > 1 and reduce.inputs[1] is not None:
+        array = const_array(reduce.inputs[1])
+        if array is None:
+            return f"ReduceMean '{reduce.name}' has non-constant axes"
+        axes = [int(a) for a in array.reshape(-1)]
+    else:
+        return f"ReduceMean '{reduce.name}' reduces every axis"
+    rank = None if data.shape is None else len(data.shape)
+    if len(axes) != 1 or not (axes[0] == -1 or (rank is not None and axes[0] == rank - 1)):
+        return f"ReduceMean '{reduce.name}' reduces axes {axes}, not only the last one"
+    return None
+
+
+def opset_of(value: ir.Value) -> int:
+    """The default-domain opset of the graph holding `value`."""
+    graph = value.graph
+    imports = graph.opset_imports if graph is not None else {}
+    return imports.get("", imports.get("ai.onnx", 0))

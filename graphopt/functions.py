@@ -1,0 +1,147 @@
+"""graphopt's high-level ops: model-local ONNX functions in the `graphopt` domain.
+
+Each has a reference body in standard ONNX ops, written for the model's opset,
+so every intermediate model still runs in onnxruntime (which inlines the body).
+Backends may swap a call for a faster kernel. Rules emit calls; `ensure`
+(run by every RulePass) adds the definitions the model is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx.parser
+
+from graphopt import ops
+from graphopt.ir import ir
+
+DOMAIN = ops.GRAPHOPT_DOMAIN
+VERSION = 1
+
+
+def _reduce_mean_last(x: str, out: str, opset: int) -> str:
+    if opset >= 18:
+        return f"axes_{out} = Constant<value = int64[1] {{-1}}>()\n    {out} = ReduceMean<keepdims = 1>({x}, axes_{out})"
+    return f"{out} = ReduceMean<axes = [-1], keepdims = 1>({x})"
+
+
+def _rms_norm(opset: int) -> str:
+    # Mirrors the Llama/Qwen/T5 reference: compute in float32, cast back, then scale.
+    return f"""
+RMSNormalization (x, scale, epsilon) => (y) {{
+    xf = Cast<to = 1>(x)
+    sq = Mul(xf, xf)
+    {_reduce_mean_last("sq", "ms", opset)}
+    var = Add(ms, epsilon)
+    std = Sqrt(var)
+    normed = Div(xf, std)
+    back = CastLike(normed, x)
+    y = Mul(back, scale)
+}}"""
+
+
+def _layer_norm(opset: int) -> str:
+    # LayerNormalization-17 semantics over the last axis, for models below opset 17.
+    return f"""
+LayerNormalization (x, scale, bias, epsilon) => (y) {{
+    {_reduce_mean_last("x", "mean", opset)}
+    d = Sub(x, mean)
+    sq = Mul(d, d)
+    {_reduce_mean_last("sq", "var", opset)}
+    ve = Add(var, epsilon)
+    std = Sqrt(ve)
+    normed = Div(d, std)
+    scaled = Mul(normed, scale)
+    y = Add(scaled, bias)
+}}"""
+
+
+def _gelu(opset: int) -> str:
+    return """
+Gelu (x) => (y) {
+    root2 = Constant<value = float {1.4142135623730951}>()
+    one = Constant<value = float {1.0}>()
+    half = Constant<value = float {0.5}>()
+    r = CastLike(root2, x)
+    scaled = Div(x, r)
+    e = Erf(scaled)
+    o = CastLike(one, x)
+    cdf = Add(e, o)
+    xc = Mul(x, cdf)
+    h = CastLike(half, x)
+    y = Mul(xc, h)
+}"""
+
+
+def _gelu_tanh(opset: int) -> str:
+    return """
+GeluTanh (x) => (y) {
+    k = Constant<value = float {0.044715}>()
+    c = Constant<value = float {0.7978845608028654}>()
+    one = Constant<value = float {1.0}>()
+    half = Constant<value = float {0.5}>()
+    x2 = Mul(x, x)
+    x3 = Mul(x2, x)
+    kk = CastLike(k, x)
+    kx3 = Mul(x3, kk)
+    inner = Add(x, kx3)
+    cc = CastLike(c, x)
+    arg = Mul(inner, cc)
+    t = Tanh(arg)
+    o = CastLike(one, x)
+    cdf = Add(t, o)
+    hh = CastLike(half, x)
+    hx = Mul(x, hh)
+    y = Mul(hx, cdf)
+}"""
+
+
+def _silu(opset: int) -> str:
+    return """
+SiLU (x) => (y) {
+    s = Sigmoid(x)
+    y = Mul(x, s)
+}"""
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionDef:
+    name: str
+    body: Callable[[int], str]  # default-domain opset -> function text
+
+
+LIBRARY: dict[str, FunctionDef] = {
+    f.name: f
+    for f in (
+        FunctionDef("RMSNormalization", _rms_norm),
+        FunctionDef("LayerNormalization", _layer_norm),
+        FunctionDef("Gelu", _gelu),
+        FunctionDef("GeluTanh", _gelu_tanh),
+        FunctionDef("SiLU", _silu),
+    )
+}
+
+
+def op_id(name: str) -> ops.OpId:
+    return ops.OpId(DOMAIN, name)
+
+
+def build(name: str, opset: int) -> ir.Function:
+    text = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n{LIBRARY[name].body(opset)}'
+    return ir.serde.deserialize_function(onnx.parser.parse_function(text))
+
+
+def ensure(model: ir.Model) -> list[str]:
+    """Add the definitions of every graphopt function the graph calls but lacks."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
+    used = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN}
+    added = []
+    for name in sorted(used):
+        if name in LIBRARY and (DOMAIN, name, "") not in model.functions:
+            fn = build(name, opset)
+            model.functions[fn.identifier()] = fn
+            added.append(name)
+    if used:
+        model.opset_imports.setdefault(DOMAIN, VERSION)
+    return added
