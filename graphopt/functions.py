@@ -20,6 +20,21 @@ DOMAIN = ops.GRAPHOPT_DOMAIN
 VERSION = 1
 
 
+CASTLIKE_OPSET = 15  # below it a body cannot cast constants to x's type: float32 only
+
+
+def _like(src: str, like: str, out: str, opset: int) -> str:
+    """`out` = `src` in the element type of `like` (float32 constants below opset 15)."""
+    return f"{out} = CastLike({src}, {like})" if opset >= CASTLIKE_OPSET else f"{out} = Identity({src})"
+
+
+def call_blocker(x: ir.Value, opset: int) -> str | None:
+    """Why a graphopt function cannot be called on `x` at this opset, or None."""
+    if opset < CASTLIKE_OPSET and x.dtype != ir.DataType.FLOAT:
+        return f"below opset {CASTLIKE_OPSET} graphopt functions are float32-only and '{x.name}' is {x.dtype}"
+    return None
+
+
 def _reduce_mean_last(x: str, out: str, opset: int) -> str:
     if opset >= 18:
         return f"axes_{out} = Constant<value = int64[1] {{-1}}>()\n    {out} = ReduceMean<keepdims = 1>({x}, axes_{out})"
@@ -36,7 +51,7 @@ RMSNormalization (x, scale, epsilon) => (y) {{
     var = Add(ms, epsilon)
     std = Sqrt(var)
     normed = Div(xf, std)
-    back = CastLike(normed, x)
+    {_like("normed", "x", "back", opset)}
     y = Mul(back, scale)
 }}"""
 
@@ -58,43 +73,43 @@ LayerNormalization (x, scale, bias, epsilon) => (y) {{
 
 
 def _gelu(opset: int) -> str:
-    return """
-Gelu (x) => (y) {
-    root2 = Constant<value = float {1.4142135623730951}>()
-    one = Constant<value = float {1.0}>()
-    half = Constant<value = float {0.5}>()
-    r = CastLike(root2, x)
+    return f"""
+Gelu (x) => (y) {{
+    root2 = Constant<value = float {{1.4142135623730951}}>()
+    one = Constant<value = float {{1.0}}>()
+    half = Constant<value = float {{0.5}}>()
+    {_like("root2", "x", "r", opset)}
     scaled = Div(x, r)
     e = Erf(scaled)
-    o = CastLike(one, x)
+    {_like("one", "x", "o", opset)}
     cdf = Add(e, o)
     xc = Mul(x, cdf)
-    h = CastLike(half, x)
+    {_like("half", "x", "h", opset)}
     y = Mul(xc, h)
-}"""
+}}"""
 
 
 def _gelu_tanh(opset: int) -> str:
-    return """
-GeluTanh (x) => (y) {
-    k = Constant<value = float {0.044715}>()
-    c = Constant<value = float {0.7978845608028654}>()
-    one = Constant<value = float {1.0}>()
-    half = Constant<value = float {0.5}>()
+    return f"""
+GeluTanh (x) => (y) {{
+    k = Constant<value = float {{0.044715}}>()
+    c = Constant<value = float {{0.7978845608028654}}>()
+    one = Constant<value = float {{1.0}}>()
+    half = Constant<value = float {{0.5}}>()
     x2 = Mul(x, x)
     x3 = Mul(x2, x)
-    kk = CastLike(k, x)
+    {_like("k", "x", "kk", opset)}
     kx3 = Mul(x3, kk)
     inner = Add(x, kx3)
-    cc = CastLike(c, x)
+    {_like("c", "x", "cc", opset)}
     arg = Mul(inner, cc)
     t = Tanh(arg)
-    o = CastLike(one, x)
+    {_like("one", "x", "o", opset)}
     cdf = Add(t, o)
-    hh = CastLike(half, x)
+    {_like("half", "x", "hh", opset)}
     hx = Mul(x, hh)
     y = Mul(hx, cdf)
-}"""
+}}"""
 
 
 def _silu(opset: int) -> str:

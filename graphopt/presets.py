@@ -20,6 +20,10 @@ _CLEANUP = (
 
 _EXACT = (
     *_CLEANUP[:-1],  # cleanup first: rules see folded constants (Identity/Cast-wrapped weights unwrapped)
+    # Norm fusion after identity elimination: legacy exports wrap RMSNorm in same-type Casts
+    # that would otherwise sit between the norm and its weight.
+    "fuse-norms",
+    "fuse-activations",
     # BatchNorm folding before branch merging: a RepVGG block is Add(Conv+BN, Conv+BN, BN)
     # and merge-branches needs the Conv+BN pairs to be plain Convs first.
     "fold-batchnorm",

@@ -43,6 +43,12 @@ def _core_blockers(x: ir.Value, reductions: list[ir.Node], square_base: ir.Value
     return None
 
 
+def _function_blocker(x: ir.Value, standard_opset: int) -> str | None:
+    """When the model's opset lacks the standard op, the graphopt function must be callable on x."""
+    opset = opset_of(x)
+    return None if opset >= standard_opset else functions.call_blocker(x, opset)
+
+
 def _inverse_std(op, std, form: str):
     """The three ways exporters divide by the standard deviation (see `variants`)."""
     if form == "reciprocal":
@@ -63,6 +69,7 @@ class FuseLayerNorm(Rule):
         2. epsilon is a non-negative scalar constant.
         3. Both ReduceMeans reduce only the last axis and keep it.
         4. The last dimension of x is static.
+        5. Below opset 17 (the graphopt function) and opset 15, x is float32.
     """
 
     commute = True
@@ -79,7 +86,7 @@ class FuseLayerNorm(Rule):
 
     def check(self, context, x, eps, mean, var, two=None, one=None, **_):
         result = MatchResult()
-        if reason := _core_blockers(x, [mean.producer(), var.producer()], mean.producer().outputs[0], two, one, eps):
+        if reason := _core_blockers(x, [mean.producer(), var.producer()], mean.producer().outputs[0], two, one, eps) or _function_blocker(x, LAYER_NORM_OPSET):
             return result.fail(reason, x)
         return result
 
@@ -105,6 +112,7 @@ class FuseRMSNorm(Rule):
         2. epsilon is a non-negative scalar constant.
         3. The ReduceMean reduces only the last axis and keeps it.
         4. The last dimension of x is static.
+        5. Below opset 23 (the graphopt function) and opset 15, x is float32.
     """
 
     commute = True
@@ -120,7 +128,7 @@ class FuseRMSNorm(Rule):
 
     def check(self, context, x, eps, mean, two=None, one=None, **_):
         result = MatchResult()
-        if reason := _core_blockers(x, [mean.producer()], x, two, one, eps):
+        if reason := _core_blockers(x, [mean.producer()], x, two, one, eps) or _function_blocker(x, RMS_NORM_OPSET):
             return result.fail(reason, x)
         return result
 
