@@ -11,12 +11,13 @@ tags every node a rule creates with the rule's name in its metadata.
 from __future__ import annotations
 
 import abc
+import functools
 import enum
 import logging
 from typing import Any, ClassVar
 
 from graphopt import functions
-from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, ir
+from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, common_passes, ir
 from graphopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,11 @@ class RulePass(Pass):
     rules: ClassVar[tuple[type[Rule], ...]]
     max_rounds: ClassVar[int] = 8
 
-    def _rule_set(self, rule_cls: type[Rule]) -> RewriteRuleSet:
+    @staticmethod
+    @functools.cache
+    def _rule_set(rule_cls: type[Rule]) -> RewriteRuleSet:
+        """Built once per process: commuting a pattern copies it 2^k times (k commutative nodes).
+        Safe to share because graphopt rules keep no per-model state."""
         return RewriteRuleSet([rule_cls.rule(**v) for v in rule_cls.variants], commute=rule_cls.commute)
 
     def run(self, model: ir.Model) -> dict[str, int]:
@@ -94,7 +99,9 @@ class RulePass(Pass):
                 fired += n
             if not fired:
                 break
-        functions.ensure(model)  # definitions for any graphopt-domain op a rule emitted
+        if any(counts.values()):
+            common_passes.RemoveUnusedNodesPass()(model)  # what the rewrites orphaned (Constants, old weights)
+            functions.ensure(model)  # definitions for any graphopt-domain op a rule emitted
         return counts
 
     def explain(self, model: ir.Model) -> list[str]:

@@ -97,7 +97,8 @@ class FuseLayerNorm(Rule):
         bias = new_initializer(op, x, np.zeros(d, dtype), "ln_bias")
         if opset_of(x) >= LAYER_NORM_OPSET:
             return op.LayerNormalization(x, scale, bias, axis=-1, epsilon=scalar(eps))
-        return op.LayerNormalization(x, scale, bias, eps, _domain=functions.DOMAIN)
+        epsilon = new_initializer(op, x, np.array(scalar(eps), dtype), "ln_eps")  # in x's type: the body adds it to var
+        return op.LayerNormalization(x, scale, bias, epsilon, _domain=functions.DOMAIN)
 
 
 class FuseRMSNorm(Rule):
@@ -203,9 +204,9 @@ class AbsorbNormAffine(Rule):
             scale, bias = scale * factor, (None if bias is None else bias * factor)
         else:
             bias = bias + factor
-        inputs = [x, new_initializer(op, s, scale, "affine")]
+        inputs = [x, new_initializer(op, w, scale, "norm_scale")]
         if bias is not None:
-            inputs.append(new_initializer(op, s, bias.astype(scale.dtype), "affine_bias"))
+            inputs.append(new_initializer(op, w, bias.astype(scale.dtype), "norm_bias"))
         if kind.startswith("graphopt."):
             inputs.append(node.inputs[-1])  # epsilon
             return getattr(op, node.op_type)(*inputs, _domain=functions.DOMAIN)
