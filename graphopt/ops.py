@@ -31,6 +31,8 @@ class OpId(NamedTuple):
 GATHER = OpId(ONNX_DOMAIN, "Gather")
 CONSTANT = OpId(ONNX_DOMAIN, "Constant")
 CONSTANT_OF_SHAPE = OpId(ONNX_DOMAIN, "ConstantOfShape")
+MATMUL = OpId(ONNX_DOMAIN, "MatMul")
+ADD = OpId(ONNX_DOMAIN, "Add")
 
 # Ops whose outputs change from run to run: never folded, never merged by CSE,
 # and compared by shape only.

@@ -24,6 +24,10 @@ _EXACT = (
     # that would otherwise sit between the norm and its weight.
     "fuse-norms",
     "fuse-activations",
+    # The scale fold before the Q/K/V merge: afterwards Q is one column block of a merged
+    # projection (which the fold also handles, but with one more Split to see through).
+    "fold-attention-scale",
+    "merge-parallel-linears",
     # BatchNorm folding before branch merging: a RepVGG block is Add(Conv+BN, Conv+BN, BN)
     # and merge-branches needs the Conv+BN pairs to be plain Convs first.
     "fold-batchnorm",

@@ -62,3 +62,45 @@ SENTENCES = [
     "A deployment engineer wants the smallest latency on a two-core CPU.",
     "Sentence embeddings capture meaning.",
 ]
+
+
+# The model matrix: transformers architectures at tiny sizes (random weights, seeded).
+ARCHS = {
+    "bert": ("BertModel", "BertConfig", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)),
+    "distilbert": ("DistilBertModel", "DistilBertConfig", dict(vocab_size=128, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)),
+    "roberta": ("RobertaModel", "RobertaConfig", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=70)),
+    "gpt2": ("GPT2Model", "GPT2Config", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "llama": ("LlamaModel", "LlamaConfig", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)),
+    "qwen2": ("Qwen2Model", "Qwen2Config", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)),
+    "vit": ("ViTModel", "ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)),
+}
+
+
+class PixelLastHidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+def transformer(arch: str, attn: str):
+    """(module, example args, input names, dynamic dims by input name)."""
+    import transformers
+
+    model_cls, config_cls, kwargs = ARCHS[arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs, attn_implementation=attn)).eval()
+    if arch == "vit":
+        return PixelLastHidden(model), (torch.randn(2, 3, 32, 32),), ["pixel_values"], {"pixel_values": {0: "batch"}}
+    return LastHidden(model), token_inputs(128, 2, 16), ["input_ids", "attention_mask"], DYNAMIC
+
+
+def export(module, args, names, dynamic, path, exporter: str):
+    if exporter == "dynamo":
+        torch.onnx.export(module, args, dynamo=True, dynamic_shapes=tuple(dynamic[n] for n in names)).save(str(path))
+    else:
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
+                          output_names=["last_hidden_state"], dynamic_axes=dynamic)
+    return path

@@ -1,0 +1,106 @@
+"""Q/K/V merge and attention-scale fold: exact counts, equivalence, negatives."""
+
+from __future__ import annotations
+
+import pytest
+
+from rule_testing import apply, assert_equivalent, assert_explained, build, header, ops_of
+
+QKV = header(21) + """
+g (float[2, 6, 8] x) => (float[2, 6, 8] q, float[2, 6, 4] k, float[2, 6, 4] v) <float[8, 8] wq, float[8] bq, float[8, 4] wk, float[8, 4] wv, float[4] bv> {
+    q0 = MatMul(x, wq)
+    q1 = Add(q0, bq)
+    q = Relu(q1)
+    k0 = MatMul(x, wk)
+    k = Relu(k0)
+    v0 = MatMul(x, wv)
+    v1 = Add(bv, v0)
+    v = Relu(v1)
+}"""
+QKV_SHAPES = dict(wq=[8, 8], bq=[8], wk=[8, 4], wv=[8, 4], bv=[4])
+
+
+def test_merge_parallel_linears_gqa_widths_and_mixed_bias():
+    original = build(QKV, **QKV_SHAPES)
+    model, counts = apply("merge-parallel-linears", original)
+    assert counts == {"MergeParallelLinears": 1}
+    assert ops_of(model) == {"MatMul": 1, "Add": 1, "Split": 1, "Relu": 3}
+    assert_equivalent(original, model)
+    assert apply("merge-parallel-linears", model)[1] == {"MergeParallelLinears": 0}
+
+
+def test_merge_parallel_linears_negatives():
+    # 2. A weight that is not constant (the K projection reads a graph input).
+    text = QKV.replace("(float[2, 6, 8] x)", "(float[2, 6, 8] x, float[8, 4] wk)").replace("float[8, 4] wk, ", "")
+    model = build(text, **{k: v for k, v in QKV_SHAPES.items() if k != "wk"})
+    assert apply("merge-parallel-linears", model)[1] == {"MergeParallelLinears": 1}  # Q and V still merge
+    assert_explained("merge-parallel-linears", model, "MergeParallelLinears", "'wk' is not a constant matrix")
+    # 1. Only one projection left: nothing to merge.
+    text = text.replace("v0 = MatMul(x, wv)", "v0 = MatMul(q1, wv2)").replace("float[8, 4] wv,", "float[8, 4] wv2,")
+    model = build(text, wq=[8, 8], bq=[8], wv2=[8, 4], bv=[4])
+    assert apply("merge-parallel-linears", model)[1] == {"MergeParallelLinears": 0}
+    # 3. A branch output that is a graph output.
+    text = QKV.replace("=> (float[2, 6, 8] q,", "=> (float[2, 6, 4] k0, float[2, 6, 8] q,")
+    model = build(text, **QKV_SHAPES)
+    assert apply("merge-parallel-linears", model)[1] == {"MergeParallelLinears": 1}  # Q and V only
+    assert_explained("merge-parallel-linears", model, "MergeParallelLinears", "'k0' is a graph output")
+
+
+def attention(scale_line: str, rope: bool = False, extra_out: str = "") -> str:
+    rotate = """
+    c = Cos(pos)
+    s = Sin(pos)
+    qc = Mul(qh, c)
+    q1 = Slice(qh, z, h, ax)
+    q2 = Slice(qh, h, f, ax)
+    nq2 = Neg(q2)
+    rot = Concat<axis = -1>(nq2, q1)
+    qs = Mul(rot, s)
+    qr = Add(qc, qs)""" if rope else "\n    qr = Identity(qh)"
+    return header(21) + f"""
+g (float[2, 6, 8] x, float[6, 4] pos) => (float[2, 2, 6, 6] p{extra_out}) <float[8, 8] wq, float[8] bq, float[8, 8] wk, int64[4] heads = {{2, 6, 2, 4}}, int64[1] z = {{0}}, int64[1] h = {{2}}, int64[1] f = {{4}}, int64[1] ax = {{-1}}> {{
+    q0 = MatMul(x, wq)
+    q1a = Add(q0, bq)
+    qv = Reshape(q1a, heads)
+    qh = Transpose<perm = [0, 2, 1, 3]>(qv){rotate}
+    k0 = MatMul(x, wk)
+    kv = Reshape(k0, heads)
+    kt = Transpose<perm = [0, 2, 3, 1]>(kv)
+    scores = MatMul(qr, kt)
+    {scale_line}
+    p = Softmax<axis = -1>(scaled)
+}}"""
+
+
+SCALES = {
+    "mul-scores": "k = Constant<value = float {0.5}>()\n    scaled = Mul(scores, k)",
+    "div-scores": "k = Constant<value = float {2.0}>()\n    scaled = Div(scores, k)",
+}
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+def test_fold_attention_scale(scale, rope):
+    original = build(attention(SCALES[scale], rope), wq=[8, 8], bq=[8], wk=[8, 8])
+    model, counts = apply("fold-attention-scale", original)
+    assert counts == {"FoldAttentionScale": 1}
+    assert "Div" not in ops_of(model) and ops_of(model)["Mul"] == (2 if rope else 0)
+    assert_equivalent(original, model, dims={"seq": 6})
+
+
+def test_fold_attention_scale_negatives():
+    shapes = dict(wq=[8, 8], bq=[8], wk=[8, 8])
+    # 3. A value on the path is read outside it (the projection output is also a graph output).
+    text = attention(SCALES["mul-scores"], extra_out=", float[2, 6, 8] q1a")
+    model = build(text, **shapes)
+    assert apply("fold-attention-scale", model)[1] == {"FoldAttentionScale": 0}
+    assert_explained("fold-attention-scale", model, "FoldAttentionScale", "'q1a' is a graph output")
+    # 2. A non-linear op between projection and scale.
+    text = attention(SCALES["mul-scores"]).replace("qr = Identity(qh)", "qr = Tanh(qh)")
+    model = build(text, **shapes)
+    assert apply("fold-attention-scale", model)[1]["FoldAttentionScale"] == 0
+    assert_explained("fold-attention-scale", model, "FoldAttentionScale", "Tanh")
+    # 1. A scale that is not a scalar constant (a per-position tensor) is not a candidate at all.
+    text = attention("k = Constant<value = float[6] {1, 2, 3, 4, 5, 6}>()\n    scaled = Mul(scores, k)")
+    model = build(text, **shapes)
+    assert apply("fold-attention-scale", model)[1]["FoldAttentionScale"] == 0
