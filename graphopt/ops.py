@@ -34,6 +34,9 @@ CONSTANT_OF_SHAPE = OpId(ONNX_DOMAIN, "ConstantOfShape")
 MATMUL = OpId(ONNX_DOMAIN, "MatMul")
 ADD = OpId(ONNX_DOMAIN, "Add")
 
+# Readers that see only a tensor's shape: rewrites that change values but not shapes can ignore them.
+SHAPE_ONLY_READERS = frozenset(OpId(ONNX_DOMAIN, name) for name in ("Shape", "Size"))
+
 # Ops whose outputs change from run to run: never folded, never merged by CSE,
 # and compared by shape only.
 NONDETERMINISTIC = frozenset(

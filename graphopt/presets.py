@@ -23,6 +23,8 @@ _EXACT = (
     # Norm fusion after identity elimination: legacy exports wrap RMSNorm in same-type Casts
     # that would otherwise sit between the norm and its weight.
     "fuse-norms",
+    # After fusion, so decomposed norms are recognized; its readers then carry the affine.
+    "fold-norm-affine",
     "fuse-activations",
     # The scale fold before the Q/K/V merge: afterwards Q is one column block of a merged
     # projection (which the fold also handles, but with one more Split to see through).

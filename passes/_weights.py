@@ -38,3 +38,16 @@ def new_initializer(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Va
     while graph is not None and name in graph.initializers:
         name, n = f"{base}{n}", n + 1
     return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+
+
+def add_initializer(graph: ir.Graph, like: ir.Value | None, array: np.ndarray, suffix: str) -> ir.Value:
+    """Register a new initializer named after `like` (`<name>_<suffix>`, unique) in `graph`.
+    For structural passes; rules create initializers through their op builder instead."""
+    base = f"{(like.name if like is not None else None) or 'w'}_{suffix}"
+    name, n = base, 1
+    while name in graph.initializers:
+        name, n = f"{base}{n}", n + 1
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value

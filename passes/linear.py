@@ -15,7 +15,7 @@ import numpy as np
 
 from graphopt import ops
 from graphopt.ir import ir
-from graphopt.passes._weights import const_array
+from graphopt.passes._weights import add_initializer, const_array
 from graphopt.registry import register
 from graphopt.rewrite import Pass, PassKind
 
@@ -117,17 +117,16 @@ class MergeParallelLinears(Pass):
         sizes = [b.weight.shape[1] for b in branches]
         dtype = branches[0].weight.dtype
         first = min((b.matmul for b in branches), key=lambda n: _position(graph, n))
-        base = branches[0].matmul.inputs[1].name or "w"
-        weight = _add_initializer(graph, f"{base}_merged", np.concatenate([b.weight for b in branches], axis=1))
+        weight = add_initializer(graph, branches[0].matmul.inputs[1], np.concatenate([b.weight for b in branches], axis=1), "merged")
         nodes = [ir.node("MatMul", [x, weight])]
         y = nodes[-1].outputs[0]
         if any(b.bias is not None for b in branches):
             bias = np.concatenate([b.bias if b.bias is not None else np.zeros(n, dtype) for b, n in zip(branches, sizes)])
-            nodes.append(ir.node("Add", [y, _add_initializer(graph, f"{base}_merged_bias", bias.astype(dtype))]))
+            nodes.append(ir.node("Add", [y, add_initializer(graph, branches[0].matmul.inputs[1], bias.astype(dtype), "merged_bias")]))
             y = nodes[-1].outputs[0]
         opset = graph.opset_imports.get("", 13)
         if opset >= SPLIT_SIZES_AS_INPUT:
-            split = _add_initializer(graph, f"{base}_merged_split", np.array(sizes, np.int64))
+            split = add_initializer(graph, branches[0].matmul.inputs[1], np.array(sizes, np.int64), "merged_split")
             nodes.append(ir.node("Split", [y, split], attributes={"axis": -1}, num_outputs=len(branches)))
         else:
             nodes.append(ir.node("Split", [y], attributes={"axis": -1, "split": sizes}, num_outputs=len(branches)))
@@ -150,24 +149,11 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     raise ValueError(f"node {node.name} is not in the graph")
 
 
-def _add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, n = base, 1
-    while name in graph.initializers:
-        name, n = f"{base}{n}", n + 1
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
-
-
 # Ops that are homogeneous of degree 1 in input 0: op(c * x, ...) = c * op(x, ...).
 _SCALE_THROUGH_FIRST = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Expand",
                                   "Slice", "Neg", "Split", "Gather"})
 # Homogeneous when every input is scaled: Add(c x, c y) = c Add(x, y).
 _SCALE_THROUGH_ALL = frozenset({"Add", "Sub", "Concat"})
-
-
-_SHAPE_ONLY_READERS = frozenset({"Shape", "Size"})  # Shape(c * x) = Shape(x): safe to leave outside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +193,7 @@ def _scale_input(graph: ir.Graph, node: ir.Node, index: int, factor: float, wher
     original = node.inputs[index]
     array = const_array(original).copy()
     array[where] = array[where] * factor
-    node.replace_input_with(index, _add_initializer(graph, f"{original.name}_scaled", array.astype(const_array(original).dtype)))
+    node.replace_input_with(index, add_initializer(graph, original, array.astype(const_array(original).dtype), "scaled"))
 
 
 def _projection(node: ir.Node) -> _Projection | None:
@@ -325,7 +311,7 @@ def _closed(cone: _Cone, scale: ir.Node) -> str | None:
             if out.is_graph_output():
                 return f"'{out.name}' is a graph output"
             for reader, _ in out.uses():
-                if reader not in inside and reader.op_type not in _SHAPE_ONLY_READERS:
+                if reader not in inside and (reader.domain, reader.op_type) not in ops.SHAPE_ONLY_READERS:  # Shape(c x) = Shape(x)
                     return f"'{out.name}' is also read by '{reader.name}' ({reader.op_type}) outside the attention path"
     return None
 

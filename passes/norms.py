@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt import functions
+from graphopt import functions, ops
 from graphopt.ir import MatchResult, ir, pattern
 from graphopt.passes._checks import constant_blocker, last_axis_blocker, opset_of, scalar, single_reader_blocker
-from graphopt.passes._weights import const_array, new_initializer
+from graphopt.passes._weights import add_initializer, const_array, new_initializer
 from graphopt.registry import register
-from graphopt.rewrite import PassKind, Rule, RulePass
+from graphopt.rewrite import Pass, PassKind, Rule, RulePass
 
 LAYER_NORM_OPSET = 17  # LayerNormalization
 RMS_NORM_OPSET = 23  # RMSNormalization
@@ -221,3 +221,146 @@ class FuseNorms(RulePass):
     kind = PassKind.EXACT
     requires_shapes = True  # axis and hidden size checks
     rules = (FuseLayerNorm, FuseRMSNorm, AbsorbNormAffine)
+
+
+def _linear_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Node | None]] | str:
+    """Every reader of `value` as (MatMul or Gemm reading it as input 0, bias Add or None),
+    looking through Reshapes that keep the last dim; or the reason one is not linear."""
+    readers = []
+    for node, index in value.uses():
+        if (node.domain, node.op_type) in ops.SHAPE_ONLY_READERS:
+            continue  # the fold changes values, not shapes
+        if node.domain == "" and node.op_type == "Reshape" and index == 0:
+            out = node.outputs[0]
+            if out.is_graph_output():
+                return f"Reshape '{node.name}' of it is a graph output"
+            if value.shape is None or out.shape is None or out.shape[-1] != value.shape[-1] or not isinstance(out.shape[-1], int):
+                return f"Reshape '{node.name}' may change the last dimension"
+            inner = _linear_readers(out)
+            if isinstance(inner, str):
+                return inner
+            readers += inner
+            continue
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or index != 0:
+            return f"'{value.name}' is read by {node.op_type} '{node.name}', which is not a linear layer on its last axis"
+        weight = const_array(node.inputs[1])
+        if weight is None or weight.ndim != 2 or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+            return f"{node.op_type} '{node.name}' has no constant 2-D weight"
+        uses = list(node.outputs[0].uses())
+        add = uses[0][0] if len(uses) == 1 and uses[0][0].op_type == "Add" and uses[0][0].domain == "" else None
+        if add is not None and const_array(add.inputs[1 - uses[0][1]]) is None:
+            add = None
+        readers.append((node, add))
+    return readers
+
+
+@register
+class FoldNormAffineIntoLinear(Pass):
+    """Fold a LayerNorm/RMSNorm scale and bias into the linear layers that read it.
+
+    Math (gamma, beta the norm's affine; W, b each reader's weight and bias):
+        Norm(x; gamma, beta) W + b = Norm(x; 1, 0) (diag(gamma) W) + (beta W + b)
+    Preconditions:
+        1. The norm normalizes the last axis only; gamma (and beta) are constants.
+        2. Every reader is a MatMul/Gemm with a constant 2-D weight taking the norm output as
+           its input (through Reshapes that keep the last dimension).
+        3. The norm output is not a graph output, and the norm's affine is not already 1 and 0.
+    """
+
+    name = "fold-norm-affine"
+    kind = PassKind.EXACT
+    requires_shapes = True  # Reshapes must keep the last dimension
+    RULE = "FoldNormAffineIntoLinear"
+    NORMS = (("", "LayerNormalization"), ("", "RMSNormalization"), (functions.DOMAIN, "LayerNormalization"), (functions.DOMAIN, "RMSNormalization"))
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        folded = 0
+        for node, readers in self._candidates(model.graph):
+            if not isinstance(readers, str):
+                self._fold(model.graph, node, readers)
+                folded += 1
+        return {self.RULE: folded}
+
+    def explain(self, model: ir.Model) -> list[str]:
+        return [f"{self.RULE}: {node.op_type} '{node.name}': {reason}" for node, reason in self._candidates(model.graph) if isinstance(reason, str)]
+
+    def _candidates(self, graph: ir.Graph):
+        for node in list(graph):
+            if (node.domain, node.op_type) not in self.NORMS:
+                continue
+            out = node.outputs[0]
+            if node.domain == "" and node.attributes.get_int("axis", -1) not in (-1, len((out.shape or ()) ) - 1):
+                yield node, "it normalizes more than the last axis"
+                continue
+            gamma, beta = const_array(node.inputs[1]), self._bias(node)
+            if gamma is None or (beta is not None and isinstance(beta, str)):
+                yield node, "its scale or bias is not constant"
+                continue
+            if np.all(gamma == 1) and (beta is None or np.all(beta == 0)):
+                continue  # nothing to fold
+            if out.is_graph_output():
+                yield node, f"'{out.name}' is a graph output"
+                continue
+            readers = _linear_readers(out)
+            yield node, (readers or f"'{out.name}' has no linear reader to absorb the affine")
+
+    @staticmethod
+    def _bias(node: ir.Node):
+        if node.op_type == "RMSNormalization" or len(node.inputs) < 3 or node.inputs[2] is None:
+            return None
+        if node.domain == functions.DOMAIN and node.op_type == "RMSNormalization":
+            return None
+        bias = const_array(node.inputs[2])
+        return "not constant" if bias is None else bias
+
+    @staticmethod
+    def _append_bias(graph: ir.Graph, linear: ir.Node, bias: ir.Value) -> None:
+        """Add(linear output, bias) takes over every reader, and the output's name and slot if it is a graph output."""
+        out = linear.outputs[0]
+        bias_add = ir.node("Add", [out, bias])
+        graph.insert_after(linear, bias_add)
+        new = bias_add.outputs[0]
+        new.type, new.shape = out.type, out.shape
+        for reader, index in list(out.uses()):
+            if reader is not bias_add:
+                reader.replace_input_with(index, new)
+        if out.is_graph_output():
+            name, out.name = out.name, f"{out.name}_before_bias"
+            new.name = name
+            graph.outputs[:] = [new if v is out else v for v in graph.outputs]
+
+    def _fold(self, graph: ir.Graph, node: ir.Node, readers) -> None:
+        gamma = const_array(node.inputs[1]).astype(np.float64)
+        beta = self._bias(node)
+        beta = None if beta is None else beta.astype(np.float64)
+        dtype = const_array(node.inputs[1]).dtype
+        for linear, add in readers:
+            weight = const_array(linear.inputs[1]).astype(np.float64)
+            trans_b = linear.op_type == "Gemm" and linear.attributes.get_int("transB", 0) == 1
+            w = weight.T if trans_b else weight  # [K, N]
+            new_w = gamma[:, None] * w
+            linear.replace_input_with(1, add_initializer(graph, linear.inputs[1], (new_w.T if trans_b else new_w).astype(dtype), "normfold"))
+            if beta is None:
+                continue
+            shift = beta @ w  # [N]
+            if linear.op_type == "Gemm":
+                scale = linear.attributes.get_float("alpha", 1.0)
+                old = const_array(linear.inputs[2]) if len(linear.inputs) > 2 and linear.inputs[2] is not None else np.zeros(shift.shape)
+                c = old.astype(np.float64) * linear.attributes.get_float("beta", 1.0) + scale * shift
+                linear.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+                value = add_initializer(graph, linear.inputs[1], c.astype(dtype), "normfold_bias")
+                if len(linear.inputs) > 2:
+                    linear.replace_input_with(2, value)
+                else:
+                    linear.resize_inputs(3)
+                    linear.replace_input_with(2, value)
+            elif add is not None:
+                i = 0 if const_array(add.inputs[0]) is not None else 1
+                add.replace_input_with(i, add_initializer(graph, add.inputs[i], (const_array(add.inputs[i]) + shift).astype(dtype), "normfold"))
+            else:
+                self._append_bias(graph, linear, add_initializer(graph, linear.inputs[1], shift.astype(dtype), "normfold_bias"))
+            linear.metadata_props["graphopt.rule"] = self.RULE
+        node.replace_input_with(1, add_initializer(graph, node.inputs[1], np.ones_like(gamma).astype(dtype), "unit"))
+        if beta is not None:
+            node.replace_input_with(2, add_initializer(graph, node.inputs[2], np.zeros_like(beta).astype(dtype), "zero"))
+

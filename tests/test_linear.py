@@ -104,3 +104,66 @@ def test_fold_attention_scale_negatives():
     text = attention("k = Constant<value = float[6] {1, 2, 3, 4, 5, 6}>()\n    scaled = Mul(scores, k)")
     model = build(text, **shapes)
     assert apply("fold-attention-scale", model)[1]["FoldAttentionScale"] == 0
+
+
+NORM_READERS = header(21) + """
+g (float[2, 6, 8] x) => (float[2, 6, 4] a, float[2, 6, 4] b, float[12, 4] c) <float[8] gamma, float[8] beta, float[8, 4] w1, float[4] b1, float[8, 4] w2, float[4, 8] w3, float[4] b3, int64[2] flat = {12, 8}> {
+    n = LayerNormalization<epsilon = 1e-5>(x, gamma, beta)
+    m1 = MatMul(n, w1)
+    a = Add(m1, b1)
+    b = MatMul(n, w2)
+    nf = Reshape(n, flat)
+    c = Gemm<transB = 1, alpha = 0.5, beta = 2.0>(nf, w3, b3)
+}"""
+NORM_SHAPES = dict(gamma=[8], beta=[8], w1=[8, 4], b1=[4], w2=[8, 4], w3=[4, 8], b3=[4])
+
+
+def test_fold_norm_affine_into_every_linear_reader():
+    original = build(NORM_READERS, **NORM_SHAPES)
+    model, counts = apply("fold-norm-affine", original)
+    assert counts == {"FoldNormAffineIntoLinear": 1}
+    norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    from graphopt.passes._weights import const_array
+
+    assert (const_array(norm.inputs[1]) == 1).all() and (const_array(norm.inputs[2]) == 0).all()
+    assert ops_of(model)["Add"] == 2  # the bias-free MatMul got beta @ W as a new Add
+    assert_equivalent(original, model)
+    assert apply("fold-norm-affine", model)[1] == {"FoldNormAffineIntoLinear": 0}
+
+
+def test_fold_norm_affine_negatives():
+    # 2. A reader that is not linear (a residual Add, as in Post-LN BERT).
+    text = NORM_READERS.replace("b = MatMul(n, w2)", "b0 = MatMul(n, w2)\n    r = Slice(x, z, f, ax)\n    b = Add(b0, r)")
+    text = text.replace("int64[2] flat = {12, 8}>", "int64[2] flat = {12, 8}, int64[1] z = {0}, int64[1] f = {4}, int64[1] ax = {-1}>")
+    model = build(text.replace("    nf = Reshape(n, flat)", "    q = Add(n, x)\n    nf = Reshape(q, flat)"), **NORM_SHAPES)
+    assert apply("fold-norm-affine", model)[1] == {"FoldNormAffineIntoLinear": 0}
+    assert_explained("fold-norm-affine", model, "FoldNormAffineIntoLinear", "not a linear layer on its last axis")
+    # 3. The norm output is a graph output.
+    model = build(NORM_READERS.replace("=> (float[2, 6, 4] a,", "=> (float[2, 6, 8] n, float[2, 6, 4] a,"), **NORM_SHAPES)
+    assert apply("fold-norm-affine", model)[1] == {"FoldNormAffineIntoLinear": 0}
+    assert_explained("fold-norm-affine", model, "FoldNormAffineIntoLinear", "'n' is a graph output")
+    # 1. A norm over more than the last axis.
+    text = NORM_READERS.replace("LayerNormalization<epsilon = 1e-5>", "LayerNormalization<axis = 1>").replace("float[8] gamma, float[8] beta", "float[6, 8] gamma, float[6, 8] beta")
+    model = build(text, **dict(NORM_SHAPES, gamma=[6, 8], beta=[6, 8]))
+    assert apply("fold-norm-affine", model)[1] == {"FoldNormAffineIntoLinear": 0}
+    assert_explained("fold-norm-affine", model, "FoldNormAffineIntoLinear", "more than the last axis")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_fold_norm_affine_on_gpt2_with_trained_like_norms(exporter, tmp):
+    """GPT-2 is Pre-LN: ln_1 and ln_2 feed only linear layers (through Reshapes); ln_f is the output."""
+    import torch
+
+    import graphopt
+    import models
+
+    module, args, names, dynamic = models.transformer("gpt2", "eager")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = models.export(module, args, names, dynamic, tmp / "gpt2.onnx", exporter)
+    result = graphopt.optimize(path, dims={"batch": 2, "seq": 16})
+    assert result.report.validation.passed
+    assert result.report.rewrites()["FoldNormAffineIntoLinear"] == 2 * 2
