@@ -22,6 +22,8 @@ from graphopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
+RULE_TAG = "graphopt.rule"  # node metadata naming the structural rule that made it (onnxscript tags its rules' nodes itself)
+
 
 class PassKind(str, enum.Enum):
     EXACT = "exact"  # computes the same function to float tolerance; rolled back if it diverges

@@ -15,7 +15,7 @@ from graphopt.ir import MatchResult, ir, pattern
 from graphopt.passes._checks import constant_blocker, last_axis_blocker, opset_of, scalar, single_reader_blocker
 from graphopt.passes._weights import add_initializer, const_array, new_initializer
 from graphopt.registry import register
-from graphopt.rewrite import Pass, PassKind, Rule, RulePass
+from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
 
 LAYER_NORM_OPSET = 17  # LayerNormalization
 RMS_NORM_OPSET = 23  # RMSNormalization
@@ -359,7 +359,7 @@ class FoldNormAffineIntoLinear(Pass):
                 add.replace_input_with(i, add_initializer(graph, add.inputs[i], (const_array(add.inputs[i]) + shift).astype(dtype), "normfold"))
             else:
                 self._append_bias(graph, linear, add_initializer(graph, linear.inputs[1], shift.astype(dtype), "normfold_bias"))
-            linear.metadata_props["graphopt.rule"] = self.RULE
+            linear.metadata_props[RULE_TAG] = self.RULE
         node.replace_input_with(1, add_initializer(graph, node.inputs[1], np.ones_like(gamma).astype(dtype), "unit"))
         if beta is not None:
             node.replace_input_with(2, add_initializer(graph, node.inputs[2], np.zeros_like(beta).astype(dtype), "zero"))
