@@ -23,9 +23,11 @@ VERSION = 1
 CASTLIKE_OPSET = 15  # below it a body cannot cast constants to x's type: float32 only
 
 
-def _like(src: str, like: str, out: str, opset: int) -> str:
-    """`out` = `src` in the element type of `like` (float32 constants below opset 15)."""
-    return f"{out} = CastLike({src}, {like})" if opset >= CASTLIKE_OPSET else f"{out} = Identity({src})"
+def _like(src: str, like: str, out: str, opset: int, plain: bool) -> str:
+    """`out` = `src` in the element type of `like`. `plain` (every call is float32, or the
+    opset has no CastLike) writes the float32 constant itself: onnxruntime can then fold it
+    and its own fusions (GeluFusion, FastGeluFusion) still match the inlined body."""
+    return f"{out} = Identity({src})" if plain or opset < CASTLIKE_OPSET else f"{out} = CastLike({src}, {like})"
 
 
 def call_blocker(x: ir.Value, opset: int) -> str | None:
@@ -41,7 +43,7 @@ def _reduce_mean_last(x: str, out: str, opset: int) -> str:
     return f"{out} = ReduceMean<axes = [-1], keepdims = 1>({x})"
 
 
-def _rms_norm(opset: int) -> str:
+def _rms_norm(opset: int, plain: bool) -> str:
     # Mirrors the Llama/Qwen/T5 reference: compute in float32, cast back, then scale.
     return f"""
 RMSNormalization (x, scale, epsilon) => (y) {{
@@ -51,12 +53,12 @@ RMSNormalization (x, scale, epsilon) => (y) {{
     var = Add(ms, epsilon)
     std = Sqrt(var)
     normed = Div(xf, std)
-    {_like("normed", "x", "back", opset)}
+    {_like("normed", "x", "back", opset, plain)}
     y = Mul(back, scale)
 }}"""
 
 
-def _layer_norm(opset: int) -> str:
+def _layer_norm(opset: int, plain: bool) -> str:
     # LayerNormalization-17 semantics over the last axis, for models below opset 17.
     return f"""
 LayerNormalization (x, scale, bias, epsilon) => (y) {{
@@ -72,47 +74,48 @@ LayerNormalization (x, scale, bias, epsilon) => (y) {{
 }}"""
 
 
-def _gelu(opset: int) -> str:
+def _gelu(opset: int, plain: bool) -> str:
     return f"""
 Gelu (x) => (y) {{
     root2 = Constant<value = float {{1.4142135623730951}}>()
     one = Constant<value = float {{1.0}}>()
     half = Constant<value = float {{0.5}}>()
-    {_like("root2", "x", "r", opset)}
+    {_like("root2", "x", "r", opset, plain)}
     scaled = Div(x, r)
     e = Erf(scaled)
-    {_like("one", "x", "o", opset)}
+    {_like("one", "x", "o", opset, plain)}
     cdf = Add(e, o)
     xc = Mul(x, cdf)
-    {_like("half", "x", "h", opset)}
+    {_like("half", "x", "h", opset, plain)}
     y = Mul(xc, h)
 }}"""
 
 
-def _gelu_tanh(opset: int) -> str:
+def _gelu_tanh(opset: int, plain: bool) -> str:
     return f"""
 GeluTanh (x) => (y) {{
     k = Constant<value = float {{0.044715}}>()
     c = Constant<value = float {{0.7978845608028654}}>()
     one = Constant<value = float {{1.0}}>()
     half = Constant<value = float {{0.5}}>()
-    x2 = Mul(x, x)
-    x3 = Mul(x2, x)
-    {_like("k", "x", "kk", opset)}
+    three = Constant<value = float {{3.0}}>()
+    {_like("three", "x", "t3", opset, plain)}
+    x3 = Pow(x, t3)
+    {_like("k", "x", "kk", opset, plain)}
     kx3 = Mul(x3, kk)
     inner = Add(x, kx3)
-    {_like("c", "x", "cc", opset)}
+    {_like("c", "x", "cc", opset, plain)}
     arg = Mul(inner, cc)
     t = Tanh(arg)
-    {_like("one", "x", "o", opset)}
+    {_like("one", "x", "o", opset, plain)}
     cdf = Add(t, o)
-    {_like("half", "x", "hh", opset)}
+    {_like("half", "x", "hh", opset, plain)}
     hx = Mul(x, hh)
     y = Mul(hx, cdf)
 }}"""
 
 
-def _silu(opset: int) -> str:
+def _silu(opset: int, plain: bool) -> str:
     return """
 SiLU (x) => (y) {
     s = Sigmoid(x)
@@ -123,7 +126,7 @@ SiLU (x) => (y) {
 @dataclasses.dataclass(frozen=True)
 class FunctionDef:
     name: str
-    body: Callable[[int], str]  # default-domain opset -> function text
+    body: Callable[[int, bool], str]  # (default-domain opset, float32-only body) -> function text
 
 
 LIBRARY: dict[str, FunctionDef] = {
@@ -142,21 +145,25 @@ def op_id(name: str) -> ops.OpId:
     return ops.OpId(DOMAIN, name)
 
 
-def build(name: str, opset: int) -> ir.Function:
-    text = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n{LIBRARY[name].body(opset)}'
+def build(name: str, opset: int, plain: bool = False) -> ir.Function:
+    text = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n{LIBRARY[name].body(opset, plain)}'
     return ir.serde.deserialize_function(onnx.parser.parse_function(text))
 
 
 def ensure(model: ir.Model) -> list[str]:
     """Add the definitions of every graphopt function the graph calls but lacks."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
-    used = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN}
+    calls: dict[str, list[ir.Node]] = {}
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
+        if n.domain == DOMAIN:
+            calls.setdefault(n.op_type, []).append(n)
     added = []
-    for name in sorted(used):
+    for name, nodes in sorted(calls.items()):
         if name in LIBRARY and (DOMAIN, name, "") not in model.functions:
-            fn = build(name, opset)
+            plain = all(n.inputs[0] is not None and n.inputs[0].dtype == ir.DataType.FLOAT for n in nodes)
+            fn = build(name, opset, plain)
             model.functions[fn.identifier()] = fn
             added.append(name)
-    if used:
+    if calls:
         model.opset_imports.setdefault(DOMAIN, VERSION)
     return added
