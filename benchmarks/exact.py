@@ -86,10 +86,10 @@ def ort_optimizer(path: Path, name: str) -> Path | str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, disabled: list[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def main() -> int:
@@ -98,6 +98,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", default="bert,distilbert,roberta,gpt2,llama,qwen2,vit,minilm,repvgg,mobileone")
     parser.add_argument("--json")
+    parser.add_argument("--disable-ort-fusions", default="",
+                        help="comma-separated ORT optimizer names to turn off for every contender, e.g. SkipLayerNormFusion "
+                             "(FACTS.md: its kernel is 6-8x slower than Add + LayerNormalization on this CPU)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     results = {}
@@ -111,7 +114,8 @@ def main() -> int:
             ours = graphopt.save(result.model, out / f"{name}.graphopt.onnx")
             contenders = {"original": path, "ort-optimizer": ort_optimizer(path, name), "graphopt": ours}
             inputs = feeds.make_inputs(model, dims=dims)
-            sessions = {k: session(v) for k, v in contenders.items() if isinstance(v, Path)}
+            disabled = [d for d in args.disable_ort_fusions.split(",") if d]
+            sessions = {k: session(v, disabled) for k, v in contenders.items() if isinstance(v, Path)}
             times = {k: [] for k in sessions}
             for s in sessions.values():  # warm up
                 s.run(None, inputs)
