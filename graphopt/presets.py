@@ -30,6 +30,8 @@ _EXACT = (
     # projection (which the fold also handles, but with one more Split to see through).
     "fold-attention-scale",
     "merge-parallel-linears",
+    # After the folds above, which can leave a constant scale or shift right after a MatMul.
+    "merge-linear-chains",
     # BatchNorm folding before branch merging: a RepVGG block is Add(Conv+BN, Conv+BN, BN)
     # and merge-branches needs the Conv+BN pairs to be plain Convs first.
     "fold-batchnorm",

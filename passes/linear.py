@@ -1,8 +1,9 @@
-"""Linear-layer merges: parallel projections of one input (Q/K/V, gate/up) into one MatMul.
+"""Linear-layer merges: parallel projections of one input (Q/K/V, gate/up) into one
+MatMul, and chains of constant linear maps into one.
 
-This rewrites groups of siblings of any size, which a fixed-shape pattern cannot
-express, so it is a structural pass; the class still states one identity with
-numbered preconditions, and `explain` says why a candidate was left alone.
+The parallel merge rewrites groups of siblings of any size, which a fixed-shape
+pattern cannot express, so it is a structural pass (same docstring contract, and
+an `explain`); the chain merges are ordinary rules.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import dataclasses
 import numpy as np
 
 from graphopt import ops
-from graphopt.ir import ir
-from graphopt.passes._weights import add_initializer, const_array
+from graphopt.ir import MatchResult, ir, pattern
+from graphopt.passes._weights import add_initializer, const_array, new_initializer
 from graphopt.registry import register
-from graphopt.rewrite import RULE_TAG, Pass, PassKind
+from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
 
 SPLIT_SIZES_AS_INPUT = 13  # Split takes `split` as an input from opset 13
 
@@ -144,3 +145,135 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
         if n is node:
             return i
     raise ValueError(f"node {node.name} is not in the graph")
+
+
+def _last_axis_vector(array: np.ndarray | None, n: int) -> np.ndarray | None:
+    """`array` as a length-n vector when it is a scalar or varies only along the last axis."""
+    if array is None or (array.ndim > 0 and (array.size != array.shape[-1] or array.shape[-1] not in (1, n))):
+        return None
+    return np.broadcast_to(array.reshape(-1), (n,)).astype(np.float64)
+
+
+def _inner_bias(bias_add_value: ir.Value | None, matmul_value: ir.Value) -> ir.Value | None:
+    """The constant operand of an Add(MatMul output, b)."""
+    node = bias_add_value.producer() if bias_add_value is not None else None
+    if node is None:
+        return None
+    return node.inputs[1] if node.inputs[0] is matmul_value else node.inputs[0]
+
+
+class MergeMatMulChain(Rule):
+    """Merge two constant linear maps applied in a row.
+
+    Math (A [K, M], B [M, N], a [M]):
+        (x A + a) B = x (A B) + a B
+    Preconditions:
+        1. A and B (and a) are constant, A and B 2-D.
+        2. The merged map costs no more than the chain: K * N <= K * M + M * N (low-rank
+           factorizations such as LoRA adapters are kept).
+    """
+
+    variants = ({"bias": False}, {"bias": True})
+
+    def pattern(self, op, x, a_w, b_w):
+        inner = op.MatMul(x, a_w, _outputs=["inner"])
+        if self.bias:
+            inner = op.Add(inner, pattern.Var("a_b"), _outputs=["biased"])
+        return op.MatMul(inner, b_w)
+
+    def check(self, context, a_w, b_w, inner, biased=None, **_):
+        result = MatchResult()
+        a, b = const_array(a_w), const_array(b_w)
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2:
+            return result.fail("the weights are not constant matrices", a_w if a is None else b_w)
+        if self.bias and _last_axis_vector(const_array(_inner_bias(biased, inner)), a.shape[1]) is None:
+            return result.fail("the inner bias is not a constant vector over the last axis", biased)
+        (k, m), n = a.shape, b.shape[1]
+        if k * n > k * m + m * n:
+            return result.fail(f"merging a rank-{m} factorization ({k}x{m}, {m}x{n}) would raise the cost", a_w)
+        return result
+
+    def rewrite(self, op, x, a_w, b_w, inner, biased=None, **_):
+        a, b = const_array(a_w), const_array(b_w)
+        product = op.MatMul(x, new_initializer(op, b_w, (a.astype(np.float64) @ b).astype(b.dtype), "chain"))
+        if not self.bias:
+            return product
+        bias = _last_axis_vector(const_array(_inner_bias(biased, inner)), a.shape[1]) @ b.astype(np.float64)
+        return op.Add(product, new_initializer(op, b_w, bias.astype(b.dtype), "chain_bias"))
+
+
+class FoldScaleIntoMatMul(Rule):
+    """Fold a constant per-output-column scale into the weights of the MatMul before it.
+
+    Math (s a scalar or a vector over the last axis):
+        (x W + b) * s = x (W diag(s)) + b * s
+    Preconditions:
+        1. W is a constant matrix; s (and b) are constants varying along the last axis at most.
+    """
+
+    commute = True
+    variants = ({"bias": False}, {"bias": True})
+
+    def pattern(self, op, x, w, s):
+        y = op.MatMul(x, w, _outputs=["product"])
+        if self.bias:
+            y = op.Add(y, pattern.Var("b"), _outputs=["biased"])
+        return op.Mul(y, s)
+
+    def check(self, context, w, s, product, biased=None, **_):
+        result = MatchResult()
+        weight = const_array(w)
+        if weight is None or weight.ndim != 2:
+            return result.fail(f"'{w.name}' is not a constant matrix", w)
+        n = weight.shape[1]
+        if _last_axis_vector(const_array(s), n) is None:
+            return result.fail(f"'{s.name}' is not a constant varying along the last axis only", s)
+        if self.bias and _last_axis_vector(const_array(_inner_bias(biased, product)), n) is None:
+            return result.fail("the bias is not a constant vector over the last axis", biased)
+        return result
+
+    def rewrite(self, op, x, w, s, product, biased=None, **_):
+        weight = const_array(w)
+        scale = _last_axis_vector(const_array(s), weight.shape[1])
+        out = op.MatMul(x, new_initializer(op, w, (weight * scale[None, :]).astype(weight.dtype), "scaled"))
+        if not self.bias:
+            return out
+        bias = _last_axis_vector(const_array(_inner_bias(biased, product)), weight.shape[1]) * scale
+        return op.Add(out, new_initializer(op, w, bias.astype(weight.dtype), "scaled_bias"))
+
+
+class MergeBiasAdds(Rule):
+    """Merge two constant shifts after a MatMul.
+
+    Math:  (x W + b1) + b2 = x W + (b1 + b2)
+    Preconditions:
+        1. b1 and b2 are constants varying along the last axis at most.
+    """
+
+    commute = True
+
+    def pattern(self, op, x, w, b1, b2):
+        return op.Add(op.Add(op.MatMul(x, w, _outputs=["product"]), b1), b2)
+
+    def check(self, context, w, b1, b2, **_):
+        result = MatchResult()
+        weight = const_array(w)
+        n = weight.shape[-1] if weight is not None and weight.ndim == 2 else None
+        if n is None or _last_axis_vector(const_array(b1), n) is None or _last_axis_vector(const_array(b2), n) is None:
+            return result.fail("the shifts are not constant vectors over the MatMul's output columns", b2)
+        return result
+
+    def rewrite(self, op, x, w, b1, b2, **_):
+        n = const_array(w).shape[-1]
+        dtype = const_array(b1).dtype
+        total = _last_axis_vector(const_array(b1), n) + _last_axis_vector(const_array(b2), n)
+        return op.Add(op.MatMul(x, w), new_initializer(op, b1, total.astype(dtype), "merged"))
+
+
+@register
+class MergeLinearChains(RulePass):
+    """Merge chains of constant linear maps: MatMul->MatMul, MatMul->Mul(scale), bias->bias."""
+
+    name = "merge-linear-chains"
+    kind = PassKind.EXACT
+    rules = (MergeMatMulChain, FoldScaleIntoMatMul, MergeBiasAdds)

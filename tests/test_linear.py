@@ -167,3 +167,49 @@ def test_fold_norm_affine_on_gpt2_with_trained_like_norms(exporter, tmp):
     result = graphopt.optimize(path, dims={"batch": 2, "seq": 16})
     assert result.report.validation.passed
     assert result.report.rewrites()["FoldNormAffineIntoLinear"] == 2 * 2
+
+
+CHAIN = header(21) + """
+g (float[2, 5, 8] x) => (float[2, 5, 6] y) <float[8, 8] a, float[8] ab, float[8, 6] b> {
+    h = MatMul(x, a)
+    hb = Add(h, ab)
+    y = MatMul(hb, b)
+}"""
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merge_matmul_chain(bias):
+    text = CHAIN if bias else CHAIN.replace("hb = Add(h, ab)", "hb = Identity(h)")
+    original = build(text, a=[8, 8], ab=[8], b=[8, 6])
+    if not bias:
+        original = build(CHAIN.replace("    hb = Add(h, ab)\n", "").replace("MatMul(hb, b)", "MatMul(h, b)"), a=[8, 8], ab=[8], b=[8, 6])
+    model, counts = apply("merge-linear-chains", original)
+    assert counts == {"MergeMatMulChain": 1, "FoldScaleIntoMatMul": 0, "MergeBiasAdds": 0}
+    assert ops_of(model) == ({"MatMul": 1, "Add": 1} if bias else {"MatMul": 1})
+    assert_equivalent(original, model)
+
+
+def test_merge_matmul_chain_keeps_low_rank_factorizations():
+    text = CHAIN.replace("float[8, 8] a, float[8] ab, float[8, 6] b", "float[8, 2] a, float[2] ab, float[2, 6] b")
+    model = build(text, a=[8, 2], ab=[2], b=[2, 6])
+    assert apply("merge-linear-chains", model)[1]["MergeMatMulChain"] == 0
+    assert_explained("merge-linear-chains", model, "MergeMatMulChain", "rank-2 factorization")
+
+
+def test_fold_scale_and_bias_chains():
+    text = header(21) + """
+g (float[2, 5, 8] x) => (float[2, 5, 6] y) <float[8, 6] w, float[6] b, float[6] s, float[6] c> {
+    m = MatMul(x, w)
+    mb = Add(b, m)
+    ms = Mul(s, mb)
+    y = Add(ms, c)
+}"""
+    original = build(text, w=[8, 6], b=[6], s=[6], c=[6])
+    model, counts = apply("merge-linear-chains", original)
+    assert counts == {"MergeMatMulChain": 0, "FoldScaleIntoMatMul": 1, "MergeBiasAdds": 1}
+    assert ops_of(model) == {"MatMul": 1, "Add": 1}
+    assert_equivalent(original, model)
+    # A scale varying along another axis is not a column scale.
+    bad = build(text.replace("float[6] s,", "float[5, 1] s,"), w=[8, 6], b=[6], s=[5, 1], c=[6])
+    assert apply("merge-linear-chains", bad)[1]["FoldScaleIntoMatMul"] == 0
+    assert_explained("merge-linear-chains", bad, "FoldScaleIntoMatMul", "varying along the last axis only")
