@@ -44,6 +44,17 @@ def _reduce_mean_last(x: str, out: str, opset: int) -> str:
 
 
 def _rms_norm(opset: int, plain: bool) -> str:
+    if plain:  # float32: onnxruntime's SimplifiedLayerNormFusion pattern, so the inlined body fuses
+        return f"""
+RMSNormalization (x, scale, epsilon) => (y) {{
+    two = Constant<value = float {{2.0}}>()
+    sq = Pow(x, two)
+    {_reduce_mean_last("sq", "ms", opset)}
+    var = Add(ms, epsilon)
+    std = Sqrt(var)
+    normed = Div(x, std)
+    y = Mul(normed, scale)
+}}"""
     # Mirrors the Llama/Qwen/T5 reference: compute in float32, cast back, then scale.
     return f"""
 RMSNormalization (x, scale, epsilon) => (y) {{

@@ -90,7 +90,7 @@ def _reference_outputs(model: Model, feeds, notes: list[str]):
 
 def _run_one(model: Model, p: Pass, feeds, previous, explain: bool) -> tuple[PassRecord, Any]:
     snapshot = model.ir.clone()
-    near_misses = p.explain(model.ir) if explain else []
+    near_misses = p.near_misses(model.ir) if explain else []
     start = time.perf_counter()
     try:
         rewrites = p(model.ir)

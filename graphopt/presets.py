@@ -25,6 +25,8 @@ _EXACT = (
     "fuse-norms",
     # After fusion, so decomposed norms are recognized; its readers then carry the affine.
     "fold-norm-affine",
+    # Pre-LN -> Pre-RMSNorm needs fused LayerNorms; its refusal reason names Post-LN models.
+    "pre-rmsnorm",
     "fuse-activations",
     # The scale fold before the Q/K/V merge: afterwards Q is one column block of a merged
     # projection (which the fold also handles, but with one more Split to see through).

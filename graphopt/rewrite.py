@@ -49,14 +49,25 @@ class Pass(abc.ABC):
         """Prepare what the pass declares it needs (shapes), then run it."""
         if self.requires_shapes:
             infer_shapes(model)
-        return self.run(model)
+        counts = self.run(model)
+        if any(counts.values()):
+            functions.ensure(model)  # definitions (and the opset import) for any graphopt op it emitted
+        return counts
 
     @abc.abstractmethod
     def run(self, model: ir.Model) -> dict[str, int]:
         """Mutate `model` in place; return rewrites per rule (or per step). Call the pass, not `run`."""
 
+    def near_misses(self, model: ir.Model) -> list[str]:
+        """Why rules missed, for `--explain`: `explain` on a prepared copy (shapes inferred
+        when the pass needs them, exactly as `__call__` prepares before `run`)."""
+        work = model.clone()
+        if self.requires_shapes:
+            infer_shapes(work)
+        return self.explain(work)
+
     def explain(self, model: ir.Model) -> list[str]:
-        """Why rules missed (near misses), for `--explain`. Must not mutate `model`."""
+        """Near misses on an already prepared model; may mutate it. Call `near_misses`."""
         return []
 
 
@@ -103,13 +114,9 @@ class RulePass(Pass):
                 break
         if any(counts.values()):
             common_passes.RemoveUnusedNodesPass()(model)  # what the rewrites orphaned (Constants, old weights)
-            functions.ensure(model)  # definitions for any graphopt-domain op a rule emitted
         return counts
 
     def explain(self, model: ir.Model) -> list[str]:
-        model = model.clone()
-        if self.requires_shapes:
-            infer_shapes(model)
         lines = []
         for rule in self.rules:
             tracer = MatchingTracer()

@@ -37,7 +37,7 @@ def new_initializer(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Va
     name, n = base, 1
     while graph is not None and name in graph.initializers:
         name, n = f"{base}{n}", n + 1
-    return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+    return op.initializer(ir.tensor(_contiguous(array), name=name), name=name)
 
 
 def add_initializer(graph: ir.Graph, like: ir.Value | None, array: np.ndarray, suffix: str) -> ir.Value:
@@ -48,6 +48,11 @@ def add_initializer(graph: ir.Graph, like: ir.Value | None, array: np.ndarray, s
     while name in graph.initializers:
         name, n = f"{base}{n}", n + 1
     value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+                     const_value=ir.tensor(_contiguous(array), name=name))
     graph.register_initializer(value)
     return value
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping the rank (np.ascontiguousarray turns a 0-d array into shape [1])."""
+    return np.array(array, order="C", copy=not array.flags.c_contiguous)

@@ -50,5 +50,5 @@ def assert_equivalent(original, model, **validate_kwargs):
 
 
 def assert_explained(name: str, model, rule: str, reason: str):
-    lines = registry.get(name).explain(model.ir)
+    lines = registry.get(name).near_misses(model.ir)
     assert any(line.startswith(rule) and reason in line for line in lines), lines

@@ -51,7 +51,7 @@ def assert_equivalent(original, model):
 
 
 def explained(name, model, rule, reason):
-    lines = registry.get(name).explain(model.ir)
+    lines = registry.get(name).near_misses(model.ir)
     assert any(line.startswith(rule) and reason in line for line in lines), lines
 
 
