@@ -56,3 +56,21 @@ def add_initializer(graph: ir.Graph, like: ir.Value | None, array: np.ndarray, s
 def _contiguous(array: np.ndarray) -> np.ndarray:
     """C-contiguous, keeping the rank (np.ascontiguousarray turns a 0-d array into shape [1])."""
     return np.array(array, order="C", copy=not array.flags.c_contiguous)
+
+
+def bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) with BN(y) = s * y + t per channel, in float64; None if not constant."""
+    params = [const_array(v) for v in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    s = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
+    return s, beta - mean * s
+
+
+def bias_or_zeros(node: ir.Node, index: int, size: int) -> np.ndarray | None:
+    """The constant bias input (zeros when absent), or None when it is not constant."""
+    if len(node.inputs) <= index or node.inputs[index] is None:
+        return np.zeros(size)
+    b = const_array(node.inputs[index])
+    return None if b is None else b.astype(np.float64)

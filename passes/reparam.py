@@ -1,9 +1,9 @@
-"""Re-parameterization: fold BatchNorm into linear layers, merge parallel branches.
+"""Re-parameterization: merge parallel and sequential convolution branches into one Conv.
 
-Deploy-time identities of RepVGG, ACB, DBB and MobileOne-style blocks, applied
-to any exported graph: a BatchNormalization next to a Conv/ConvTranspose/Gemm/
-MatMul becomes part of its weights, and a sum of convolutions (plus identity,
-BatchNorm or average-pooling branches) over the same input becomes one Conv.
+Deploy-time identities of RepVGG, ACB, DBB and MobileOne-style blocks, applied to
+any exported graph: a sum of convolutions (plus identity, BatchNorm or average-
+pooling branches) over the same input, or a 1x1 -> kxk chain, becomes one Conv.
+BatchNorm folding, which these blocks need first, is `passes/batchnorm.py`.
 """
 
 from __future__ import annotations
@@ -12,172 +12,9 @@ import numpy as np
 
 from graphopt.ir import MatchResult, ir, pattern
 from graphopt.passes._checks import ConvGeometry, inference_batchnorm_blocker, single_reader_blocker
-from graphopt.passes._weights import const_array, new_initializer
+from graphopt.passes._weights import bias_or_zeros as _bias, bn_affine as _bn_affine, const_array, new_initializer
 from graphopt.registry import register
 from graphopt.rewrite import PassKind, Rule, RulePass
-
-
-def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
-    """(s, t) with BN(y) = s * y + t per channel, in float64; None if not constant."""
-    params = [const_array(v) for v in bn.inputs[1:5]]
-    if any(p is None for p in params):
-        return None
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-    s = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
-    return s, beta - mean * s
-
-
-def _bias(node: ir.Node, index: int, size: int) -> np.ndarray | None:
-    """The constant bias input (zeros when absent), or None when it is not constant."""
-    if len(node.inputs) <= index or node.inputs[index] is None:
-        return np.zeros(size)
-    b = const_array(node.inputs[index])
-    return None if b is None else b.astype(np.float64)
-
-
-def _channel_view(s: np.ndarray, rank: int, axis: int) -> np.ndarray:
-    return s.reshape([-1 if i == axis else 1 for i in range(rank)])
-
-
-class FoldBatchNormIntoLinear(Rule):
-    """Fold an inference BatchNormalization into the linear layer that feeds it.
-
-    Math (per output channel c, s = gamma / sqrt(var + eps), t = beta - mean * s):
-        BN(W x + b) = (W * s) x + (b * s + t)
-        Conv:          W'[c, ...] = W[c, ...] * s[c]
-        ConvTranspose: W'[i, j, ...] = W[i, j, ...] * s[group(i) * C_out/g + j]
-        Gemm:          B' = B * s along N; C' = beta * C * s + t; beta' = 1
-        MatMul:        W'[:, c] = W[:, c] * s[c], followed by Add(t)
-    Preconditions:
-        1. The BatchNormalization is in inference mode.
-        2. W, the bias (if any), gamma, beta, mean and var are constants.
-        3. The linear layer's output has no reader other than the BatchNormalization.
-        4. The BatchNorm channel axis is the layer's output-feature axis (for
-           MatMul: a rank-2 product; for Gemm: transA/transB are plain flags).
-    """
-
-    KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-    def pattern(self, op, x, w, gamma, beta, mean, var):
-        linear = pattern.OrValue(
-            [op.Conv(x, w, _allow_other_inputs=True), op.ConvTranspose(x, w, _allow_other_inputs=True),
-             op.Gemm(x, w, _allow_other_inputs=True), op.MatMul(x, w)],
-            name="linear", tag_var="kind", tag_values=self.KINDS,
-        )
-        return op.BatchNormalization(linear, gamma, beta, mean, var, _allow_other_attributes=True, _outputs=["out"])
-
-    def check(self, context, x, w, linear, kind, out, **_):
-        result = MatchResult()
-        bn = out.producer()
-        if reason := inference_batchnorm_blocker(bn):
-            return result.fail(reason, bn)
-        weights = const_array(w)
-        if weights is None or _bn_affine(bn) is None:
-            return result.fail(f"'{w.name}' or the BatchNorm parameters are not constant", w)
-        if kind != "MatMul" and _bias(linear.producer(), 2, 1) is None:
-            return result.fail(f"the bias of '{linear.producer().name}' is not constant", linear)
-        if reason := single_reader_blocker(linear, bn):
-            return result.fail(reason, linear)
-        channels = _bn_affine(bn)[0].size
-        if kind == "MatMul" and (weights.ndim != 2 or x.shape is None or len(x.shape) != 2):
-            return result.fail("MatMul is not a rank-2 product, so BatchNorm's axis 1 is not its feature axis", x)
-        if kind == "Gemm" and linear.producer().attributes.get_int("transA", 0) not in (0, 1):
-            return result.fail("Gemm transA is not 0/1", linear)
-        if _out_channels(kind, linear.producer(), weights) != channels:
-            return result.fail(f"BatchNorm has {channels} channels, the layer makes {_out_channels(kind, linear.producer(), weights)}", w)
-        return result
-
-    def rewrite(self, op, x, w, linear, kind, out, **_):
-        node, bn = linear.producer(), out.producer()
-        s, t = _bn_affine(bn)
-        weights = const_array(w)
-        dtype = weights.dtype
-        attrs = dict(node.attributes)
-        if kind == "MatMul":
-            scaled = op.MatMul(x, new_initializer(op, w, (weights * s[None, :]).astype(dtype), "bnfold"))
-            return op.Add(scaled, new_initializer(op, w, t.astype(dtype), "bnfold_bias"))
-        if kind == "Gemm":
-            trans_b = attrs.get("transB") is not None and attrs["transB"].as_int() == 1
-            new_w = weights * (s[:, None] if trans_b else s[None, :])
-            c = _bias(node, 2, s.size) * (attrs["beta"].as_float() if "beta" in attrs else 1.0)
-            attrs["beta"] = ir.AttrFloat32("beta", 1.0)
-            return op.Gemm(x, new_initializer(op, w, new_w.astype(dtype), "bnfold"),
-                           new_initializer(op, w, (c * s + t).astype(dtype), "bnfold_bias"), **attrs)
-        if kind == "Conv":
-            new_w = weights * _channel_view(s, weights.ndim, 0)
-        else:  # ConvTranspose: W is [C_in, C_out / g, k...]
-            g = attrs["group"].as_int() if "group" in attrs else 1
-            grouped = weights.reshape(g, weights.shape[0] // g, *weights.shape[1:])
-            new_w = (grouped * s.reshape(g, 1, -1, *([1] * (weights.ndim - 2)))).reshape(weights.shape)
-        b = _bias(node, 2, s.size) * s + t
-        return getattr(op, kind)(x, new_initializer(op, w, new_w.astype(dtype), "bnfold"),
-                                 new_initializer(op, w, b.astype(dtype), "bnfold_bias"), **attrs)
-
-
-def _out_channels(kind: str, node: ir.Node, w: np.ndarray) -> int:
-    if kind == "Conv":
-        return w.shape[0]
-    if kind == "ConvTranspose":
-        return w.shape[1] * node.attributes.get_int("group", 1)
-    if kind == "Gemm":
-        return w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[-1]
-    return w.shape[-1]
-
-
-class FoldBatchNormIntoNextConv(Rule):
-    """Fold an inference BatchNormalization into the Conv that reads it (pre-BN merge).
-
-    Math (s, t as in FoldBatchNormIntoLinear; channel i of the Conv's input):
-        Conv(s * x + t, W, b) = Conv(x, W * s[i], b + sum_{i,k} W[o, i, k] * t[i])
-    Preconditions:
-        1. The BatchNormalization is in inference mode.
-        2. W, the bias (if any), gamma, beta, mean and var are constants.
-        3. The BatchNorm output has no reader other than the Conv.
-        4. The Conv has no padding (zeros padded after BN are not BN of padded zeros).
-    """
-
-    def pattern(self, op, x, gamma, beta, mean, var, w):
-        normed = op.BatchNormalization(x, gamma, beta, mean, var, _allow_other_attributes=True, _outputs=["normed"])
-        return op.Conv(normed, w, _allow_other_inputs=True, _outputs=["out"])
-
-    def check(self, context, normed, w, out, **_):
-        result = MatchResult()
-        bn, conv = normed.producer(), out.producer()
-        if reason := inference_batchnorm_blocker(bn):
-            return result.fail(reason, bn)
-        weights = const_array(w)
-        if weights is None or _bn_affine(bn) is None or _bias(conv, 2, 1) is None:
-            return result.fail(f"'{w.name}', the Conv bias or the BatchNorm parameters are not constant", w)
-        if reason := single_reader_blocker(normed, conv):
-            return result.fail(reason, normed)
-        geometry = ConvGeometry(conv, weights.shape[2:])
-        if geometry.auto_pad not in ("NOTSET", "VALID") or any(geometry.begin) or any(geometry.end):
-            return result.fail(f"Conv '{conv.name}' pads its input", conv)
-        return result
-
-    def rewrite(self, op, x, normed, w, out, **_):
-        bn, conv = normed.producer(), out.producer()
-        s, t = _bn_affine(bn)
-        weights = const_array(w)
-        g = conv.attributes.get_int("group", 1)
-        c_out, c_in_g = weights.shape[:2]
-        # Input channel index seen by output o, input slot i: group(o) * c_in_g + i.
-        index = (np.arange(c_out)[:, None] // (c_out // g)) * c_in_g + np.arange(c_in_g)[None, :]
-        spatial = (1,) * (weights.ndim - 2)
-        new_w = weights * s[index].reshape(c_out, c_in_g, *spatial)
-        b = _bias(conv, 2, c_out) + (weights * t[index].reshape(c_out, c_in_g, *spatial)).reshape(c_out, -1).sum(1)
-        return op.Conv(x, new_initializer(op, w, new_w.astype(weights.dtype), "prebn"),
-                       new_initializer(op, w, b.astype(weights.dtype), "prebn_bias"), **dict(conv.attributes))
-
-
-@register
-class FoldBatchNorm(RulePass):
-    """Fold inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it or the Conv after it."""
-
-    name = "fold-batchnorm"
-    kind = PassKind.EXACT
-    requires_shapes = True  # the MatMul form needs the input rank
-    rules = (FoldBatchNormIntoLinear, FoldBatchNormIntoNextConv)
 
 
 def _centre_pad(w: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
@@ -348,10 +185,55 @@ class AbsorbBranchIntoConv(Rule):
                        new_initializer(op, w, bias.astype(weights.dtype), "absorbed_bias"), **dict(conv.attributes))
 
 
+class MergeSequentialConvs(Rule):
+    """Merge a 1x1 convolution into the k x k convolution that reads it (DBB's 1x1 -> kxk branch).
+
+    Math (W1 [M, C], b1 [M]; W2 [O, M, k...], b2 [O]; both group 1):
+        Conv(Conv(x, W1, b1), W2, b2) = Conv(x, W, b),  W[o, c] = sum_m W2[o, m] W1[m, c],
+        b = b2 + sum_{m, taps} W2[o, m, taps] b1[m]
+    Preconditions:
+        1. Both are group-1 convolutions with constant weights and biases; the first is 1x1,
+           stride 1, unpadded, undilated.
+        2. The second pads nothing, or the first has no (or a zero) bias: padding with zeros after
+           a biased 1x1 is not the 1x1 of a zero-padded input.
+        3. The merge costs no more: C * O <= C * M + M * O per tap (bottlenecks are kept).
+        4. The first output has no other reader.
+    """
+
+    def pattern(self, op, x, w1, w2):
+        return op.Conv(op.Conv(x, w1, _allow_other_inputs=True, _outputs=["mid"]), w2, _allow_other_inputs=True, _outputs=["out"])
+
+    def check(self, context, w1, w2, mid, out, **_):
+        result = MatchResult()
+        first, second = mid.producer(), out.producer()
+        a, b = const_array(w1), const_array(w2)
+        if a is None or b is None or _bias(first, 2, 1) is None or _bias(second, 2, 1) is None:
+            return result.fail("a weight or bias is not constant", w1)
+        g1, g2 = ConvGeometry(first, a.shape[2:]), ConvGeometry(second, b.shape[2:])
+        if g1.group != 1 or g2.group != 1 or any(k != 1 for k in g1.kernel) or any(v != 1 for v in g1.strides + g1.dilations) \
+                or any(g1.begin + g1.end) or g1.auto_pad not in ("NOTSET", "VALID") or g2.auto_pad not in ("NOTSET", "VALID"):
+            return result.fail(f"'{first.name}' is not a plain 1x1 conv (group 1, stride 1, unpadded) or a group is not 1", first)
+        if any(g2.begin + g2.end) and np.any(_bias(first, 2, a.shape[0]) != 0):
+            return result.fail(f"'{second.name}' pads a biased 1x1 output: zeros there are not the bias", second)
+        c, m, o = a.shape[1], a.shape[0], b.shape[0]
+        if c * o > c * m + m * o:
+            return result.fail(f"merging the {c}->{m}->{o} bottleneck would raise the cost", w1)
+        return result
+
+    def rewrite(self, op, x, w1, w2, mid, out, **_):
+        first, second = mid.producer(), out.producer()
+        a, b = const_array(w1).astype(np.float64), const_array(w2)
+        w = np.einsum("om...,mc->oc...", b.astype(np.float64), a.reshape(a.shape[0], a.shape[1]))  # a is 1x1
+        inner_bias = _bias(first, 2, a.shape[0]).reshape(1, -1, *([1] * (b.ndim - 2)))
+        bias = _bias(second, 2, b.shape[0]) + (b.astype(np.float64) * inner_bias).reshape(b.shape[0], -1).sum(1)
+        return op.Conv(x, new_initializer(op, w2, w.astype(b.dtype), "seqmerged"),
+                       new_initializer(op, w2, bias.astype(b.dtype), "seqmerged_bias"), **dict(second.attributes))
+
+
 @register
 class MergeBranches(RulePass):
-    """Merge parallel Conv branches (and identity/BatchNorm/avg-pool branches) summed over one input into one Conv."""
+    """Merge parallel Conv branches (and identity/BatchNorm/avg-pool branches) summed over one input, and 1x1->kxk chains, into one Conv."""
 
     name = "merge-branches"
     kind = PassKind.EXACT
-    rules = (MergeParallelConvs, AbsorbBranchIntoConv)
+    rules = (MergeSequentialConvs, MergeParallelConvs, AbsorbBranchIntoConv)

@@ -165,7 +165,7 @@ g (float[1, {c}, 9, 9] x) => (float[1, {c}, 9, 9] y) <float[{c}, {c // g}, {k1[0
 def test_merge_parallel_convs(k1, p1, k2, p2, g):
     original = build(parallel(k1, p1, k2, p2, g=g), w1=[4, 4 // g, *k1], b1=[4], w2=[4, 4 // g, *k2])
     model, counts = apply("merge-branches", original)
-    assert counts == {"MergeParallelConvs": 1, "AbsorbBranchIntoConv": 0}
+    assert counts == {"MergeSequentialConvs": 0, "MergeParallelConvs": 1, "AbsorbBranchIntoConv": 0}
     assert ops_of(model) == {"Conv": 1}
     assert_equivalent(original, model)
 
@@ -205,7 +205,7 @@ g (float[1, 4, 8, 8] x) => (float[1, {cout}, ?, ?] y) <float[{cout}, 4, 3, 3] w,
 def test_absorb_branch(kind):
     original = build(branch(kind), w=[4, 4, 3, 3], **BN_SHAPES(4))
     model, counts = apply("merge-branches", original)
-    assert counts == {"MergeParallelConvs": 0, "AbsorbBranchIntoConv": 1}
+    assert counts == {"MergeSequentialConvs": 0, "MergeParallelConvs": 0, "AbsorbBranchIntoConv": 1}
     assert ops_of(model) == {"Conv": 1}
     assert_equivalent(original, model)
 
@@ -268,3 +268,40 @@ def test_merge_property(c, k, small, depthwise, seed):
     assert counts["MergeParallelConvs"] == 1
     assert_equivalent(original, model)
     assert sum(apply("merge-branches", model)[1].values()) == 0
+
+
+SEQ = HEADER + """
+g (float[1, 4, 8, 8] x) => (float[1, 4, ?, ?] y) <float[4, 4, 1, 1] w1, float[4] b1, float[4, 4, 3, 3] w2, float[4] b2> {
+    m = Conv(x, w1, b1)
+    y = Conv<pads = [0, 0, 0, 0]>(m, w2, b2)
+}"""
+
+
+def test_merge_sequential_convs():
+    original = build(SEQ, w1=[4, 4, 1, 1], b1=[4], w2=[4, 4, 3, 3], b2=[4])
+    model, counts = apply("merge-branches", original)
+    assert counts == {"MergeSequentialConvs": 1, "MergeParallelConvs": 0, "AbsorbBranchIntoConv": 0}
+    assert ops_of(model) == {"Conv": 1}
+    assert_equivalent(original, model)
+
+
+def test_merge_sequential_convs_negatives():
+    # 2. The kxk conv pads the output of a biased 1x1.
+    model = build(SEQ.replace("pads = [0, 0, 0, 0]", "pads = [1, 1, 1, 1]"), w1=[4, 4, 1, 1], b1=[4], w2=[4, 4, 3, 3], b2=[4])
+    assert apply("merge-branches", model)[1]["MergeSequentialConvs"] == 0
+    explained("merge-branches", model, "MergeSequentialConvs", "zeros there are not the bias")
+    # ...which is exact again without the bias.
+    text = SEQ.replace("pads = [0, 0, 0, 0]", "pads = [1, 1, 1, 1]").replace("m = Conv(x, w1, b1)", "m = Conv(x, w1)")
+    original = build(text, w1=[4, 4, 1, 1], b1=[4], w2=[4, 4, 3, 3], b2=[4])
+    model, counts = apply("merge-branches", original)
+    assert counts["MergeSequentialConvs"] == 1
+    assert_equivalent(original, model)
+    # 3. A bottleneck (4 -> 1 -> 4) stays factored.
+    text = SEQ.replace("float[4, 4, 1, 1] w1, float[4] b1, float[4, 4, 3, 3] w2", "float[1, 4, 1, 1] w1, float[1] b1, float[4, 1, 3, 3] w2")
+    model = build(text, w1=[1, 4, 1, 1], b1=[1], w2=[4, 1, 3, 3], b2=[4])
+    assert apply("merge-branches", model)[1]["MergeSequentialConvs"] == 0
+    explained("merge-branches", model, "MergeSequentialConvs", "bottleneck")
+    # 1. The first conv is strided.
+    model = build(SEQ.replace("m = Conv(x, w1, b1)", "m = Conv<strides = [2, 2]>(x, w1, b1)"), w1=[4, 4, 1, 1], b1=[4], w2=[4, 4, 3, 3], b2=[4])
+    assert apply("merge-branches", model)[1]["MergeSequentialConvs"] == 0
+    explained("merge-branches", model, "MergeSequentialConvs", "not a plain 1x1 conv")
