@@ -213,6 +213,57 @@ class AbsorbNormAffine(Rule):
         return getattr(op, node.op_type)(*inputs, **dict(node.attributes))
 
 
+class FoldCastIslandIntoNorm(Rule):
+    """Fold a float32 island (Cast up, unit-affine norm, Cast back) into a norm on the narrow type.
+
+    Math (ONNX LayerNormalization-17 / RMSNormalization-23 normalize in float32, stash_type 1,
+    then cast to the input type; graphopt's RMSNormalization body does the same):
+        Cast_T(Norm(Cast_f32(x_T); 1, 0)) = Norm(x_T; 1_T, 0_T)
+    Preconditions:
+        1. The inner Cast is to float32 and the outer Cast back to x's own type (float16 or bfloat16).
+        2. The norm has unit scale and zero bias (as FuseLayerNorm / FuseRMSNorm produce), and for
+           LayerNormalization computes in float32 (stash_type 1).
+        3. The float32 values are read only inside the island.
+    """
+
+    KINDS = ("LayerNormalization", "RMSNormalization", "graphopt.RMSNormalization")
+
+    def pattern(self, op, x, s, to):
+        xf = op.Cast(x, to=ir.DataType.FLOAT.value, _outputs=["xf"])
+        norm = pattern.OrValue(
+            [op.LayerNormalization(xf, s, _allow_other_inputs=True, _allow_other_attributes=True),
+             op.RMSNormalization(xf, s, _allow_other_attributes=True),
+             op.RMSNormalization(xf, s, pattern.Var("e"), _domain=functions.DOMAIN)],
+            name="norm", tag_var="kind", tag_values=self.KINDS,
+        )
+        return op.Cast(norm, to=to)
+
+    def check(self, context, x, s, to, norm, kind, **_):
+        result = MatchResult()
+        narrow = (ir.DataType.FLOAT16.value, ir.DataType.BFLOAT16.value)
+        if x.dtype is None or x.dtype.value != to.as_int() or to.as_int() not in narrow:
+            return result.fail(f"the island does not cast back to '{x.name}''s own float16/bfloat16 type", x)
+        node = norm.producer()
+        scale = const_array(s)
+        bias = const_array(node.inputs[2]) if kind == "LayerNormalization" and len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if scale is None or np.any(scale != 1) or (bias is not None and np.any(bias != 0)):
+            return result.fail(f"'{node.name}' has an affine inside the float32 island", node)
+        if kind == "LayerNormalization" and node.attributes.get_int("stash_type", 1) != 1:
+            return result.fail(f"'{node.name}' does not compute in float32", node)
+        return result
+
+    def rewrite(self, op, x, s, to, norm, kind, **_):
+        node = norm.producer()
+        d = const_array(s).shape[-1]
+        dtype = x.dtype.numpy()
+        scale = new_initializer(op, s, np.ones(d, dtype), "narrow")
+        if kind == "LayerNormalization":
+            return op.LayerNormalization(x, scale, new_initializer(op, s, np.zeros(d, dtype), "narrow_bias"), **dict(node.attributes))
+        if kind == "RMSNormalization":
+            return op.RMSNormalization(x, scale, **dict(node.attributes))
+        return op.RMSNormalization(x, scale, node.inputs[2], _domain=functions.DOMAIN)
+
+
 @register
 class FuseNorms(RulePass):
     """Fuse decomposed LayerNorm and RMSNorm (every exporter form) and absorb their affines."""
@@ -220,7 +271,7 @@ class FuseNorms(RulePass):
     name = "fuse-norms"
     kind = PassKind.EXACT
     requires_shapes = True  # axis and hidden size checks
-    rules = (FuseLayerNorm, FuseRMSNorm, AbsorbNormAffine)
+    rules = (FuseLayerNorm, FuseRMSNorm, FoldCastIslandIntoNorm, AbsorbNormAffine)
 
 
 def _linear_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Node | None]] | str:

@@ -165,3 +165,34 @@ def test_norm_property(form, eps, seed, rms):
     assert sum(counts.values()) == (2 if rms else 3)
     assert_equivalent(original, model)
     assert sum(apply("fuse-norms", model)[1].values()) == 0
+
+
+def fp16_island(kind: str) -> str:
+    core = layer_norm().split("{", 1)[1].rsplit("s = Mul", 1)[0] if kind == "ln" else rms_norm().split("{", 1)[1].rsplit("y = Mul", 1)[0]
+    core = core.replace("(x,", "(xf,").replace("(x)", "(xf)").replace("Sub(x,", "Sub(xf,").replace("Pow(x,", "Pow(xf,").replace("Div(x,", "Div(xf,").replace(", x)", ", xf)")
+    return header(21) + f"""
+g (float16[2, 5, {D}] x) => (float16[2, 5, {D}] y) <float16[{D}] gamma, float16[{D}] beta> {{
+    xf = Cast<to = 1>(x)
+    {core.strip()}
+    back = Cast<to = 10>(n)
+    s = Mul(back, gamma)
+    y = Add(s, beta)
+}}"""
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_fp16_cast_island_becomes_one_fp16_norm(kind):
+    import onnx
+
+    proto = onnx.parser.parse_model(fp16_island(kind))
+    rng = np.random.default_rng(0)
+    for name in ("gamma", "beta"):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(D).astype(np.float16), name))
+    import graphopt
+
+    original = graphopt.load(proto)
+    model, counts = apply("fuse-norms", original)
+    assert counts["FoldCastIslandIntoNorm"] == 1 and "Cast" not in ops_of(model)
+    expected = {"LayerNormalization": 1, "Add": 0} if kind == "ln" else {"RMSNormalization": 1, "Add": 1}
+    assert {k: ops_of(model)[k] for k in expected} == expected
+    assert_equivalent(original, model)  # fp16 tolerance: the narrow norm rounds once less
