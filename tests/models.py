@@ -104,3 +104,13 @@ def export(module, args, names, dynamic, path, exporter: str):
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
                           output_names=["last_hidden_state"], dynamic_axes=dynamic)
     return path
+
+
+def gpt2_with_trained_like_norms():
+    """GPT-2 (tiny) whose LayerNorm parameters are perturbed away from 1 and 0, as trained ones are."""
+    module, args, names, dynamic = transformer("gpt2", "eager")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return module, args, names, dynamic

@@ -153,16 +153,10 @@ def test_fold_norm_affine_negatives():
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 def test_fold_norm_affine_on_gpt2_with_trained_like_norms(exporter, tmp):
     """GPT-2 is Pre-LN: ln_1 and ln_2 feed only linear layers (through Reshapes); ln_f is the output."""
-    import torch
-
     import graphopt
     import models
 
-    module, args, names, dynamic = models.transformer("gpt2", "eager")
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    module, args, names, dynamic = models.gpt2_with_trained_like_norms()
     path = models.export(module, args, names, dynamic, tmp / "gpt2.onnx", exporter)
     result = graphopt.optimize(path, dims={"batch": 2, "seq": 16})
     assert result.report.validation.passed

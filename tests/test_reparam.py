@@ -6,53 +6,19 @@ and that --explain names the reason."""
 
 from __future__ import annotations
 
-import collections
-
-import numpy as np
-import onnx
-import onnx.parser
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import convnets
 import graphopt
-from graphopt import exporters, registry
+from rule_testing import apply, assert_equivalent, assert_explained, build, ops_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 HEADER = '<ir_version: 10, opset_import: ["" : 21]>\n'
 
 
-def build(text: str, seed: int = 0, **shapes) -> graphopt.Model:
-    """Parse `text` and fill every initializer named in `shapes` with seeded values
-    (BatchNorm variances positive)."""
-    proto = onnx.parser.parse_model(text)
-    rng = np.random.default_rng(seed)
-    for name, shape in shapes.items():
-        values = rng.standard_normal(shape).astype(np.float32)
-        if name.startswith("var"):
-            values = np.abs(values) + 0.5
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(values, name))
-    return graphopt.load(proto)
-
-
-def apply(name: str, model: graphopt.Model):
-    work = model.clone()
-    return work, registry.get(name)(work.ir)
-
-
-def ops_of(model):
-    return collections.Counter(n.op_type for n in model.graph)
-
-
-def assert_equivalent(original, model):
-    result = graphopt.validate(original, model)
-    assert result.passed, result.to_dict()
-    onnx.checker.check_model(exporters.to_proto(model), full_check=True)
-
-
 def explained(name, model, rule, reason):
-    lines = registry.get(name).near_misses(model.ir)
-    assert any(line.startswith(rule) and reason in line for line in lines), lines
+    assert_explained(name, model, rule, reason)
 
 
 BN = "gamma, beta, mean, var"
@@ -92,7 +58,7 @@ def test_fold_batchnorm_into_linear(text, shapes, op):
     assert counts == {"FoldBatchNormIntoLinear": 1, "FoldBatchNormIntoNextConv": 0}
     assert "BatchNormalization" not in ops_of(model) and ops_of(model)[op] == 1
     assert_equivalent(original, model)
-    assert sum(registry.get("fold-batchnorm")(model.ir).values()) == 0
+    assert sum(apply("fold-batchnorm", model)[1].values()) == 0
 
 
 def test_fold_batchnorm_negatives():
