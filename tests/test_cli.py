@@ -141,3 +141,20 @@ def test_inputs_with_wrong_shapes(mlp, tmp):
 def test_debug_shows_traceback(tmp):
     proc = graphopt("inspect", tmp / "nope.onnx", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_optimize_exact_preset_on_a_transformers_export(tmp):
+    """The acceptance command: `graphopt optimize MODEL -o OUT --preset exact --report R.json`."""
+    import models
+
+    module, args, names, dynamic = models.gpt2_with_trained_like_norms()
+    src = models.export(module, args, names, dynamic, tmp / "gpt2.onnx", "legacy")
+    before = digest(src)
+    graphopt("optimize", src, "-o", tmp / "gpt2.opt.onnx", "--preset", "exact", "--report", tmp / "r.json",
+             "--dims", "batch=2,seq=16", check_rc=0)
+    report = json.loads((tmp / "r.json").read_text())
+    fired = {rule: n for p in report["passes"] if p["status"] == "applied" for rule, n in p["rewrites"].items() if n}
+    assert fired["PreLNToPreRMSNorm"] == 5 and fired["FuseGeluTanh"] == 2 and fired["FoldNormAffineIntoLinear"] == 4
+    assert report["validation"]["passed"] and digest(src) == before
+    assert json.loads(graphopt("validate", src, tmp / "gpt2.opt.onnx", "--dims", "batch=2,seq=16", "--json", check_rc=0).stdout)["passed"]
