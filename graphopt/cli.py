@@ -24,6 +24,7 @@ from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
 out = Console(highlight=False, soft_wrap=True)
+EXPLAIN_LINES = 20  # near misses printed per pass; the JSON report keeps every one
 err = Console(stderr=True, highlight=False)
 
 
@@ -156,8 +157,11 @@ def cmd_optimize(args) -> int:
     out.print(report.tables())
     if args.explain:
         for p in report.passes:
-            for line in p.near_misses:
+            shown = p.near_misses[:EXPLAIN_LINES]
+            for line in shown:
                 out.print(f"explain {p.name}: {line}", markup=False)
+            if len(p.near_misses) > len(shown):
+                out.print(f"explain {p.name}: ... {len(p.near_misses) - len(shown)} more (all of them in --report)", markup=False)
     if not result.passed:
         _fail("error: the optimized model failed validation; nothing was written")
         return 3

@@ -117,19 +117,29 @@ class RulePass(Pass):
         return counts
 
     def explain(self, model: ir.Model) -> list[str]:
-        lines = []
+        """Per rule and root node, the best attempt that got somewhere: every failed
+        precondition, and pattern misses that matched more than their first node (one
+        line, however many commuted variants of the rule tried it)."""
+        best: dict[tuple[str, int], tuple[int, str]] = {}
         for rule in self.rules:
             tracer = MatchingTracer()
             self._rule_set(rule).apply_to_model(model, tracer=tracer)
             for infos in tracer.best_matches_map.values():
                 for info in infos:
-                    if info.status == MatchStatus.SUCCESS:
+                    matched = len(info.match_result.nodes)
+                    if info.status == MatchStatus.SUCCESS or (info.status == MatchStatus.NO_MATCH and matched < 2):
                         continue
-                    node = info.root_node
-                    where = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
-                    reason = info.match_result.reason or "pattern did not match"
-                    culprits = [getattr(x, "name", None) for x in info.match_result.failure_nodes_and_values]
-                    at = f" at {', '.join(repr(c) for c in culprits if c)}" if any(culprits) else ""
-                    lines.append(f"{rule.__name__}: {where}: {info.status.name.lower().replace('_', ' ')}: {reason}{at}")
-        return lines
+                    key, score = (rule.__name__, id(info.root_node)), info.score()
+                    if key not in best or score > best[key][0]:
+                        best[key] = (score, _near_miss_line(rule.__name__, info))
+        return [line for _, line in sorted(best.values(), key=lambda x: -x[0])]
 
+
+
+def _near_miss_line(rule: str, info) -> str:
+    node = info.root_node
+    where = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+    reason = info.match_result.reason or "pattern did not match"
+    culprits = list(dict.fromkeys(getattr(x, "name", None) for x in info.match_result.failure_nodes_and_values))
+    at = f" at {', '.join(repr(c) for c in culprits if c)}" if any(culprits) else ""
+    return f"{rule}: {where}: {info.status.name.lower().replace('_', ' ')}: {reason}{at}"

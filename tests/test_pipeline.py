@@ -123,3 +123,10 @@ def test_no_validate_records_no_checks():
     result = graphopt.optimize(model(), validate=False)
     assert result.report.validation is None and all(p.check is None for p in result.report.passes)
     assert any("validation was off" in n for n in result.report.notes)
+
+
+def test_explain_reports_each_near_miss_once():
+    """One line per rule and node, however many commuted variants of the rule tried it."""
+    text = '<ir_version: 10, opset_import: ["" : 21]>\ng (float[2, 3] x) => (float[3, 2] y) { r = Relu(x)\n y = Transpose<perm = [1, 0]>(r) }'
+    lines = registry.get("eliminate-identity").near_misses(graphopt.load(onnx.parser.parse_model(text)).ir)
+    assert lines == ["RemoveIdentityTranspose: a Transpose node: condition failed: perm is not the identity permutation at 'r'"]
