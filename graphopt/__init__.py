@@ -18,10 +18,15 @@ from graphopt.exporters import save
 from graphopt.importers import load
 from graphopt.model import Model
 from graphopt.optimizer import OptimizeResult, optimize
-from graphopt.summary import summarize as inspect
+from graphopt.summary import summarize
 from graphopt.verify import Validation, validate
 
 __version__ = "0.1.0"
+
+
+def inspect(model) -> dict:
+    """Inputs, outputs, op histogram, parameters, opsets, size, and the attention layers found."""
+    return summarize(load(model), attention=True)
 
 __all__ = [
     "BackendError",

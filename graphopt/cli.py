@@ -132,6 +132,11 @@ def cmd_inspect(args) -> int:
     out.print(f"nodes {info['num_nodes']}, parameters {info['num_params']:,} ({info['param_bytes']:,} bytes), "
               f"ir_version {info['ir_version']}, opsets {info['opsets']}")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["op_counts"].items()))
+    layers = info.get("attention", [])
+    out.print(f"attention layers: {len(layers)}")
+    for i, a in enumerate(layers):
+        out.print(f"  {i}: heads {a['heads']}, kv heads {a['kv_heads']}, head size {a['head_size']}, mask {a['mask']}"
+                  f"{', rope' if a['rope'] else ''}{', scale not folded' if a['scaled'] else ''} (softmax '{a['softmax']}')", markup=False)
     return 0
 
 

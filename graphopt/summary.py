@@ -16,7 +16,8 @@ def count_nodes(model: ir.Model) -> int:
     return in_graph + sum(len(f) for f in model.functions.values())
 
 
-def summarize(model: Model) -> dict[str, Any]:
+def summarize(model: Model, *, attention: bool = False) -> dict[str, Any]:
+    """Model statistics; with `attention`, also the attention layers found (runs shape inference on a copy)."""
     m = model.ir
     op_counts = Counter(str(ops.OpId(n.domain, n.op_type)) for n in ir.traversal.RecursiveGraphIterator(m.graph))
     params = [v for g in m.graphs() for v in g.initializers.values() if v.const_value is not None]
@@ -32,7 +33,17 @@ def summarize(model: Model) -> dict[str, Any]:
         "ir_version": m.ir_version,
         "producer": f"{m.producer_name or ''} {m.producer_version or ''}".strip(),
         "source": str(model.source) if model.source else None,
+        **({"attention": attention_layers(model)} if attention else {}),
     }
+
+
+def attention_layers(model: Model) -> list[dict[str, Any]]:
+    from graphopt.attention import find_attention
+    from graphopt.shapes import infer_shapes
+
+    work = model.ir.clone()
+    infer_shapes(work)
+    return [site.to_dict() for site in find_attention(work.graph)]
 
 
 def _value_info(v: ir.Value) -> dict[str, Any]:

@@ -155,6 +155,9 @@ def test_optimize_exact_preset_on_a_transformers_export(tmp):
              "--dims", "batch=2,seq=16", check_rc=0)
     report = json.loads((tmp / "r.json").read_text())
     fired = {rule: n for p in report["passes"] if p["status"] == "applied" for rule, n in p["rewrites"].items() if n}
+    layers = json.loads(graphopt("inspect", src, "--json", check_rc=0).stdout)["attention"]
+    assert [(a["heads"], a["kv_heads"], a["head_size"], a["mask"]) for a in layers] == [(4, 4, 8, "additive")] * 2
+    assert "attention layers: 2" in graphopt("inspect", tmp / "gpt2.opt.onnx", check_rc=0).stdout
     assert fired["PreLNToPreRMSNorm"] == 5 and fired["FuseGeluTanh"] == 2 and fired["FoldNormAffineIntoLinear"] == 4
     assert report["validation"]["passed"] and digest(src) == before
     assert json.loads(graphopt("validate", src, tmp / "gpt2.opt.onnx", "--dims", "batch=2,seq=16", "--json", check_rc=0).stdout)["passed"]

@@ -31,6 +31,13 @@ def test_exact_preset_on_export(key, tmp):
     assert result.report.validation.passed, result.report.validation.to_dict()
     assert not [p.name for p in result.report.passes if p.status in ("rolled-back", "failed")]
     assert {k: v for k, v in result.report.rewrites().items() if k not in CLEANUP} == GOLDEN[key]
+    # Attention detection (issue 4, first part), before and after the preset: one site per layer.
+    kv = 2 if arch in ("llama", "qwen2") else 4
+    for model, scaled in ((graphopt.load(path), attn == "eager"), (result.model, False)):
+        layers = graphopt.summary.attention_layers(model)
+        assert [(a["heads"], a["kv_heads"], a["head_size"], a["rope"], a["scaled"]) for a in layers] == \
+            [(4, kv, 8, arch in ("llama", "qwen2"), scaled)] * 2
+        assert all(a["mask"] == ("none" if arch == "vit" and exporter == "legacy" else "additive") for a in layers)
 
 
 def test_exact_preset_on_minilm_real_weights():
@@ -41,3 +48,4 @@ def test_exact_preset_on_minilm_real_weights():
     result = graphopt.optimize(model, inputs=feeds)
     assert result.report.validation.passed, result.report.validation.to_dict()
     assert {k: v for k, v in result.report.rewrites().items() if k not in CLEANUP} == GOLDEN["minilm-real"]
+    assert [(a["heads"], a["kv_heads"], a["head_size"]) for a in graphopt.summary.attention_layers(model)] == [(12, 12, 32)] * 6
