@@ -15,7 +15,7 @@ import onnx
 import onnx.helper
 import onnxruntime as ort
 
-from graphopt.errors import BackendError
+from graphopt.errors import BackendError, first_line
 
 CPU = "CPUExecutionProvider"
 
@@ -74,7 +74,7 @@ class OrtExecutable:
         try:
             results = self.session.run(None, dict(feeds))
         except Exception as exc:
-            raise BackendError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+            raise BackendError(f"onnxruntime failed to run the model: {first_line(exc, 400)}") from None
         return dict(zip(self.output_names, results))
 
 
@@ -96,9 +96,5 @@ def session(
     try:
         return OrtExecutable(ort.InferenceSession(model, options, providers=list(providers)))
     except Exception as exc:
-        raise BackendError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        raise BackendError(f"onnxruntime cannot load the model: {first_line(exc, 400)}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:400] if text else type(exc).__name__

@@ -67,17 +67,15 @@ def find_attention(graph: ir.Graph) -> list[AttentionSite]:
 def _split_heads(reshape: ir.Node) -> int | None:
     """H of a Reshape to [.., H, D]: the constant entries of its shape (legacy exports build it
     with Concat of computed batch/sequence sizes and constants), with H = -1 meaning hidden / D."""
-    from graphopt.passes._weights import const_array
-
     target = reshape.inputs[1]
-    array = const_array(target)
+    array = _const_array(target)
     if array is not None and array.size >= 2:
         h, d = (int(x) for x in array.reshape(-1)[-2:])
     else:
         concat = target.producer()
         if concat is None or concat.op_type != "Concat" or len(concat.inputs) < 2:
             return None
-        parts = [const_array(v) for v in concat.inputs[-2:]]
+        parts = [_const_array(v) for v in concat.inputs[-2:]]
         if any(p is None or p.size != 1 for p in parts):
             return None
         h, d = (int(p.reshape(-1)[0]) for p in parts)
@@ -186,6 +184,12 @@ def _reaches(value: ir.Value, ops: set[str], depth: int = 10) -> bool:
     if node.op_type in ops:
         return True
     return node.op_type in _LAYOUT and any(v is not None and _reaches(v, ops, depth - 1) for v in node.inputs)
+
+
+def _const_array(value: ir.Value | None):
+    """Constant contents of an initializer or Constant node (core must not import passes)."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else tensor.numpy()
 
 
 def _rank(value: ir.Value | None) -> int:

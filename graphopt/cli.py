@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import graphopt
-from graphopt import presets, registry, verify
+from graphopt import exporters, presets, registry
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
@@ -144,18 +144,14 @@ def cmd_optimize(args) -> int:
     output = Path(args.output)
     with _spinner(f"loading {args.model}"):
         model = graphopt.load(args.model)
-    if model.source and output.resolve() == model.source and not args.force:
-        raise InputError(f"refusing to overwrite the input {output}", hint="choose another -o path, or pass --force")
-    inputs = args.inputs
-    if inputs is not None:
-        verify.resolve_inputs(model, inputs)  # bad --inputs fail before any work
+    exporters.check_target(model, output, args.force)  # before any work, not after it
     with _bar() as bar:
         task = bar.add_task("optimizing", total=None)
 
         def progress(i: int, total: int, name: str) -> None:
             bar.update(task, total=total, completed=i, description=f"pass {name}")
 
-        result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=inputs,
+        result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=args.inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress)
     report = result.report

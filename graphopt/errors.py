@@ -20,6 +20,12 @@ class GraphoptError(Exception):
         super().__init__(". ".join(p.rstrip(".") for p in parts) + ".")
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (library errors can span pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class InputError(GraphoptError):
     """Bad input: a missing, corrupt or inconsistent file, or wrong arguments."""
 

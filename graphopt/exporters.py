@@ -37,7 +37,7 @@ def save(model: Model | ir.Model, path: str | os.PathLike, *, external_data: boo
     """
     model = model if isinstance(model, Model) else Model(model)
     path = Path(path)
-    _refuse_overwriting_source(model, path, force)
+    check_target(model, path, force)
     if external_data is None:
         external_data = model.parameter_bytes() > PROTOBUF_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,9 @@ def _staging_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _refuse_overwriting_source(model: Model, path: Path, force: bool) -> None:
+def check_target(model: Model, path: Path, force: bool) -> None:
+    """Refuse a target that is the model's source file or its external data, unless forced
+    (with force, first read in weights still mapped from the file about to be replaced)."""
     target = path.resolve()
     protected = {model.source} | model.external_files() if model.source else model.external_files()
     data_target = target.with_name(f"{target.name}.data")

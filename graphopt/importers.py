@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from graphopt import ops
-from graphopt.errors import InputError, UnsupportedModelError
+from graphopt.errors import InputError, UnsupportedModelError, first_line
 from graphopt.ir import ir
 from graphopt.model import Model
 
@@ -69,7 +69,7 @@ def _load_path(path: Path) -> Model:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish or ValueError
         raise InputError(
-            f"{path} is not a readable ONNX model ({_first_line(exc) or type(exc).__name__})",
+            f"{path} is not a readable ONNX model ({first_line(exc)})",
             hint="check that the file is complete and really an ONNX protobuf",
         ) from None
     if not proto.HasField("graph") or not proto.opset_import:
@@ -78,7 +78,7 @@ def _load_path(path: Path) -> Model:
     try:
         onnx.checker.check_model(os.fspath(path), full_check=False)  # by path: resolves external data beside it
     except onnx.checker.ValidationError as exc:
-        raise InputError(f"{path} is not a valid ONNX model: {_first_line(exc)}", hint="check that the file is complete") from None
+        raise InputError(f"{path} is not a valid ONNX model: {first_line(exc)}", hint="check that the file is complete") from None
     model = _deserialize(proto, where=str(path))
     ir.external_data.set_base_dir(model.graph, path.parent)
     return Model(model, source=path.resolve())
@@ -88,7 +88,7 @@ def _deserialize(proto: onnx.ModelProto, *, where: str) -> ir.Model:
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise InputError(f"cannot read the model graph: {_first_line(exc)}", where=where) from None
+        raise InputError(f"cannot read the model graph: {first_line(exc)}", where=where) from None
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> None:
@@ -175,7 +175,7 @@ def _load_torch(module: Any, example_inputs: Any, dynamic_shapes: Any) -> Model:
             )
         except Exception as exc:
             raise InputError(
-                f"torch export of {type(module).__name__} failed: {_first_line(exc)}",
+                f"torch export of {type(module).__name__} failed: {first_line(exc)}",
                 hint="check example_inputs and dynamic_shapes (use batch >= 2 when batch is dynamic); rerun with --debug for details",
             ) from exc
     return Model(program.model)
@@ -194,7 +194,3 @@ def _quiet_torch_export():
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""

@@ -4,6 +4,7 @@ holds, or a reason (a sentence naming the value) when it does not."""
 from __future__ import annotations
 
 from graphopt.ir import ir
+from graphopt.passes._weights import const_array
 
 
 def forwarding_blocker(source: ir.Value, replaced: ir.Value) -> str | None:
@@ -69,8 +70,6 @@ class ConvGeometry:
 
 def scalar(value: ir.Value | None) -> float | None:
     """The value as a Python float if it is a constant with exactly one element."""
-    from graphopt.passes._weights import const_array
-
     array = const_array(value)
     return None if array is None or array.size != 1 else float(array.reshape(()))
 
@@ -87,8 +86,6 @@ def constant_blocker(value: ir.Value | None, expected: float, role: str, rtol: f
 
 def last_axis_blocker(reduce: ir.Node, data: ir.Value) -> str | None:
     """A ReduceMean over the last axis only, keeping dims (axes as attribute or input)."""
-    from graphopt.passes._weights import const_array
-
     if reduce.attributes.get_int("keepdims", 1) != 1:
         return f"ReduceMean '{reduce.name}' drops the reduced axis"
     if "axes" in reduce.attributes:

@@ -359,8 +359,6 @@ class FoldNormAffineIntoLinear(Pass):
     def _bias(node: ir.Node):
         if node.op_type == "RMSNormalization" or len(node.inputs) < 3 or node.inputs[2] is None:
             return None
-        if node.domain == functions.DOMAIN and node.op_type == "RMSNormalization":
-            return None
         bias = const_array(node.inputs[2])
         return "not constant" if bias is None else bias
 

@@ -201,9 +201,7 @@ def _to_rms(graph: ir.Graph, norm: ir.Node) -> None:
         rms = ir.node("RMSNormalization", [x, scale, epsilon], domain=functions.DOMAIN)
     nodes = [rms]
     b = const_array(bias) if bias is not None else None
-    if b is not None and np.any(b != 0):
-        nodes.append(ir.node("Add", [rms.outputs[0], bias]))
-    elif bias is not None and b is None:
+    if bias is not None and (b is None or np.any(b != 0)):  # a zero bias needs no Add
         nodes.append(ir.node("Add", [rms.outputs[0], bias]))
     for n in nodes:
         n.metadata_props[RULE_TAG] = PreLNToPreRMSNorm.RULE
