@@ -13,7 +13,9 @@ attention shares one skeleton:
 `find_attention` walks out from each Softmax along that skeleton and records what it
 finds per layer: heads, key/value heads (grouped-query models repeat K/V with
 Expand), head size, mask kind, and whether Q is rotated (RoPE's Neg + Concat).
-This is the detection half of issue 4; canonicalization builds on it.
+It also lists the canonical attention ops `fuse-attention` made (graphopt::Attention,
+graphopt::MaskedAttention), from their attributes: one detection for every consumer
+(the rewrite, `graphopt inspect`, the lowerings, the mixers).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from graphopt import functions
 from graphopt.ir import ir
 
 _SCORE_SIDE = frozenset({"Add", "Mul", "Div", "Where", "Cast", "Sub"})  # between scores and Softmax
@@ -31,25 +34,42 @@ _LAYOUT = frozenset({"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "
 
 @dataclasses.dataclass
 class AttentionSite:
-    softmax: ir.Node
-    scores: ir.Node  # MatMul(Q, K^T)
-    output: ir.Node  # MatMul(P, V)
+    """One attention layer: decomposed (softmax, scores and output set) or canonical (`canonical` set)."""
+
+    softmax: ir.Node | None
+    scores: ir.Node | None  # MatMul(Q, K^T)
+    output: ir.Node  # MatMul(P, V), or the canonical op
     heads: int | None
     kv_heads: int | None
     head_size: int | None
     mask: str  # "none", "additive", "boolean"
     scaled: bool  # a constant scale still sits between scores and Softmax
     rope: bool
+    causal: bool | None = None  # None: not classified (fuse-attention classifies)
+    canonical: ir.Node | None = None
+
+    @property
+    def name(self) -> str:
+        node = self.canonical or self.softmax
+        return node.name or node.op_type
 
     def to_dict(self) -> dict[str, Any]:
-        return {"softmax": self.softmax.name, "heads": self.heads, "kv_heads": self.kv_heads, "head_size": self.head_size,
-                "mask": self.mask, "scaled": self.scaled, "rope": self.rope}
+        return {"node": self.name, "canonical": self.canonical is not None, "heads": self.heads,
+                "kv_heads": self.kv_heads, "head_size": self.head_size, "mask": self.mask, "scaled": self.scaled,
+                "rope": self.rope, "causal": self.causal}
+
+
+def is_canonical(node: ir.Node) -> bool:
+    return node.domain == functions.DOMAIN and node.op_type in functions.ATTENTION_OPS
 
 
 def find_attention(graph: ir.Graph) -> list[AttentionSite]:
     """Attention sites in graph order (shapes help: run shape inference first)."""
     sites = []
     for node in graph:
+        if is_canonical(node):
+            sites.append(_canonical_site(node))
+            continue
         if node.domain != "" or node.op_type != "Softmax" or node.attributes.get_int("axis", -1) not in (-1, _rank(node.inputs[0]) - 1):
             continue
         found = _walk_back(node.inputs[0])
@@ -62,6 +82,17 @@ def find_attention(graph: ir.Graph) -> list[AttentionSite]:
         sites.append(AttentionSite(node, scores, output, heads, _kv_heads(k, heads), _last_dim(q),
                                    mask, scaled, _reaches(q, {"Neg"}) and _reaches(q, {"Concat"})))
     return sites
+
+
+def _canonical_site(node: ir.Node) -> AttentionSite:
+    a = node.attributes
+
+    def known(key: str) -> int | None:
+        return a.get_int(key, 0) or None
+
+    return AttentionSite(None, None, node, known("q_num_heads"), known("kv_num_heads"), known("head_size"),
+                         a.get_string("mask", "none"), a.get_float("scale", 1.0) != 1.0, bool(a.get_int("rope", 0)),
+                         bool(a.get_int("causal", 0)), node)
 
 
 def _split_heads(reshape: ir.Node) -> int | None:

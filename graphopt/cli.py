@@ -136,7 +136,8 @@ def cmd_inspect(args) -> int:
     out.print(f"attention layers: {len(layers)}")
     for i, a in enumerate(layers):
         out.print(f"  {i}: heads {a['heads']}, kv heads {a['kv_heads']}, head size {a['head_size']}, mask {a['mask']}"
-                  f"{', rope' if a['rope'] else ''}{', scale not folded' if a['scaled'] else ''} (softmax '{a['softmax']}')", markup=False)
+                  f"{', causal' if a['causal'] else ''}{', rope' if a['rope'] else ''}{', scale not folded' if a['scaled'] else ''}"
+                  f" ({'canonical op' if a['canonical'] else 'softmax'} '{a['node']}')", markup=False)
     return 0
 
 

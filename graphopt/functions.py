@@ -134,6 +134,39 @@ SiLU (x) => (y) {
 }"""
 
 
+# Canonical attention (issue 4): one op for every exported form of scaled-dot-product
+# attention. Inputs are Q [.., S, D], KT = K^T [.., D, T] (K transposed, as every exporter
+# feeds the scores MatMul: rank-generic, and a lowering composes the transpose it needs),
+# V [.., T, Dv] and, for MaskedAttention, an additive bias broadcastable to [.., S, T]
+# (boolean masks become Where(mask, 0, fill) outside the op). Grouped-query K/V arrive
+# already repeated to the query heads; `kv_num_heads` records the count before the repeat.
+# Attributes other than `scale` describe the layer for lowerings and mixers:
+# q_num_heads, kv_num_heads, head_size (0 = unknown), causal (1 = the bias hides future
+# keys), rope (1 = Q and K are rotated before the op), mask ("none", "additive", "boolean").
+ATTENTION = "Attention"
+MASKED_ATTENTION = "MaskedAttention"
+ATTENTION_OPS = (ATTENTION, MASKED_ATTENTION)
+ATTENTION_ATTRIBUTES = ("scale", "q_num_heads", "kv_num_heads", "head_size", "causal", "rope", "mask")
+
+
+def _attention(masked: bool) -> Callable[[int, bool], str]:
+    def body(opset: int, plain: bool) -> str:
+        name, bias = (MASKED_ATTENTION, ", bias") if masked else (ATTENTION, "")
+        scores = "biased = Add(scores, bias)" if masked else "biased = Identity(scores)"
+        return f"""
+{name} <{", ".join(ATTENTION_ATTRIBUTES)}> (Q, KT, V{bias}) => (Y) {{
+    s = Constant<value_float: float = @scale>()
+    {_like("s", "Q", "sc", opset, plain)}
+    qk = MatMul(Q, KT)
+    scores = Mul(qk, sc)
+    {scores}
+    p = Softmax<axis = -1>(biased)
+    Y = MatMul(p, V)
+}}"""
+
+    return body
+
+
 @dataclasses.dataclass(frozen=True)
 class FunctionDef:
     name: str
@@ -148,6 +181,8 @@ LIBRARY: dict[str, FunctionDef] = {
         FunctionDef("Gelu", _gelu),
         FunctionDef("GeluTanh", _gelu_tanh),
         FunctionDef("SiLU", _silu),
+        FunctionDef(ATTENTION, _attention(masked=False)),
+        FunctionDef(MASKED_ATTENTION, _attention(masked=True)),
     )
 }
 

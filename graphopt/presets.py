@@ -34,6 +34,9 @@ _EXACT = (
     "merge-parallel-linears",
     # After the folds above, which can leave a constant scale or shift right after a MatMul.
     "merge-linear-chains",
+    # After every rewrite inside attention (the scale fold and the Q/K/V merge look for the
+    # decomposed scores MatMul): the layers become canonical attention ops.
+    "fuse-attention",
     # BatchNorm folding before branch merging: a RepVGG block is Add(Conv+BN, Conv+BN, BN)
     # and merge-branches needs the Conv+BN pairs to be plain Convs first.
     "fold-batchnorm",

@@ -1,4 +1,4 @@
-"""The exact preset on what exporters really emit: 7 transformers architectures x
+"""The exact preset on what exporters really emit: 8 transformers architectures x
 {dynamo, legacy} exporters x {eager, sdpa} attention (random weights, tiny sizes),
 plus MiniLM-L6 with real weights. Golden {rule: count} per model, and validation.
 
@@ -31,13 +31,16 @@ def test_exact_preset_on_export(key, tmp):
     assert result.report.validation.passed, result.report.validation.to_dict()
     assert not [p.name for p in result.report.passes if p.status in ("rolled-back", "failed")]
     assert {k: v for k, v in result.report.rewrites().items() if k not in CLEANUP} == GOLDEN[key]
-    # Attention detection (issue 4, first part), before and after the preset: one site per layer.
-    kv = 2 if arch in ("llama", "qwen2") else 4
-    for model, scaled in ((graphopt.load(path), attn == "eager"), (result.model, False)):
-        layers = graphopt.summary.attention_layers(model)
-        assert [(a["heads"], a["kv_heads"], a["head_size"], a["rope"], a["scaled"]) for a in layers] == \
-            [(4, kv, 8, arch in ("llama", "qwen2"), scaled)] * 2
-        assert all(a["mask"] == ("none" if arch == "vit" and exporter == "legacy" else "additive") for a in layers)
+    # Attention (issue 4): detected on the raw export, one canonical op per layer after the preset.
+    kv = 2 if arch in ("llama", "qwen2", "mistral") else 4
+    decoder = arch in ("gpt2", "llama", "qwen2", "mistral")
+    raw = graphopt.summary.attention_layers(graphopt.load(path))
+    assert [(a["canonical"], a["heads"], a["kv_heads"], a["head_size"], a["rope"], a["scaled"]) for a in raw] == \
+        [(False, 4, kv, 8, kv == 2, attn == "eager")] * 2
+    canonical = graphopt.summary.attention_layers(result.model)
+    assert [(a["canonical"], a["heads"], a["kv_heads"], a["head_size"], a["rope"], a["scaled"], a["causal"]) for a in canonical] == \
+        [(True, 4, kv, 8, kv == 2, False, decoder)] * 2
+    assert all(a["mask"] == ("none" if arch == "vit" and exporter == "legacy" else "additive") for a in canonical)
 
 
 def test_exact_preset_on_minilm_real_weights():
@@ -49,3 +52,4 @@ def test_exact_preset_on_minilm_real_weights():
     assert result.report.validation.passed, result.report.validation.to_dict()
     assert {k: v for k, v in result.report.rewrites().items() if k not in CLEANUP} == GOLDEN["minilm-real"]
     assert [(a["heads"], a["kv_heads"], a["head_size"]) for a in graphopt.summary.attention_layers(model)] == [(12, 12, 32)] * 6
+    assert [(a["canonical"], a["heads"], a["causal"]) for a in graphopt.summary.attention_layers(result.model)] == [(True, 12, False)] * 6

@@ -1,0 +1,57 @@
+"""Classify attention masks by evaluating them.
+
+Exporters build causal masks in many ways (Trilu, comparisons of Range outputs,
+vmapped index functions, a KV-cache offset); rather than match each, graphopt runs
+the part of the graph that computes a mask on generated inputs (every token valid,
+so a padding mask hides nothing) and reads the pattern off the result: causal when
+exactly the keys after each query (offset by any past length) are hidden.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.ir import common_passes, ir
+from graphopt.model import Model
+
+HIDDEN = -1e30  # additive mask entries at or below this hide a key (exporters use -inf or the dtype's lowest)
+
+
+def classify_causal(model: ir.Model, biases: list[ir.Value], *, seq: int = 6) -> dict[str, bool]:
+    """{bias value name: causal?} for additive attention biases of shape [.., S, T].
+    A bias the probe cannot evaluate is reported as not causal (the canonical op keeps
+    the bias either way; `causal` only tells lowerings and mixers what it holds)."""
+    from graphopt import exporters, feeds
+    from graphopt.backends import ort
+
+    work = model.clone()
+    by_name = {v.name: v for node in work.graph for v in node.outputs}
+    wanted = [by_name[b.name] for b in biases if b.name in by_name]
+    if not wanted:
+        return {}
+    for v in wanted:
+        if v.type is None:
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+    work.graph.outputs.clear()
+    work.graph.outputs.extend(wanted)
+    common_passes.RemoveUnusedNodesPass()(work)
+    try:
+        inputs = feeds.make_inputs(Model(work), dims={"batch": 1, "seq": seq})
+        results = ort.session(exporters.to_proto(work).SerializeToString()).run(inputs)
+    except GraphoptError:
+        return {}
+    return {name: is_causal(np.asarray(array)) for name, array in results.items()}
+
+
+def is_causal(bias: np.ndarray) -> bool:
+    """True when bias[.., i, j] hides exactly the keys j > i + (T - S)."""
+    if bias.ndim < 2 or bias.dtype.kind != "f":
+        return False
+    s, t = bias.shape[-2:]
+    if s < 2:
+        return False
+    i, j = np.meshgrid(np.arange(s), np.arange(t), indexing="ij")
+    future = j > i + (t - s)
+    hidden = bias <= HIDDEN
+    return bool(np.all(hidden[..., future]) and not np.any(hidden[..., ~future]))
