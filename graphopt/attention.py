@@ -84,6 +84,12 @@ def find_attention(graph: ir.Graph) -> list[AttentionSite]:
     return sites
 
 
+def scores_before(softmax: ir.Node) -> ir.Node | None:
+    """The scores MatMul a Softmax reads through scales and masks, or None."""
+    found = _walk_back(softmax.inputs[0])
+    return found[0] if found else None
+
+
 def _canonical_site(node: ir.Node) -> AttentionSite:
     a = node.attributes
 

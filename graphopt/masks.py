@@ -18,7 +18,7 @@ from graphopt.model import Model
 HIDDEN = -1e30  # additive mask entries at or below this hide a key (exporters use -inf or the dtype's lowest)
 
 
-def classify_causal(model: ir.Model, biases: list[ir.Value], *, seq: int = 6) -> dict[str, bool]:
+def classify_causal(model: ir.Model, biases: list[ir.Value], *, seq: int = 6, past: int = 3) -> dict[str, bool]:
     """{bias value name: causal?} for additive attention biases of shape [.., S, T].
     A bias the probe cannot evaluate is reported as not causal (the canonical op keeps
     the bias either way; `causal` only tells lowerings and mixers what it holds)."""
@@ -37,7 +37,7 @@ def classify_causal(model: ir.Model, biases: list[ir.Value], *, seq: int = 6) ->
     work.graph.outputs.extend(wanted)
     common_passes.RemoveUnusedNodesPass()(work)
     try:
-        inputs = feeds.make_inputs(Model(work), dims={"batch": 1, "seq": seq})
+        inputs = feeds.make_inputs(Model(work), dims=_probe_dims(work, seq, past))
         results = ort.session(exporters.to_proto(work).SerializeToString()).run(inputs)
     except GraphoptError:
         return {}
@@ -55,3 +55,20 @@ def is_causal(bias: np.ndarray) -> bool:
     future = j > i + (t - s)
     hidden = bias <= HIDDEN
     return bool(np.all(hidden[..., future]) and not np.any(hidden[..., ~future]))
+
+
+def _probe_dims(model: ir.Model, seq: int, past: int) -> dict[str, int]:
+    """Bind symbolic input dims consistently for a decoder with a KV cache: past lengths,
+    totals (named so, or written as a sum) = seq + past, everything else seq or batch 1."""
+    dims = {"batch": 1, "seq": seq}
+    for value in model.graph.inputs:
+        for dim in value.shape or ():
+            name = getattr(dim, "value", None)
+            if not isinstance(name, str):
+                continue
+            lowered = name.lower()
+            if "past" in lowered and "+" not in lowered:
+                dims[name] = past
+            elif "total" in lowered or "+" in lowered:
+                dims[name] = seq + past
+    return dims

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from graphopt import functions
-from graphopt.attention import AttentionSite, find_attention
+from graphopt.attention import AttentionSite, find_attention, scores_before
 from graphopt.ir import common_passes, ir
 from graphopt.masks import classify_causal
 from graphopt.passes._checks import scalar
@@ -82,10 +82,23 @@ class FuseAttention(Pass):
         return {RULE: len(made)}
 
     def explain(self, model: ir.Model) -> list[str]:
-        lines = []
+        lines, detected = [], set()
         for site in find_attention(model.graph):
+            detected.add(site.softmax)
             if site.canonical is None and isinstance(reason := _plan(site), str):
                 lines.append(f"{RULE}: Softmax '{site.softmax.name}': {reason}")
+        for node in model.graph:  # softmax-weighted sums the detector did not take for attention
+            if node.op_type != "Softmax" or node.domain != "" or node in detected:
+                continue
+            if scores_before(node) is not None:
+                readers = ", ".join(f"{r.op_type} '{r.name}'" for r, _ in node.outputs[0].uses()) or "nothing"
+                lines.append(f"{RULE}: Softmax '{node.name}': its output ({readers}) does not reach a MatMul with V "
+                             "through only the NaN guard and no-ops; an op between Softmax and the output MatMul is not supported")
+            elif any(r.op_type == "MatMul" for r, _ in node.outputs[0].uses()):
+                source = node.inputs[0].producer()
+                found = f"{source.op_type} '{source.name}'" if source is not None else f"'{node.inputs[0].name}'"
+                lines.append(f"{RULE}: Softmax '{node.name}': its input comes from {found}, not from attention scores "
+                             "(a MatMul of two activations, then only scales, masks and no-op casts)")
         return lines
 
 
@@ -244,11 +257,8 @@ def _add(new: list[ir.Node], bias: ir.Value | None, term: ir.Value, site: Attent
 
 def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """Every reader of `old` reads `new`; a graph output keeps its name."""
-    ir.convenience.replace_all_uses_with(old, new)
-    if old.is_graph_output():
-        name = old.name
+    name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if name is not None:
         old.name = f"{name}_replaced"
         new.name = name
-        for i, output in enumerate(graph.outputs):
-            if output is old:
-                graph.outputs[i] = new

@@ -115,3 +115,45 @@ def gpt2_with_trained_like_norms():
             if ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return module, args, names, dynamic
+
+
+class _CachedDecoder(torch.nn.Module):
+    """A transformers decoder fed past keys/values as plain tensors (2 per layer)."""
+
+    def __init__(self, model, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def export_cached_decoder(arch: str, path, exporter: str, *, seq: int = 4, past: int = 6):
+    """GPT-2 or Llama with a KV cache as inputs, exported; dims 'seq', 'past', 'total' (legacy:
+    dynamic; dynamo: static, since torch.export cannot relate total = past + seq here)."""
+    import transformers
+
+    model_cls, config_cls, kwargs = ARCHS[arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")).eval()
+    layers = kwargs.get("num_hidden_layers", kwargs.get("n_layer"))
+    kv_heads = kwargs.get("num_key_value_heads", kwargs.get("n_head", 4))
+    g = torch.Generator().manual_seed(0)
+    pasts = [torch.randn(2, kv_heads, past, 8, generator=g) for _ in range(2 * layers)]
+    ids = torch.randint(0, 128, (2, seq), generator=g)
+    mask = torch.ones(2, past + seq, dtype=torch.int64)
+    args, module = (ids, mask, *pasts), _CachedDecoder(model, layers)
+    names = ["input_ids", "attention_mask", *(f"past_{i}" for i in range(2 * layers))]
+    if exporter == "dynamo":
+        torch.onnx.export(module, args, dynamo=True).save(str(path))
+    else:
+        dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                   **{n: {0: "batch", 2: "past"} for n in names[2:]}}
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
+                          output_names=["last_hidden_state"], dynamic_axes=dynamic)
+    return path
