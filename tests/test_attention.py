@@ -47,7 +47,7 @@ def _check(text: str, feeds=None, **expect):
 
 
 def test_scaled_additive_mask():
-    text = _graph(f"""c = Constant<value = float {{0.25}}>()
+    text = _graph("""c = Constant<value = float {0.25}>()
     scaled = Mul(scores, c)
     masked = Add(scaled, bias)
     p = Softmax<axis = -1>(masked)""", inputs=f", float[{B},1,{S},{S}] bias")
