@@ -84,8 +84,10 @@ def session(
     optimize: bool = False,
     providers: Sequence[str] = (CPU,),
     threads: int | None = None,
+    disabled_optimizers: Sequence[str] = (),
 ) -> OrtExecutable:
-    """An onnxruntime session over serialized model bytes or a model path."""
+    """An onnxruntime session over serialized model bytes or a model path.
+    `disabled_optimizers`: onnxruntime graph transformers to skip (e.g. SkipLayerNormFusion)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors reach the user as BackendError, not as ORT's log lines
     options.graph_optimization_level = (
@@ -94,7 +96,8 @@ def session(
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return OrtExecutable(ort.InferenceSession(model, options, providers=list(providers)))
+        return OrtExecutable(ort.InferenceSession(model, options, providers=list(providers),
+                                                  disabled_optimizers=list(disabled_optimizers) or None))
     except Exception as exc:
         raise BackendError(f"onnxruntime cannot load the model: {first_line(exc, 400)}") from None
 

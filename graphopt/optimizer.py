@@ -34,20 +34,35 @@ def optimize(
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
     progress: Progress | None = None,
+    target: str | None = None,
+    use_cache: bool = True,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
     preset/passes: a preset name, or an explicit ordered list of pass names.
     inputs: None (seeded generated inputs), an `.npz` path, or a dict of arrays; used
     by the per-pass checks and the final validation when `validate` is True.
+    target: "ort-cpu" or "ort-cuda": after the passes, lower for that onnxruntime provider,
+    choosing per op kind the lowering measured fastest on these inputs (cached on disk
+    unless `use_cache` is False); the choice and its timings are in `report.lowering`.
     """
     source = importers.load(model)
     work = source.clone()
     names = presets.resolve(preset, passes)
     feeds = source_desc = None
-    if validate:
+    if validate or target:
         feeds, source_desc = verify.resolve_inputs(work, inputs, seed=seed, dims=dims)
-    result = run_pipeline(work, names, feeds=feeds, explain=explain, progress=progress)
+    checked = feeds if validate else None
+    result = run_pipeline(work, names, feeds=checked, explain=explain, progress=progress)
+    lowering = None
+    if target:
+        from graphopt.backends import ort_select
+
+        selection = ort_select.select(work.ir, feeds, target, use_cache=use_cache)
+        lowered = run_pipeline(work, selection.passes, feeds=checked, explain=explain)
+        ort_select.apply_metadata(work.ir, selection)
+        result = dataclasses.replace(result, records=result.records + lowered.records, final_outputs=lowered.final_outputs)
+        lowering = selection.to_dict()
     validation = None
     if result.reference_outputs is not None:
         checks = verify.compare_outputs(result.reference_outputs, result.final_outputs)
@@ -60,6 +75,7 @@ def optimize(
         before=summary.summarize(source),
         after=summary.summarize(work),
         notes=result.notes + _input_notes(validate, inputs),
+        lowering=lowering,
     )
     return OptimizeResult(work, report)
 

@@ -30,6 +30,7 @@ class Report:
     before: dict[str, Any]
     after: dict[str, Any]
     notes: list[str] = dataclasses.field(default_factory=list)
+    lowering: dict[str, Any] | None = None  # the measured lowering selection (optimize --target)
 
     @property
     def total_rewrites(self) -> int:
@@ -52,6 +53,7 @@ class Report:
             "validation": self.validation.to_dict() if self.validation else None,
             "model": {"before": {k: self.before[k] for k in _MODEL_KEYS}, "after": {k: self.after[k] for k in _MODEL_KEYS}},
             "notes": list(self.notes),
+            "lowering": self.lowering,
         }
 
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -91,10 +93,27 @@ class Report:
         for label, d in (("before", self.before), ("after", self.after)):
             summary.add_row(label, str(d["num_nodes"]), f"{d['num_params']:,}", f"{d['param_bytes']:,}")
         parts.append(summary)
+        if self.lowering:
+            parts.append(lowering_table(self.lowering))
         if self.validation:
             parts.append(validation_table(self.validation))
         parts.extend(f"note: {n}" for n in self.notes)
         return Group(*parts)
+
+
+def lowering_table(lowering: dict[str, Any]):
+    from rich.table import Table
+
+    cached = " (cached choice)" if lowering.get("cached") else ""
+    table = Table(title=f"lowering for {lowering['target']} ({lowering['provider']}){cached}", title_justify="left")
+    for col in ("op kind", "chosen", "median ms per candidate"):
+        table.add_column(col)
+    for kind, choice in lowering["choices"].items():
+        times = lowering["timings_ms"].get(kind, {})
+        table.add_row(kind, choice, ", ".join(f"{n} {t:.2f}" for n, t in times.items()))
+    for what, why in lowering["skipped"].items():
+        table.add_row(what, "-", f"not timed: {why}")
+    return table
 
 
 def validation_table(validation: Validation):

@@ -1,0 +1,208 @@
+"""Measured lowering for onnxruntime: per op kind, time the candidate lowerings on the
+user's shapes and provider and keep the fastest.
+
+Fused is not always faster: on a 2-core CPU onnxruntime's contrib SkipLayerNormalization
+measured several times slower than the Add + LayerNormalization it replaces. So every
+choice is timed, in one process, interleaved, and the choice and its timings go into the
+report. Results are cached on disk (GRAPHOPT_CACHE_DIR, default ~/.cache/graphopt) keyed
+by the model's structure (not its weights), the input shapes, the provider and the
+onnxruntime version; a cached choice is re-applied without timing.
+
+A candidate is a list of lowering passes plus onnxruntime graph transformers to disable
+in the session (the plain-norm candidate must keep ORT from fusing the norms itself);
+the disabled transformers travel with the model in its metadata (DISABLED_KEY), and
+graphopt's own runners (`graphopt bench`, `session_for`) apply them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from graphopt import exporters, registry, timing
+from graphopt.backends.ort import CPU, session
+from graphopt.errors import BackendError, InputError
+from graphopt.ir import ir
+
+TARGETS = {"ort-cpu": CPU, "ort-cuda": "CUDAExecutionProvider"}
+DISABLED_KEY = "graphopt.ort.disabled_optimizers"
+TARGET_KEY = "graphopt.ort.target"
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str
+    passes: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = ()
+
+
+# Per op kind, in the order tried; the first is the reference the others must beat.
+CANDIDATES: dict[str, tuple[Candidate, ...]] = {
+    "attention": (
+        Candidate("decomposed"),  # the canonical op's body, inlined by onnxruntime
+        Candidate("contrib-mha", ("lower-attention-mha",)),
+        Candidate("onnx-attention", ("lower-attention-onnx",)),
+    ),
+    "skip-norm": (
+        Candidate("plain", disabled=("SkipLayerNormFusion",)),
+        Candidate("contrib-skip-norm", ("lower-skip-norm",)),
+    ),
+}
+
+
+@dataclasses.dataclass
+class Selection:
+    target: str
+    provider: str
+    choices: dict[str, str]  # op kind -> candidate name
+    timings_ms: dict[str, dict[str, float]]  # op kind -> candidate -> median ms
+    skipped: dict[str, str]  # op kind or candidate -> why it was not timed
+    cached: bool = False
+    cache_file: str | None = None
+
+    @property
+    def passes(self) -> list[str]:
+        return [p for kind, name in self.choices.items() for p in _candidate(kind, name).passes]
+
+    @property
+    def disabled(self) -> list[str]:
+        return sorted({d for kind, name in self.choices.items() for d in _candidate(kind, name).disabled})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "provider": self.provider, "choices": self.choices, "timings_ms": self.timings_ms,
+                "skipped": self.skipped, "passes": self.passes, "disabled_ort_optimizers": self.disabled,
+                "cached": self.cached, "cache_file": self.cache_file}
+
+
+def provider_for(target: str) -> str:
+    if target not in TARGETS:
+        raise InputError(f"unknown target '{target}'", hint=f"known targets: {', '.join(TARGETS)}")
+    provider = TARGETS[target]
+    if provider not in ort.get_available_providers():
+        raise BackendError(f"target '{target}' needs onnxruntime's {provider}, which this onnxruntime does not have "
+                           f"(available: {', '.join(ort.get_available_providers())})",
+                           hint="install onnxruntime-gpu for ort-cuda, or use --target ort-cpu")
+    return provider
+
+
+def select(model: ir.Model, feeds: Mapping[str, np.ndarray], target: str = "ort-cpu", *, rounds: int = 15,
+           use_cache: bool = True) -> Selection:
+    """Time the candidates of each op kind on `feeds` and return the fastest per kind."""
+    provider = provider_for(target)
+    path = _cache_dir() / f"{_cache_key(model, feeds, provider)}.json"
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return Selection(target, provider, data["choices"], data["timings_ms"], data["skipped"], True, str(path))
+        except (ValueError, KeyError):
+            pass  # a damaged cache entry is measured again
+    chosen: list[Candidate] = []
+    choices, timings, skipped = {}, {}, {}
+    for kind, candidates in CANDIDATES.items():
+        sessions = {}
+        for candidate in candidates:
+            built = _build(model, [*chosen, candidate], provider, feeds)
+            if isinstance(built, str):
+                skipped[f"{kind}:{candidate.name}"] = built
+            else:
+                sessions[candidate.name] = built
+        if len(sessions) < 2 or candidates[0].name not in sessions:
+            skipped[kind] = "nothing to choose: " + (", ".join(sessions) or "no candidate applies")
+            continue
+        medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()}, rounds=rounds))
+        timings[kind] = {n: round(t * 1e3, 3) for n, t in medians.items()}
+        choices[kind] = min(medians, key=medians.get)
+        chosen.append(_candidate(kind, choices[kind]))
+    selection = Selection(target, provider, choices, timings, skipped, False, str(path))
+    if use_cache:
+        _write_cache(path, selection)
+    return selection
+
+
+def apply_metadata(model: ir.Model, selection: Selection) -> None:
+    """Record the session settings the chosen lowering needs in the model."""
+    model.metadata_props[TARGET_KEY] = selection.target
+    if selection.disabled:
+        model.metadata_props[DISABLED_KEY] = ",".join(selection.disabled)
+    else:
+        model.metadata_props.pop(DISABLED_KEY, None)
+
+
+def session_for(model_path_or_bytes: str | bytes, provider: str = CPU, *, disabled: tuple[str, ...] | None = None):
+    """An optimizing onnxruntime session with the transformers a graphopt model asks to disable."""
+    if disabled is None:
+        disabled = tuple(disabled_in(model_path_or_bytes))
+    return session(model_path_or_bytes, optimize=True, providers=(provider,), disabled_optimizers=disabled)
+
+
+def disabled_in(model_path_or_bytes: str | bytes) -> list[str]:
+    import onnx
+
+    proto = (onnx.load(model_path_or_bytes, load_external_data=False) if isinstance(model_path_or_bytes, (str, os.PathLike))
+             else onnx.load_from_string(model_path_or_bytes))
+    value = {p.key: p.value for p in proto.metadata_props}.get(DISABLED_KEY, "")
+    return [v for v in value.split(",") if v]
+
+
+def _candidate(kind: str, name: str) -> Candidate:
+    return next(c for c in CANDIDATES[kind] if c.name == name)
+
+
+def _build(model: ir.Model, candidates: list[Candidate], provider: str, feeds: Mapping[str, np.ndarray]):
+    """A session for `model` lowered by `candidates` (run once on `feeds`), or why the last
+    candidate does not apply."""
+    work = model.clone()
+    for candidate in candidates:
+        for name in candidate.passes:
+            counts = registry.get(name)(work)
+            if candidate is candidates[-1] and not any(counts.values()):
+                return f"{name} does not apply to this model"
+    disabled = tuple(d for c in candidates for d in c.disabled)
+    try:
+        built = session_for(exporters.to_proto(work).SerializeToString(), provider, disabled=disabled)
+        built.run(feeds)
+        return built
+    except BackendError as exc:
+        return f"onnxruntime cannot run it: {exc}"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt") / "ort-select"
+
+
+def _cache_key(model: ir.Model, feeds: Mapping[str, np.ndarray], provider: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|{provider}|onnxruntime {ort.__version__}|".encode())
+    h.update(repr(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items())).encode())
+    h.update(repr({kind: [c.name for c in cs] for kind, cs in CANDIDATES.items()}).encode())
+    for graph in model.graphs():
+        for node in graph:
+            attrs = sorted((k, _attr_repr(a)) for k, a in node.attributes.items())
+            shapes = [str(v.shape) if v is not None else "-" for v in node.inputs]
+            h.update(f"{node.domain}:{node.op_type}:{attrs}:{shapes};".encode())
+    return h.hexdigest()[:32]
+
+
+def _attr_repr(attr) -> str:
+    value = attr.value
+    return f"tensor{tuple(value.shape)}" if hasattr(value, "shape") else str(value)
+
+
+def _write_cache(path: Path, selection: Selection) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"choices": selection.choices, "timings_ms": selection.timings_ms,
+                                   "skipped": selection.skipped}, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home still gets a selection, just not a cached one

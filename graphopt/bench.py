@@ -1,0 +1,167 @@
+"""`graphopt bench`: graphopt's output against the original and the anchors, in one process.
+
+Contenders (each an onnxruntime session on the same provider, ORT_ENABLE_ALL):
+    graphopt       optimize(preset) + the measured lowering for the target
+    original       the model as given
+    ort-optimizer  onnxruntime.transformers.optimizer.optimize_model (model_type "bert")
+    onnxscript     onnxscript.rewriter.ort_fusions.optimize_for_ort
+A contender that fails to build or to run is reported with its error, not dropped
+silently. Every contender's outputs are compared with the original's before timing.
+Timing is interleaved (one call of each per round); medians and ratios are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt import exporters, importers, timing, verify
+from graphopt.errors import GraphoptError, InputError, first_line
+from graphopt.model import Model
+
+ANCHORS = ("original", "ort-optimizer", "onnxscript")
+
+
+@dataclasses.dataclass
+class Contender:
+    name: str
+    median_ms: float | None = None
+    speedup: float | None = None  # original median / this median
+    max_abs_error: float | None = None  # against the original's outputs
+    error: str | None = None
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BenchResult:
+    target: str
+    inputs: dict[str, list[int]]
+    rounds: int
+    contenders: list[Contender]
+
+    @property
+    def graphopt_vs_best_anchor(self) -> float | None:
+        ours = next((c for c in self.contenders if c.name == "graphopt" and c.median_ms), None)
+        anchors = [c.median_ms for c in self.contenders if c.name != "graphopt" and c.median_ms]
+        return round(min(anchors) / ours.median_ms, 3) if ours and anchors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "inputs": self.inputs, "rounds": self.rounds,
+                "contenders": [c.to_dict() for c in self.contenders], "graphopt_vs_best_anchor": self.graphopt_vs_best_anchor}
+
+
+def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHORS, inputs: Any = None,
+          dims: Mapping[str, int] | None = None, rounds: int = 30, preset: str | None = None,
+          optimized: Any = None) -> BenchResult:
+    """Time graphopt's output for `target` against `against`. `optimized`: an already
+    optimized model to use as the graphopt contender (else `optimize` runs here)."""
+    from graphopt.backends import ort_select
+
+    unknown = sorted(set(against) - set(ANCHORS))
+    if unknown:
+        raise InputError(f"unknown contender(s) {', '.join(unknown)}", hint=f"choose from {', '.join(ANCHORS)}")
+    provider = ort_select.provider_for(target)
+    source = importers.load(model)
+    feeds, _ = verify.resolve_inputs(source, inputs, dims=dims)
+    builders: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
+        "graphopt": lambda: _graphopt(source, optimized, feeds, target, preset, provider),
+        "original": lambda: (ort_select.session_for(_bytes(source), provider, disabled=()), {}),
+        "ort-optimizer": lambda: _ort_optimizer(source, provider),
+        "onnxscript": lambda: _onnxscript(source, provider),
+    }
+    names = ["graphopt", *[a for a in ANCHORS if a in against]]
+    if "original" not in names:
+        names.append("original")  # the reference for errors and ratios
+    contenders, sessions, reference = [], {}, None
+    for name in names:
+        contender = Contender(name)
+        contenders.append(contender)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                session, contender.detail = builders[name]()
+            outputs = session.run(feeds)
+        except Exception as exc:  # an anchor that breaks is a result, not a crash
+            contender.error = first_line(exc, 300)
+            continue
+        sessions[name] = session
+        if name == "original":
+            reference = outputs
+        contender.detail["outputs"] = outputs
+    for contender in contenders:
+        outputs = contender.detail.pop("outputs", None)
+        if outputs is not None and reference is not None:
+            contender.max_abs_error = float(max((np.max(np.abs(np.asarray(reference[k], np.float64) - np.asarray(v, np.float64)))
+                                                 for k, v in outputs.items() if k in reference), default=0.0))
+    medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()}, rounds=rounds))
+    base = medians.get("original")
+    for contender in contenders:
+        if contender.name in medians:
+            contender.median_ms = round(medians[contender.name] * 1e3, 3)
+            contender.speedup = round(base / medians[contender.name], 3) if base else None
+    return BenchResult(target, {k: list(np.shape(v)) for k, v in feeds.items()}, rounds, contenders)
+
+
+def _bytes(model: Model) -> bytes:
+    return exporters.to_proto(model).SerializeToString()
+
+
+def _graphopt(source: Model, optimized: Any, feeds, target: str, preset: str | None, provider: str):
+    from graphopt.backends import ort_select
+    from graphopt.optimizer import optimize
+
+    if optimized is None:
+        result = optimize(source, inputs=feeds, target=target, **({"preset": preset} if preset else {}))
+        model, detail = result.model, {"lowering": result.report.lowering, "rewrites": result.report.rewrites()}
+    else:
+        model, detail = importers.load(optimized), {}
+    data = _bytes(model)
+    return ort_select.session_for(data, provider), detail
+
+
+def _ort_optimizer(source: Model, provider: str):
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.transformers import optimizer
+
+    from graphopt.backends import ort_select
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:
+        path = exporters.save(source.clone(), Path(tmp) / "model.onnx")
+        optimized = optimizer.optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0)
+        out = Path(tmp) / "optimized.onnx"
+        optimized.save_model_to_file(str(out), use_external_data_format=source.parameter_bytes() > exporters.PROTOBUF_LIMIT)
+        session = ort_select.session_for(str(out), provider, disabled=())
+    fused = optimized.get_fused_operator_statistics()
+    return session, {"fused": {k: v for k, v in fused.items() if v}}
+
+
+def _onnxscript(source: Model, provider: str):
+    from onnxscript.rewriter import ort_fusions
+
+    from graphopt.backends import ort_select
+
+    model, counts = ort_fusions.optimize_for_ort(source.clone().ir)
+    return ort_select.session_for(_bytes(Model(model)), provider, disabled=()), {"fused": {k: v for k, v in counts.items() if v}}
+
+
+def format_rows(result: BenchResult) -> list[tuple[str, ...]]:
+    rows = []
+    for c in result.contenders:
+        if c.error:
+            rows.append((c.name, "-", "-", "-", f"failed: {c.error}"))
+        else:
+            rows.append((c.name, f"{c.median_ms:.2f}", f"{c.speedup:.2f}x" if c.speedup else "-",
+                         f"{c.max_abs_error:.1e}" if c.max_abs_error is not None else "-", ""))
+    return rows
+
+
+__all__ = ["ANCHORS", "BenchResult", "Contender", "bench", "format_rows", "GraphoptError"]
