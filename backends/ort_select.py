@@ -137,11 +137,15 @@ def apply_metadata(model: ir.Model, selection: Selection) -> None:
         model.metadata_props.pop(DISABLED_KEY, None)
 
 
-def session_for(model_path_or_bytes: str | bytes, provider: str = CPU, *, disabled: tuple[str, ...] | None = None):
-    """An optimizing onnxruntime session with the transformers a graphopt model asks to disable."""
+def session_for(model_path_or_bytes: str | bytes, provider: str = CPU, *, disabled: tuple[str, ...] | None = None,
+                spinning: bool = False):
+    """An optimizing onnxruntime session with the transformers a graphopt model asks to disable.
+    Without thread spinning by default: graphopt times sessions side by side (see
+    graphopt.backends.ort.session)."""
     if disabled is None:
         disabled = tuple(disabled_in(model_path_or_bytes))
-    return session(model_path_or_bytes, optimize=True, providers=(provider,), disabled_optimizers=disabled)
+    return session(model_path_or_bytes, optimize=True, providers=(provider,), disabled_optimizers=disabled,
+                   spinning=spinning)
 
 
 def disabled_in(model_path_or_bytes: str | bytes) -> list[str]:
