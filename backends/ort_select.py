@@ -50,6 +50,7 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
     "attention": (
         Candidate("decomposed"),  # the canonical op's body, inlined by onnxruntime
         Candidate("contrib-mha", ("lower-attention-mha",)),
+        Candidate("contrib-attention", ("lower-attention-packed",)),
         Candidate("onnx-attention", ("lower-attention-onnx",)),
     ),
     "skip-norm": (

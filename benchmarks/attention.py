@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import bench  # noqa: E402
+from graphopt import benchmark as bench  # noqa: E402
 
 CASES = ("minilm-128", "minilm-512", "bert-base-128")
 

@@ -4,6 +4,9 @@
     result = graphopt.optimize(model, preset="exact")
     graphopt.save(result.model, "model.opt.onnx")
     print(result.report.to_dict())
+
+    result = graphopt.optimize(model, target="ort-cpu")  # + measured lowering for onnxruntime CPU
+    print(graphopt.bench("model.onnx").to_dict())       # vs the original and the anchors, in one process
 """
 
 from graphopt.errors import (
@@ -14,6 +17,7 @@ from graphopt.errors import (
     PassError,
     UnsupportedModelError,
 )
+from graphopt.benchmark import bench
 from graphopt.exporters import save
 from graphopt.importers import load
 from graphopt.model import Model
@@ -38,6 +42,7 @@ __all__ = [
     "PassError",
     "UnsupportedModelError",
     "Validation",
+    "bench",
     "inspect",
     "load",
     "optimize",

@@ -19,7 +19,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import graphopt
+from graphopt import benchmark as bench_mod
 from graphopt import exporters, presets, registry
+from graphopt.backends.ort_select import TARGETS
+from graphopt.benchmark import ANCHORS
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
@@ -77,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--explain", action="store_true", help="show why rules did not fire")
     s.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.add_argument("--target", choices=TARGETS, help="lower for this onnxruntime provider, choosing per op kind the "
+                   "lowering measured fastest on the inputs (choice and timings in the report)")
+    s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("validate", parents=[common], help="compare two models' outputs in onnxruntime")
@@ -87,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--atol", type=float)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("bench", parents=[common], help="time graphopt's output against the original and the anchors")
+    s.add_argument("model")
+    s.add_argument("--target", choices=TARGETS, default="ort-cpu")
+    s.add_argument("--against", type=_csv, default=list(ANCHORS), help=f"comma-separated, from {','.join(ANCHORS)}")
+    s.add_argument("--optimized", help="an already optimized model to time as graphopt's contender (else optimize here)")
+    s.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds (after 3 warm-up rounds)")
+    s.add_argument("--json", action="store_true")
+    _add_input_args(s)
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("passes", parents=[common], help="list the registered passes and presets")
     s.add_argument("--json", action="store_true")
@@ -154,7 +170,7 @@ def cmd_optimize(args) -> int:
 
         result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=args.inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
-                                   progress=progress)
+                                   progress=progress, target=args.target, use_cache=not args.no_cache)
     report = result.report
     out.print(report.tables())
     if args.explain:
@@ -185,6 +201,27 @@ def cmd_validate(args) -> int:
         out.print(validation_table(result))
         out.print("PASS" if result.passed else "FAIL")
     return 0 if result.passed else 3
+
+
+def cmd_bench(args) -> int:
+    with _spinner(f"optimizing {args.model} for {args.target}, then timing every contender"):
+        result = bench_mod.bench(args.model, target=args.target, against=args.against, inputs=args.inputs, dims=args.dims,
+                                 rounds=args.rounds, optimized=args.optimized)
+    if args.json:
+        out.print(json.dumps(result.to_dict(), indent=2, default=str), markup=False)
+        return 0
+    table = Table(title=f"{args.model} on {args.target}: inputs {result.inputs}, {result.rounds} interleaved rounds",
+                  title_justify="left")
+    for col in ("contender", "median ms", "vs original", "max abs err", "note"):
+        table.add_column(col)
+    for row in bench_mod.format_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    lowering = next((c.detail.get("lowering") for c in result.contenders if c.name == "graphopt"), None)
+    if lowering:
+        out.print(f"graphopt lowering: {lowering['choices']}", markup=False)
+    out.print(f"graphopt vs best anchor: {result.graphopt_vs_best_anchor}x")
+    return 0
 
 
 def cmd_passes(args) -> int:

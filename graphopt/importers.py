@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx
 
-from graphopt import ops
+from graphopt import functions, ops
 from graphopt.errors import InputError, UnsupportedModelError, first_line
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -55,6 +55,7 @@ def load(
             f"cannot load a {type(source).__name__}",
             hint="pass an .onnx path, an onnx.ModelProto, an onnx_ir.Model or a torch.nn.Module with example_inputs",
         )
+    functions.ensure(model.ir)  # graphopt's own ops called without their definitions get them
     if check:
         check_supported(model.ir)
     return model

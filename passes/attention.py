@@ -222,7 +222,7 @@ def _replace(graph: ir.Graph, plan: _Plan) -> ir.Node:
         "mask": ir.AttrString("mask", plan.mask),
     }
     op_type = functions.MASKED_ATTENTION if bias is not None else functions.ATTENTION
-    inputs = [plan.q, plan.kt, plan.v] + ([bias] if bias is not None else [])
+    inputs = [plan.q, _direct_kt(new, plan.kt), plan.v] + ([bias] if bias is not None else [])
     attention = ir.node(op_type, inputs, attributes=attrs, domain=functions.DOMAIN, name=f"{site.softmax.name}_attention")
     new.append(attention)
     result = attention.outputs[0]
@@ -240,6 +240,53 @@ def _replace(graph: ir.Graph, plan: _Plan) -> ir.Node:
     attention.outputs[0].type, attention.outputs[0].shape = old.type, old.shape
     _replace_value(graph, old, result)
     return attention
+
+
+def _direct_kt(new: list[ir.Node], kt: ir.Value) -> ir.Value:
+    """K^T as one 4-D Transpose where the exporter built it through rank 3.
+
+    torch's dynamo export of SDPA transposes K as Reshape(Transpose(Reshape(K, [B*H, T, D]),
+    [0, 2, 1]), [B, H, D, T]): merging the two leading axes, swapping the last two and
+    splitting the leading axis again is Transpose(K, [0, 1, 3, 2]), composed here with the
+    Transpose that made K. Shapes decide it (inferred dims, symbolic ones compared by name).
+    """
+    outer = kt.producer()
+    if outer is None or outer.op_type != "Reshape" or outer.domain != "":
+        return kt
+    swap = outer.inputs[0].producer()
+    if swap is None or swap.op_type != "Transpose" or list(swap.attributes.get_ints("perm", [])) != [0, 2, 1]:
+        return kt
+    inner = swap.inputs[0].producer()
+    if inner is None or inner.op_type != "Reshape":
+        return kt
+    k, merged = inner.inputs[0], inner.outputs[0]
+    if k.shape is None or merged.shape is None or kt.shape is None or len(k.shape) != 4 or len(merged.shape) != 3 or len(kt.shape) != 4:
+        return kt
+    if not (_same(merged.shape[1:], k.shape[2:]) and _same(kt.shape[:2], k.shape[:2])
+            and _same(kt.shape[2:], [k.shape[3], k.shape[2]])):
+        return kt
+    source, perm = k, [0, 1, 3, 2]
+    producer = k.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
+        p = list(producer.attributes.get_ints("perm", []))
+        source, perm = producer.inputs[0], [p[0], p[1], p[3], p[2]]
+    node = ir.node("Transpose", [source], attributes={"perm": perm})
+    new.append(node)
+    node.outputs[0].type, node.outputs[0].shape = kt.type, kt.shape
+    return node.outputs[0]
+
+
+def _same(a, b) -> bool:
+    """Dims known equal: equal ints, or the same named symbolic dim."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) or isinstance(y, int):
+            if x != y:
+                return False
+        elif x.value is None or x.value != y.value:
+            return False
+    return True
 
 
 def result_dtype(node: ir.Node):

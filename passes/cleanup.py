@@ -7,11 +7,14 @@ no-op was kept.
 
 from __future__ import annotations
 
+import numpy as np
+
 from graphopt.ir import MatchResult, common_passes, ir, onnxscript_optimizer
+from graphopt.passes._weights import add_initializer
 from graphopt.passes._checks import forwarding_blocker
 from graphopt.summary import count_nodes
 from graphopt.registry import register
-from graphopt.rewrite import Pass, PassKind, Rule, RulePass
+from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
 
 
 @register
@@ -133,3 +136,82 @@ class EliminateDeadCode(Pass):
             "RemoveDeadInitializers": initializers - len(model.graph.initializers),
             "RemoveDeadFunctions": functions - len(model.functions),
         }
+
+
+@register
+class ReadShapesFromInputs(Pass):
+    """Read a Shape from the graph input that declares the same dims, not from an activation.
+
+    Math: under the model's declared input shapes, a dim named N is one runtime value
+    wherever it appears, so Shape(x)[i] = Shape(input)[j] when x's inferred dim i and the
+    input's declared dim j carry the same name (and static dims are constants).
+    Preconditions:
+        1. Every dim Shape reads is static or a named dim that some graph input declares.
+    Why: exporters compute reshape targets from activations; after a rewrite replaces the
+    computation, those Shape reads would keep the old activations (and their MatMuls) alive.
+    """
+
+    name = "read-shapes-from-inputs"
+    kind = PassKind.EXACT
+    requires_shapes = True
+    RULE = "ReadShapeFromInput"
+
+    def run(self, model: ir.Model) -> dict[str, int]:
+        graph = model.graph
+        declared = {}
+        for value in graph.inputs:
+            for axis, dim in enumerate(value.shape or ()):
+                if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in declared:
+                    declared[dim.value] = (value, axis)
+        done = 0
+        for node in list(graph):
+            if node.op_type != "Shape" or node.domain != "" or node.inputs[0].is_graph_input():
+                continue
+            parts = self._parts(node, declared)
+            if parts is None:
+                continue
+            new, pieces = [], []
+            for part in parts:
+                if isinstance(part, int):
+                    pieces.append(add_initializer(graph, node.outputs[0], np.array([part], dtype=np.int64), "dim"))
+                else:
+                    source, axis = part
+                    shape = ir.node("Shape", [source], attributes={"start": axis, "end": axis + 1})
+                    new.append(shape)
+                    pieces.append(shape.outputs[0])
+            if len(pieces) == 1 and new:
+                result = pieces[0]
+            else:
+                concat = ir.node("Concat", pieces, attributes={"axis": 0})
+                new.append(concat)
+                result = concat.outputs[0]
+            for n in new:
+                n.metadata_props[RULE_TAG] = self.RULE
+            graph.insert_before(node, new)
+            result.type, result.shape = node.outputs[0].type, node.outputs[0].shape
+            if node.outputs[0].is_graph_output():
+                continue
+            node.outputs[0].replace_all_uses_with(result)
+            done += 1
+        if done:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return {self.RULE: done}
+
+    @staticmethod
+    def _parts(node: ir.Node, declared) -> list | None:
+        shape = node.inputs[0].shape
+        if shape is None:
+            return None
+        rank = len(shape)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        parts = []
+        for dim in list(shape)[max(start, 0):min(end, rank)]:
+            if isinstance(dim, int):
+                parts.append(dim)
+            elif dim.value in declared:
+                parts.append(declared[dim.value])
+            else:
+                return None
+        return parts or None

@@ -4,6 +4,8 @@ Each is a separate pass so the measured selection (graphopt/backends/ort.py) can
 them against each other on the user's shapes and keep the winner:
 
     lower-attention-mha    graphopt attention -> com.microsoft MultiHeadAttention
+    lower-attention-packed graphopt attention over a packed Q/K/V projection ->
+                           com.microsoft Attention (projection and attention in one kernel)
     lower-attention-onnx   graphopt attention -> ONNX Attention (opset 23; the model's
                            opset is raised when no op it uses changed meaning on the way)
     lower-skip-norm        Add + LayerNormalization / RMSNormalization ->
@@ -21,7 +23,7 @@ from graphopt import functions, ops
 from graphopt.attention import is_canonical
 from graphopt.ir import MatchResult, common_passes, ir, pattern
 from graphopt.passes._checks import scalar
-from graphopt.passes._weights import add_initializer
+from graphopt.passes._weights import add_initializer, const_array
 from graphopt.registry import register
 from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
 
@@ -57,6 +59,9 @@ class _LowerAttention(Pass):
                 done += 1
         if done:
             self.prepare(model)
+            from graphopt.passes.cleanup import ReadShapesFromInputs
+
+            ReadShapesFromInputs().run(model)  # shape reads of the replaced activations would keep them alive
             common_passes.RemoveUnusedNodesPass()(model)
             common_passes.RemoveUnusedFunctionsPass()(model)
         return {self.RULE: done}
@@ -126,6 +131,82 @@ class LowerAttentionMHA(_LowerAttention):
         split = add_initializer(graph, None, np.array([0, 0, heads, size], dtype=np.int64), "mha_split")
         y = _node(new, "Transpose", [_node(new, "Reshape", [out, split])], perm=[0, 2, 1, 3])
         return new, y
+
+
+@register
+class LowerAttentionPacked(_LowerAttention):
+    """Canonical attention over one packed Q/K/V projection -> com.microsoft Attention.
+
+    Math: with [Q | K | V] = x W + b split in three along the last axis and each reshaped
+    to [B, S, H, D] and transposed to heads-first (K to [B, H, D, S]),
+        Y = Transpose(Reshape(Attention(x, W, b, bias), [B, S, H, D]))
+    onnxruntime's Attention does the projection, the split and the attention in one kernel.
+    Preconditions:
+        1. Q, KT and V are outputs 0, 1, 2 of one Split of Add(MatMul(x, W), b) over the
+           last axis, W and b constant, each Reshape'd to [.., H, D] and transposed
+           heads-first (no RoPE or other op in between).
+        2. The head count is known and the three parts are equal in size.
+        3. The bias (if any) has rank at most 4.
+    """
+
+    name = "lower-attention-packed"
+    RULE = "LowerAttentionPacked"
+
+    def node_blocker(self, node: ir.Node) -> str | None:
+        found = _packed(node)
+        if isinstance(found, str):
+            return found
+        bias = node.inputs[3] if len(node.inputs) > 3 else None
+        if bias is not None and (bias.shape is None or len(bias.shape) > 4):
+            return f"bias '{bias.name}' has unknown rank or rank above 4"
+        return None
+
+    def prepare(self, model: ir.Model) -> None:
+        model.opset_imports.setdefault(ops.ORT_CONTRIB_DOMAIN, 1)
+
+    def lower(self, graph, node):
+        x, w, b = _packed(node)
+        heads, size = node.attributes.get_int("q_num_heads"), node.attributes.get_int("head_size")
+        new: list[ir.Node] = []
+        inputs = [x, w, b]
+        if len(node.inputs) > 3:
+            inputs += [None, None, _bias_4d(graph, new, node.inputs[3], node.inputs[0], node.inputs[1])]
+        out = _node(new, "Attention", inputs, domain=ops.ORT_CONTRIB_DOMAIN, num_heads=heads,
+                    scale=node.attributes.get_float("scale"))
+        split = add_initializer(graph, None, np.array([0, 0, heads, size], dtype=np.int64), "attention_split")
+        y = _node(new, "Transpose", [_node(new, "Reshape", [out, split])], perm=[0, 2, 1, 3])
+        return new, y
+
+
+def _packed(node: ir.Node):
+    """(x, W, b) of the packed projection feeding the canonical op `node`, or why not."""
+    heads, size = node.attributes.get_int("q_num_heads", 0), node.attributes.get_int("head_size", 0)
+    if not heads or not size:
+        return "the head count or head size is unknown"
+    parts = []
+    for value, perm in zip(node.inputs[:3], ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])):
+        t = value.producer()
+        r = t.inputs[0].producer() if t is not None and t.op_type == "Transpose" else None
+        if t is None or list(t.attributes.get_ints("perm", [])) != perm or r is None or r.op_type != "Reshape":
+            return f"'{value.name}' is not a head split (Reshape then Transpose {perm}) of a projection"
+        parts.append(r.inputs[0])
+    split = parts[0].producer()
+    if split is None or split.op_type != "Split" or [p.producer() for p in parts] != [split] * 3 or \
+            [split.outputs.index(p) for p in parts] != [0, 1, 2] or len(split.outputs) != 3:
+        return "Q, K and V are not the three outputs of one Split"
+    add = split.inputs[0].producer()
+    if add is None or add.op_type != "Add":
+        return f"the Split '{split.name}' does not read a biased projection"
+    matmul_index = 0 if add.inputs[0].producer() is not None and add.inputs[0].producer().op_type == "MatMul" else 1
+    matmul, b = add.inputs[matmul_index].producer(), add.inputs[1 - matmul_index]
+    if matmul is None or matmul.op_type != "MatMul":
+        return f"the Split '{split.name}' does not read Add(MatMul(x, W), b)"
+    x, w = matmul.inputs
+    w_array, b_array = const_array(w), const_array(b)
+    if w_array is None or b_array is None or w_array.ndim != 2 or b_array.shape != (w_array.shape[1],) or \
+            w_array.shape[1] != 3 * heads * size:
+        return "the packed projection's weight or bias is not constant [hidden, 3 x heads x head size]"
+    return x, w, b
 
 
 @register

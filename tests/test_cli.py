@@ -161,3 +161,29 @@ def test_optimize_exact_preset_on_a_transformers_export(tmp):
     assert fired["PreLNToPreRMSNorm"] == 5 and fired["FuseGeluTanh"] == 2 and fired["FoldNormAffineIntoLinear"] == 4
     assert report["validation"]["passed"] and digest(src) == before
     assert json.loads(graphopt("validate", src, tmp / "gpt2.opt.onnx", "--dims", "batch=2,seq=16", "--json", check_rc=0).stdout)["passed"]
+
+
+def test_optimize_for_ort_cpu_and_bench(tmp):
+    """`optimize --target ort-cpu` records the measured lowering; `bench --json` times every contender."""
+    import os
+
+    import models
+
+    env_cache = tmp / "cache"
+    module, args, names, dynamic = models.transformer("bert", "sdpa")
+    src = models.export(module, args, names, dynamic, tmp / "bert.onnx", "dynamo")
+    os.environ["GRAPHOPT_CACHE_DIR"] = str(env_cache)
+    try:
+        graphopt("optimize", src, "-o", tmp / "bert.ort.onnx", "--target", "ort-cpu", "--report", tmp / "r.json",
+                 "--dims", "batch=1,seq=16", check_rc=0)
+        lowering = json.loads((tmp / "r.json").read_text())["lowering"]
+        assert lowering["target"] == "ort-cpu" and set(lowering["choices"]) == {"attention", "skip-norm"}
+        assert list(env_cache.glob("ort-select/*.json"))  # the choice is cached
+        proc = graphopt("bench", src, "--optimized", tmp / "bert.ort.onnx", "--rounds", "2", "--dims", "batch=1,seq=16",
+                        "--against", "original,onnxscript", "--json", check_rc=0)
+        result = json.loads(proc.stdout)
+        assert [c["name"] for c in result["contenders"]] == ["graphopt", "original", "onnxscript"]
+        assert result["contenders"][0]["max_abs_error"] < 1e-4
+        assert graphopt("bench", src, "--against", "tvm", check_rc=2).stderr.startswith("graphopt: error: unknown contender")
+    finally:
+        os.environ.pop("GRAPHOPT_CACHE_DIR", None)
