@@ -87,6 +87,9 @@ def ort_optimizer(path: Path, name: str) -> Path | str:
 
 def session(path: Path, disabled: list[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    # Interleaved sessions must not spin: a spinning pool steals the cores from the next session
+    # (graphopt.backends.ort.session explains; numbers before this line was added are inflated).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = 2
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
