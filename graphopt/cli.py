@@ -94,11 +94,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_validate)
 
+    s = sub.add_parser("compile", parents=[common], help="compile a model to a TVM artifact (optionally tuned)")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True, help="the artifact, e.g. model.so (its signature goes to model.so.json)")
+    s.add_argument("--backend", choices=["tvm"], default="tvm")
+    s.add_argument("--target", choices=["llvm", "cuda"], default="llvm")
+    s.add_argument("--arch", help="CUDA architecture for --target cuda (default sm_90)")
+    s.add_argument("--shapes", help="input sizes, e.g. input_ids=1x128,attention_mask=1x128 (needed for symbolic dims)")
+    s.add_argument("--preset", default=presets.DEFAULT, help="graphopt passes to run before compiling ('none' to skip)")
+    s.add_argument("--tune", action="store_true", help="tune kernels with MetaSchedule")
+    s.add_argument("--trials", type=int, default=64, help="MetaSchedule trials in total (with --tune)")
+    s.add_argument("--tuning-db", help="directory of the JSON tuning database, reused across runs (default OUT.tuning)")
+    s.add_argument("--force", action="store_true", help="allow overwriting the input file")
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("run", parents=[common], help="run an .onnx model (onnxruntime) or a compiled artifact (TVM)")
+    s.add_argument("model")
+    s.add_argument("--inputs", required=True, help=".npz with one array per input")
+    s.add_argument("-o", "--output", required=True, help=".npz of the outputs, by output name")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("bench", parents=[common], help="time graphopt's output against the original and the anchors")
     s.add_argument("model")
     s.add_argument("--target", choices=TARGETS, default="ort-cpu")
     s.add_argument("--against", type=_csv, default=list(ANCHORS), help=f"comma-separated, from {','.join(ANCHORS)}")
     s.add_argument("--optimized", help="an already optimized model to time as graphopt's contender (else optimize here)")
+    s.add_argument("--tvm", help="a compiled TVM artifact (graphopt compile) to time as one more contender")
     s.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds (after 3 warm-up rounds)")
     s.add_argument("--json", action="store_true")
     _add_input_args(s)
@@ -203,10 +224,74 @@ def cmd_validate(args) -> int:
     return 0 if result.passed else 3
 
 
+def cmd_compile(args) -> int:
+    from graphopt.backends import tvm as tvm_backend
+    from graphopt.specialize import parse_shapes
+
+    output = Path(args.output)
+    with _spinner(f"loading {args.model}"):
+        model = graphopt.load(args.model)
+    exporters.check_target(model, output, args.force)
+    shapes = parse_shapes(args.shapes) if args.shapes else {}
+    if args.preset != "none":
+        with _spinner(f"optimizing with preset {args.preset}"):
+            result = graphopt.optimize(model, preset=args.preset, inputs=_inputs_at(model, shapes))
+        if not result.passed:
+            _fail("error: the optimized model failed validation; nothing was compiled")
+            return 3
+        model = result.model
+    db = Path(args.tuning_db) if args.tuning_db else output.with_name(output.name + ".tuning")
+    if args.tune:
+        with _bar() as bar:
+            task = bar.add_task(f"tuning ({db})", total=args.trials)
+            compiled = tvm_backend.compile(model, target=args.target, arch=args.arch, shapes=shapes, tuning_db=db,
+                                           trials=args.trials, progress=lambda n, total: bar.update(task, completed=n))
+    else:
+        with _spinner(f"compiling for {args.target}"):
+            compiled = tvm_backend.compile(model, target=args.target, arch=args.arch, shapes=shapes,
+                                           tuning_db=args.tuning_db, trials=0)
+    tvm_backend.export(compiled, output)
+    tuned = f", tuned ({compiled.tuning_records} records in {db})" if compiled.tuned else ""
+    out.print(f"wrote {output} and {output.name}{tvm_backend.META_SUFFIX} for {compiled.signature.target}{tuned}", markup=False)
+    return 0
+
+
+def _inputs_at(model, shapes):
+    """Generated inputs at the compile shapes, so the per-pass checks run at the shapes compiled."""
+    if not shapes:
+        return None
+    from graphopt import feeds
+
+    dims = {"batch": 1, "seq": 16}
+    for value in model.graph.inputs:
+        for dim, size in zip(value.shape or (), shapes.get(value.name, ())):
+            if not isinstance(dim, int) and dim.value:
+                dims[dim.value] = size
+    return feeds.make_inputs(model, dims=dims)
+
+
+def cmd_run(args) -> int:
+    from graphopt import feeds as feeds_mod
+
+    path = Path(args.model)
+    if path.suffix == ".onnx":
+        model = graphopt.load(path)
+        inputs = feeds_mod.load_inputs(args.inputs, model)
+        outputs = graphopt.verify.run(model, inputs)
+    else:
+        from graphopt.backends import tvm as tvm_backend
+
+        executable = tvm_backend.load(path)
+        outputs = executable.run(feeds_mod.read_npz(args.inputs))
+    exporters.write_npz(outputs, args.output)
+    out.print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()), markup=False)
+    return 0
+
+
 def cmd_bench(args) -> int:
     with _spinner(f"optimizing {args.model} for {args.target}, then timing every contender"):
         result = bench_mod.bench(args.model, target=args.target, against=args.against, inputs=args.inputs, dims=args.dims,
-                                 rounds=args.rounds, optimized=args.optimized)
+                                 rounds=args.rounds, optimized=args.optimized, tvm_artifact=args.tvm)
     if args.json:
         out.print(json.dumps(result.to_dict(), indent=2, default=str), markup=False)
         return 0

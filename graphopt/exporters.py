@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from graphopt.backends import ort as ort_backend
@@ -127,3 +128,18 @@ def check_target(model: Model, path: Path, force: bool) -> None:
                 f"refusing to overwrite {p}, which the model was loaded from",
                 hint="choose another output path, or pass force=True (--force)",
             )
+
+
+def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Arrays by name into an .npz, atomically (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -31,6 +31,13 @@ def make_inputs(model: Model, *, seed: int = 0, dims: Mapping[str, int] | None =
 
 def load_inputs(path: str | os.PathLike, model: Model) -> dict[str, np.ndarray]:
     """Inputs from an `.npz` file keyed by input name, checked against the model."""
+    feeds = read_npz(path)
+    check_inputs(feeds, model, where=str(path))
+    return feeds
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Arrays by name from an `.npz` file; a missing or unreadable file is an InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"inputs file not found: {path}")
@@ -39,7 +46,6 @@ def load_inputs(path: str | os.PathLike, model: Model) -> dict[str, np.ndarray]:
             feeds = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path} is not a readable .npz file ({exc})", hint="write it with numpy.savez") from None
-    check_inputs(feeds, model, where=str(path))
     return feeds
 
 
