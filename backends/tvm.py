@@ -47,11 +47,13 @@ RUN_TIMEOUT_S = 60.0
 
 
 def _tvm():
+    # TVM's CPU runtime uses one thread unless told otherwise: default to every core.
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     try:
         import tvm
         from tvm import relax  # noqa: F401
-    except ImportError:
-        raise BackendError("the TVM backend needs Apache TVM, which is not installed",
+    except ImportError as exc:
+        raise BackendError(f"the TVM backend needs Apache TVM, which does not import ({exc})",
                            hint="pip install 'graphopt[tvm]' (apache-tvm with apache-tvm-ffi==0.1.14.post1)") from None
     return tvm
 
@@ -84,6 +86,7 @@ class Compiled:
     signature: Signature
     tuned: bool = False
     tuning_records: int = 0
+    untuned_kernels: list[str] = dataclasses.field(default_factory=list)  # TVM could not generate their search space
 
 
 def to_relax(model: Model, shapes: Mapping[str, Sequence[int]] | None = None):
@@ -110,10 +113,12 @@ def to_relax(model: Model, shapes: Mapping[str, Sequence[int]] | None = None):
 
 def compile(model: Model, *, target: str = "llvm", shapes: Mapping[str, Sequence[int]] | None = None,
             arch: str | None = None, tuning_db: str | os.PathLike | None = None, trials: int = 0,
-            progress: Callable[[int, int], None] | None = None) -> Compiled:
+            progress: Callable[[int, int], None] | None = None, runner: Any = None) -> Compiled:
     """Compile `model` for `target`. With `tuning_db`, tune `trials` MetaSchedule trials into
     that directory's JSON database (records already there are kept and reused; trials=0
-    compiles from the database without measuring) and compile with the tuned schedules."""
+    compiles from the database without measuring) and compile with the tuned schedules.
+    `runner`: where trials are measured (default: this machine; `rpc_runner(...)` for remote
+    devices behind TVM's RPC tracker)."""
     tvm = _tvm()
     from tvm import relax
 
@@ -124,41 +129,56 @@ def compile(model: Model, *, target: str = "llvm", shapes: Mapping[str, Sequence
         if tuning_db is None:
             executable = tvm.compile(mod, tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
             return Compiled(executable, signature)
-        database = tune(mod, tvm_target, Path(tuning_db), trials, progress)
+        skipped: list[str] = []
+        database = tune(mod, tvm_target, Path(tuning_db), trials, progress, runner, skipped)
         from tvm.s_tir.meta_schedule.relax_integration import compile_relax
 
         executable = compile_relax(database, mod, tvm_target, params=None)
-        return Compiled(executable, signature, True, len(database))
+        return Compiled(executable, signature, True, len(database), skipped)
     except BackendError:
         raise
     except Exception as exc:
         raise BackendError(f"TVM could not compile the model for {target}: {first_line(exc, 300)}") from None
 
 
-def tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int], None] | None = None):
+def tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int], None] | None = None,
+         runner: Any = None, skipped: list[str] | None = None):
     """MetaSchedule tuning into work_dir's JSON database, reused across runs. Records are
-    committed as they are measured, so an interrupted run keeps what it found."""
+    committed as they are measured, so an interrupted run keeps what it found. Kernels
+    whose design space TVM cannot generate (a ScheduleError on some fused masks here) are
+    left to the default schedule and named in `skipped`."""
+    import tvm
+    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.relax_integration import tune_relax
+    from tvm.s_tir.meta_schedule import relax_integration as ri
 
     work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(path_workload=str(work_dir / "database_workload.json"),
                                         path_tuning_record=str(work_dir / "database_tuning_record.json"))
     if trials <= 0:
         return database
-    import tvm
-    from tvm import relax
-
     # The kernels compile_relax will look up: the same legalization and fusion it applies.
     with target, tvm.transform.PassContext(opt_level=3):
         fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                           relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                           relax.transform.FuseTIR()])(mod)
+    contexts, weights = ri.extracted_tasks_to_tune_contexts(ri.extract_tasks(fused, target, None), str(work_dir))
+    kept = []
+    for context, weight in zip(contexts, weights):
+        try:
+            context.generate_design_space()
+            kept.append((context, weight))
+        except Exception:  # TVM's schedule rules fail on some fused kernels; they keep the default schedule
+            if skipped is not None:
+                skipped.append(context.task_name)
+    if not kept:
+        return database
     records = work_dir / "database_tuning_record.json"
     with _watch(records, trials, progress):
-        tune_relax(fused, {}, target, str(work_dir), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
-                   builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
-                   runner=ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S), database=database)
+        ri.tune_tasks(tasks=[c for c, _ in kept], task_weights=[w for _, w in kept], work_dir=str(work_dir),
+                      max_trials_global=trials, num_trials_per_iter=min(trials, 16),
+                      builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S),
+                      runner=runner or ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S), database=database)
     return database
 
 
@@ -170,7 +190,7 @@ def rpc_runner(tracker_host: str, tracker_port: int, device_key: str, *, timeout
 
     config = ms.runner.RPCConfig(tracker_host=tracker_host, tracker_port=tracker_port, tracker_key=device_key,
                                  session_timeout_sec=int(timeout_s))
-    return ms.runner.RPCRunner(rpc_config=config, timeout_sec=timeout_s)
+    return ms.runner.RPCRunner(rpc_config=config)
 
 
 @contextlib.contextmanager

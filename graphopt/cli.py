@@ -23,6 +23,7 @@ from graphopt import benchmark as bench_mod
 from graphopt import exporters, presets, registry
 from graphopt.backends.ort_select import TARGETS
 from graphopt.benchmark import ANCHORS
+from graphopt.passes.mixers import MIXERS
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
@@ -83,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", choices=TARGETS, help="lower for this onnxruntime provider, choosing per op kind the "
                    "lowering measured fastest on the inputs (choice and timings in the report)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
+    s.add_argument("--mixer", choices=MIXERS, help="with --preset mixers: the token mixer that replaces attention")
+    s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
+    s.add_argument("--fidelity", type=float, default=0.99, help="with --layers auto: keep the end-to-end cosine above this")
+    s.add_argument("--calib", help="with --preset mixers: calibration inputs (.npz; rows split half fit, half held out)")
+    s.add_argument("--calib-steps", type=int, default=300, help="optimizer steps per layer when fitting a mixer")
     s.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("validate", parents=[common], help="compare two models' outputs in onnxruntime")
@@ -105,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tune", action="store_true", help="tune kernels with MetaSchedule")
     s.add_argument("--trials", type=int, default=64, help="MetaSchedule trials in total (with --tune)")
     s.add_argument("--tuning-db", help="directory of the JSON tuning database, reused across runs (default OUT.tuning)")
+    s.add_argument("--rpc", help="measure trials on remote devices through TVM's RPC tracker: HOST:PORT:DEVICE_KEY")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_compile)
 
@@ -145,6 +152,15 @@ def _add_input_args(s: argparse.ArgumentParser) -> None:
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _layers(text: str):
+    if text in ("all", "auto") or text.startswith("best:"):
+        return text
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise InputError(f"--layers wants all, auto or indices like 0,2,4; got '{text}'") from None
 
 
 def _dims(text: str) -> dict[str, int]:
@@ -191,7 +207,9 @@ def cmd_optimize(args) -> int:
 
         result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=args.inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
-                                   progress=progress, target=args.target, use_cache=not args.no_cache)
+                                   progress=progress, target=args.target, use_cache=not args.no_cache,
+                                   mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
+                                   calib_steps=args.calib_steps)
     report = result.report
     out.print(report.tables())
     if args.explain:
@@ -242,18 +260,37 @@ def cmd_compile(args) -> int:
         model = result.model
     db = Path(args.tuning_db) if args.tuning_db else output.with_name(output.name + ".tuning")
     if args.tune:
-        with _bar() as bar:
-            task = bar.add_task(f"tuning ({db})", total=args.trials)
-            compiled = tvm_backend.compile(model, target=args.target, arch=args.arch, shapes=shapes, tuning_db=db,
-                                           trials=args.trials, progress=lambda n, total: bar.update(task, completed=n))
+        try:
+            with _bar() as bar:
+                task = bar.add_task(f"tuning: records in {db}", total=None)
+                compiled = tvm_backend.compile(model, target=args.target, arch=args.arch, shapes=shapes, tuning_db=db,
+                                               trials=args.trials, progress=lambda n, total: bar.update(task, completed=n),
+                                               runner=_rpc(args.rpc) if args.rpc else None)
+        except KeyboardInterrupt:
+            _fail(f"interrupted: nothing was written; the tuning records measured so far are kept in {db} "
+                  "and the next --tune run with this --tuning-db starts from them")
+            return 130
     else:
         with _spinner(f"compiling for {args.target}"):
             compiled = tvm_backend.compile(model, target=args.target, arch=args.arch, shapes=shapes,
                                            tuning_db=args.tuning_db, trials=0)
     tvm_backend.export(compiled, output)
     tuned = f", tuned ({compiled.tuning_records} records in {db})" if compiled.tuned else ""
+    if compiled.untuned_kernels:
+        tuned += f"; TVM could not search {len(compiled.untuned_kernels)} kernel(s), left at default schedules: " + \
+            ", ".join(compiled.untuned_kernels)
     out.print(f"wrote {output} and {output.name}{tvm_backend.META_SUFFIX} for {compiled.signature.target}{tuned}", markup=False)
     return 0
+
+
+def _rpc(spec: str):
+    from graphopt.backends import tvm as tvm_backend
+
+    host, _, rest = spec.partition(":")
+    port, _, key = rest.partition(":")
+    if not host or not port.isdigit() or not key:
+        raise InputError(f"--rpc wants HOST:PORT:DEVICE_KEY, got '{spec}'")
+    return tvm_backend.rpc_runner(host, int(port), key)
 
 
 def _inputs_at(model, shapes):

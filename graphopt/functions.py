@@ -173,9 +173,23 @@ class FunctionDef:
     body: Callable[[int, bool], str]  # (default-domain opset, float32-only body) -> function text
 
 
+def _mixers() -> list[FunctionDef]:
+    """Token mixers (issue 6): float32 bodies written for opset >= 18 (graphopt/mixer_bodies.py)."""
+    from graphopt import mixer_bodies as mb
+
+    defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body())]
+    for kind in mb.MAPS:
+        for causal in (False, True):
+            for quadratic in (False, True):
+                defs.append(FunctionDef(mb.linear_name(kind, causal, quadratic),
+                                        lambda opset, plain, k=kind, c=causal, q=quadratic: mb.linear_body(k, c, q)))
+    return defs
+
+
 LIBRARY: dict[str, FunctionDef] = {
     f.name: f
     for f in (
+        *_mixers(),
         FunctionDef("RMSNormalization", _rms_norm),
         FunctionDef("LayerNormalization", _layer_norm),
         FunctionDef("Gelu", _gelu),

@@ -48,7 +48,11 @@ _EXACT = (
 PRESETS: dict[str, tuple[str, ...]] = {
     "cleanup": _CLEANUP,
     "exact": _EXACT,  # the default
+    # Approximate: the exact preset (which makes the canonical attention ops), then the
+    # calibrated mixer swap (graphopt/mixing.py), configured by optimize(mixer=...).
+    "mixers": _EXACT,
 }
+APPROXIMATE = {"mixers"}  # presets whose result is measured by fidelity, not validated as equal
 
 DEFAULT = "exact"
 

@@ -31,6 +31,7 @@ class Report:
     after: dict[str, Any]
     notes: list[str] = dataclasses.field(default_factory=list)
     lowering: dict[str, Any] | None = None  # the measured lowering selection (optimize --target)
+    fidelity: dict[str, Any] | None = None  # the mixer swap's fidelity report (preset mixers)
 
     @property
     def total_rewrites(self) -> int:
@@ -54,6 +55,7 @@ class Report:
             "model": {"before": {k: self.before[k] for k in _MODEL_KEYS}, "after": {k: self.after[k] for k in _MODEL_KEYS}},
             "notes": list(self.notes),
             "lowering": self.lowering,
+            "fidelity": self.fidelity,
         }
 
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -95,10 +97,31 @@ class Report:
         parts.append(summary)
         if self.lowering:
             parts.append(lowering_table(self.lowering))
+        if self.fidelity:
+            parts.append(fidelity_table(self.fidelity))
         if self.validation:
             parts.append(validation_table(self.validation))
         parts.extend(f"note: {n}" for n in self.notes)
         return Group(*parts)
+
+
+def fidelity_table(fidelity: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=f"fidelity: {fidelity['mixer']} on {len(fidelity['layers_swapped'])}/{fidelity['layers_total']} "
+                        f"attention layers (held-out rows: {fidelity['calibration']['held_out_rows']})", title_justify="left")
+    for col in ("layer", "node", "swapped", "rel error", "cosine", "note"):
+        table.add_column(col)
+    for entry in fidelity["per_layer"]:
+        table.add_row(str(entry["index"]), entry["node"], "yes" if entry["swapped"] else "no", f"{entry['rel_error']:.4f}",
+                      f"{entry['cosine']:.4f}", entry.get("kept_because", ""))
+    lines = [f"end to end {name}: mean cosine {v['mean_cosine']:.5f}, min cosine {v['min_cosine']:.5f}, max abs error "
+             f"{v['max_abs_error']:.3e}" + (f", KL {v['kl_divergence']:.4g}" if "kl_divergence" in v else "")
+             for name, v in fidelity["end_to_end"].items()]
+    if "warning" in fidelity["calibration"]:
+        lines.append(f"WARNING: {fidelity['calibration']['warning']}")
+    return Group(table, *lines)
 
 
 def lowering_table(lowering: dict[str, Any]):

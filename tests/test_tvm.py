@@ -76,6 +76,11 @@ def test_cli_compile_and_run_artifact(tmp):
     wrong = subprocess.run([GRAPHOPT, "run", tmp / "m.so", "--inputs", tmp / "bad.npz", "-o", tmp / "x.npz"],
                            capture_output=True, text=True)
     assert wrong.returncode == 2 and not (tmp / "x.npz").exists()
+    bench = subprocess.run([GRAPHOPT, "bench", path, "--tvm", tmp / "m.so", "--against", "original", "--rounds", "2",
+                            "--dims", "batch=1,seq=8", "--json"], check=True, capture_output=True, text=True)
+    contenders = {c["name"]: c for c in json.loads(bench.stdout)["contenders"]}
+    assert list(contenders) == ["graphopt", "tvm", "original"]
+    assert contenders["tvm"]["median_ms"] > 0 and contenders["tvm"]["max_abs_error"] < 1e-4
 
 
 def _mlp():
@@ -114,3 +119,61 @@ def test_cuda_code_generation_and_export(tmp):
     compiled = tvm_backend.compile(model, target="cuda", arch="sm_90", shapes={"input_ids": (1, 16), "attention_mask": (1, 16)})
     artifact = tvm_backend.export(compiled, tmp / "bert_cuda.so")
     assert artifact.stat().st_size > 0 and "cuda" in json.loads((tmp / "bert_cuda.so.json").read_text())["target"]
+
+
+def test_tuning_through_an_rpc_tracker_on_loopback(tmp):
+    """MetaSchedule measures on a device registered with TVM's RPC tracker (here: this machine)."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                                "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        _wait_for_port(port, tracker)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                                   "--key", "loopback", "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_device(port, "loopback")
+        model = _mlp()
+        runner = tvm_backend.rpc_runner("127.0.0.1", port, "loopback")
+        compiled = tvm_backend.compile(model, tuning_db=tmp / "db", trials=2, runner=runner)
+        assert compiled.tuned and compiled.tuning_records >= 1
+        records = [json.loads(line) for line in (tmp / "db" / "database_tuning_record.json").read_text().splitlines()]
+        assert all(max(r[1][1]) < 1.0 for r in records), "a trial was not measured through the tracker"
+        _check(model, graphopt.feeds.make_inputs(model), compiled)
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+def _wait_for_port(port: int, process, timeout: float = 60.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the RPC tracker exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError("the RPC tracker did not start listening")
+
+
+def _wait_for_device(port: int, key: str, timeout: float = 60.0) -> None:
+    import time
+
+    from tvm import rpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        summary = rpc.connect_tracker("127.0.0.1", port).summary()
+        if any(q.get("free", 0) for k, q in summary.get("queue_info", {}).items() if k == key):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no '{key}' device registered with the tracker")

@@ -1,0 +1,160 @@
+"""Reference bodies of graphopt's token mixers (issue 6), in standard ONNX ops (opset >= 18).
+
+Every mixer replaces a canonical attention op and reads what it read: Q [B, H, S, D],
+KT = K^T [B, H, D, T], V [B, H, T, Dv], plus a key mask [B|1, 1, T, 1] (1 = a real key,
+0 = padding) derived from the attention bias, and its parameters.
+
+Linear attention, with phi a feature map applied per token:
+    Y = phi(Q) (phi(K)^T V) / (phi(Q) sum_t phi(K_t) + eps)
+Function names say the feature map, causality and evaluation order:
+    LinearAttention{Elu,Relu,Hedgehog,Performer}[Causal][Quadratic]
+`Quadratic` evaluates (phi(Q) phi(K)^T) V (masked lower-triangular when causal): cheaper
+for short sequences, and the causal reference. The causal linear form is chunked (chunk
+CHUNK): a masked matmul inside each chunk plus the running state sum_{j<i} phi(K_j)^T V_j
+across chunks (CumSum), so memory and time are linear in T.
+Feature maps:
+    elu        elu(x) + 1
+    relu       relu(x)                                   (SLAB's simplified linear attention)
+    hedgehog   softmax([x W, -x W]) over features, W per head [H, D, D]  (learnable; x = sqrt(scale) x)
+    performer  exp(x w - |x|^2 / 2) / sqrt(m), w [D, m] Gaussian      (FAVOR+; x = sqrt(scale) x)
+Pooling (PoolFormer over the value tokens): Y = AvgPool_3(V) - V.
+"""
+
+from __future__ import annotations
+
+CHUNK = 64
+EPS = 1e-6
+MAPS = ("Elu", "Relu", "Hedgehog", "Performer")
+
+
+def linear_name(feature_map: str, causal: bool, quadratic: bool) -> str:
+    return f"LinearAttention{feature_map.capitalize()}{'Causal' if causal else ''}{'Quadratic' if quadratic else ''}"
+
+
+def _feature_map(kind: str, x: str, out: str) -> str:
+    """Text computing phi(x) into `out` (x [.., N, D] -> [.., N, F])."""
+    if kind == "Elu":
+        return f"{out}_e = Elu({x})\n    {out} = Add({out}_e, one)"
+    if kind == "Relu":
+        return f"{out} = Relu({x})"
+    if kind == "Hedgehog":
+        return (f"{out}_s = Mul({x}, root_scale)\n    {out}_w = MatMul({out}_s, W)\n    {out}_n = Neg({out}_w)\n"
+                f"    {out}_c = Concat<axis = -1>({out}_w, {out}_n)\n    {out} = Softmax<axis = -1>({out}_c)")
+    if kind == "Performer":
+        return (f"{out}_s = Mul({x}, root_scale)\n    {out}_p = MatMul({out}_s, W)\n    {out}_sq = Mul({out}_s, {out}_s)\n"
+                f"    {out}_n = ReduceSum<keepdims = 1>({out}_sq, last)\n    {out}_h = Mul({out}_n, half)\n"
+                f"    {out}_a = Sub({out}_p, {out}_h)\n    {out}_x = Exp({out}_a)\n    {out} = Mul({out}_x, inv_sqrt_m)")
+    raise ValueError(kind)
+
+
+def _header(name: str, kind: str) -> str:
+    params = ", W" if kind in ("Hedgehog", "Performer") else ""
+    return f"{name} <scale> (Q, KT, V, keymask{params}) => (Y)"
+
+
+_CONSTANTS = """one = Constant<value = float {1.0}>()
+    half = Constant<value = float {0.5}>()
+    eps = Constant<value = float {%g}>()
+    last = Constant<value = int64[1] {-1}>()
+    scale_value = Constant<value_float: float = @scale>()
+    root_scale = Sqrt(scale_value)""" % EPS
+
+
+def _performer_norm() -> str:
+    return """w_shape = Shape(W)
+    m_dim = Slice(w_shape, last, int_max)
+    m_float = Cast<to = 1>(m_dim)
+    sqrt_m = Sqrt(m_float)
+    inv_sqrt_m = Reciprocal(sqrt_m)"""
+
+
+def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
+    name = linear_name(kind, causal, quadratic)
+    extra = _performer_norm() if kind == "Performer" else ""
+    common = f"""
+{_header(name, kind)} {{
+    {_CONSTANTS}
+    int_max = Constant<value = int64[1] {{9223372036854775807}}>()
+    {extra}
+    {_feature_map(kind, "Q", "pq")}
+    K = Transpose<perm = [0, 1, 3, 2]>(KT)
+    {_feature_map(kind, "K", "pk0")}
+    pk = Mul(pk0, keymask)
+"""
+    if not causal and not quadratic:
+        core = """    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    kv = MatMul(pkt, V)
+    num = MatMul(pq, kv)
+    ks = ReduceSum<keepdims = 1>(pkt, last)
+    den = MatMul(pq, ks)
+    dene = Add(den, eps)
+    Y = Div(num, dene)
+}"""
+    elif quadratic:
+        mask = """    t_len = Shape<start = -1>(a0)
+    s_len = Shape<start = -2, end = -1>(a0)
+    offset = Sub(t_len, s_len)
+    offset0 = Squeeze(offset)
+    a = Trilu<upper = 0>(a0, offset0)""" if causal else "    a = Identity(a0)"
+        core = f"""    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    a0 = MatMul(pq, pkt)
+{mask}
+    num = MatMul(a, V)
+    den = ReduceSum<keepdims = 1>(a, last)
+    dene = Add(den, eps)
+    Y = Div(num, dene)
+}}"""
+    else:
+        core = f"""    chunk = Constant<value = int64[1] {{{CHUNK}}}>()
+    zero1 = Constant<value = int64[1] {{0}}>()
+    zero2 = Constant<value = int64[2] {{0, 0}}>()
+    minus1 = Constant<value = int64[1] {{-1}}>()
+    axis2 = Constant<value = int64 {{2}}>()
+    t_len = Shape<start = -2, end = -1>(pk)
+    rem = Mod(t_len, chunk)
+    short = Sub(chunk, rem)
+    pad = Mod(short, chunk)
+    pads = Concat<axis = 0>(zero2, pad, zero1, zero2, zero1, zero1)
+    pads8 = Concat<axis = 0>(zero2, zero1, zero1, zero2, pad, zero1)
+    qp = Pad(pq, pads8)
+    kp = Pad(pk, pads8)
+    vp = Pad(V, pads8)
+    lead = Shape<end = 2>(pq)
+    f_dim = Shape<start = -1>(pq)
+    dv_dim = Shape<start = -1>(V)
+    shape_f = Concat<axis = 0>(lead, minus1, chunk, f_dim)
+    shape_v = Concat<axis = 0>(lead, minus1, chunk, dv_dim)
+    q5 = Reshape(qp, shape_f)
+    k5 = Reshape(kp, shape_f)
+    v5 = Reshape(vp, shape_v)
+    k5t = Transpose<perm = [0, 1, 2, 4, 3]>(k5)
+    kv = MatMul(k5t, v5)
+    state = CumSum<exclusive = 1>(kv, axis2)
+    inter = MatMul(q5, state)
+    a0 = MatMul(q5, k5t)
+    a = Trilu<upper = 0>(a0)
+    intra = MatMul(a, v5)
+    z = ReduceSum<keepdims = 1>(k5t, last)
+    zs = CumSum<exclusive = 1>(z, axis2)
+    den_inter = MatMul(q5, zs)
+    den_intra = ReduceSum<keepdims = 1>(a, last)
+    num = Add(inter, intra)
+    den0 = Add(den_inter, den_intra)
+    den = Add(den0, eps)
+    y5 = Div(num, den)
+    flat = Concat<axis = 0>(lead, minus1, dv_dim)
+    yp = Reshape(y5, flat)
+    Y = Slice(yp, zero1, t_len, axis2_1d)
+}}"""
+        core = core.replace("axis2_1d", "two_1d")
+        core = "    two_1d = Constant<value = int64[1] {2}>()\n" + core
+        core = core.replace("    pads = Concat<axis = 0>(zero2, pad, zero1, zero2, zero1, zero1)\n", "")
+    return common + core
+
+
+def pool_body() -> str:
+    return """
+PoolMixer (V) => (Y) {
+    pooled = AveragePool<kernel_shape = [3, 1], pads = [1, 0, 1, 0], strides = [1, 1], count_include_pad = 0>(V)
+    Y = Sub(pooled, V)
+}"""

@@ -1,0 +1,51 @@
+"""Straightforward torch implementations of the token mixers: the calibration objective
+(differentiable, for fitting Hedgehog maps) and the reference the ONNX bodies are tested
+against. Same inputs as the bodies: q [B,H,S,D], kt [B,H,D,T], v [B,H,T,Dv], keymask
+[B|1,1,T,1]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from graphopt.mixer_bodies import EPS
+
+
+def feature_map(kind: str, x: torch.Tensor, scale: float, w: torch.Tensor | None = None) -> torch.Tensor:
+    kind = kind.capitalize()
+    if kind == "Elu":
+        return torch.nn.functional.elu(x) + 1
+    if kind == "Relu":
+        return torch.relu(x)
+    xs = x * math.sqrt(scale)
+    if kind == "Hedgehog":
+        xw = xs @ w
+        return torch.softmax(torch.cat([xw, -xw], dim=-1), dim=-1)
+    if kind == "Performer":
+        projected = xs @ w
+        return torch.exp(projected - (xs * xs).sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[-1])
+    raise ValueError(f"unknown feature map {kind}")
+
+
+def linear_attention(kind: str, q, kt, v, keymask, scale: float, w=None, causal: bool = False) -> torch.Tensor:
+    pq = feature_map(kind, q, scale, w)
+    pk = feature_map(kind, kt.transpose(-1, -2), scale, w) * keymask
+    if not causal:
+        num = pq @ (pk.transpose(-1, -2) @ v)
+        den = pq @ pk.sum(-2, keepdim=True).transpose(-1, -2)
+    else:
+        a = (pq @ pk.transpose(-1, -2)).tril(kt.shape[-1] - q.shape[-2])
+        num, den = a @ v, a.sum(-1, keepdim=True)
+    return num / (den + EPS)
+
+
+def softmax_attention(q, kt, v, bias, scale: float) -> torch.Tensor:
+    scores = (q @ kt) * scale
+    if bias is not None:
+        scores = scores + bias
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def pool(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.avg_pool2d(v, (3, 1), stride=1, padding=(1, 0), count_include_pad=False) - v

@@ -1,0 +1,291 @@
+"""Swap softmax attention for efficient token mixers, calibrated, with a fidelity report.
+
+    result = swap_mixers(model, "linear:hedgehog", calib="calib.npz", layers="auto", fidelity=0.99)
+
+1. Calibration data: the user's (.npz path, dict of arrays, or a list of dicts; a batch of
+   more than one row is split in halves: fit on the first, measure on the second) or, with a
+   loud warning, generated inputs.
+2. Capture: the model runs in onnxruntime with every canonical attention op's Q, K^T, V, bias
+   and output exposed as extra outputs.
+3. Fit (Hedgehog): per layer, W minimizes the error of the linear attention output against the
+   captured softmax output (attention transfer, torch autograd, `steps` Adam steps).
+4. Select: `layers` = "all", a list of indices, or "auto": layers ranked by their held-out
+   error, swapped greedily while the end-to-end output cosine stays >= `fidelity`.
+5. Report: per layer relative error ||y - y'|| / ||y|| and cosine on held-out data; end to
+   end: output cosine, max error, KL divergence for logit outputs; what was kept and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt import exporters, feeds as feeds_mod, verify
+from graphopt.errors import InputError
+from graphopt.ir import ir
+from graphopt.masks import HIDDEN
+from graphopt.model import Model
+from graphopt.passes import mixers
+from graphopt.shapes import infer_shapes
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class MixResult:
+    model: Model
+    report: dict[str, Any]
+
+
+def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
+                fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
+                progress: Callable[[str], None] | None = None) -> MixResult:
+    """`layers`: "all", "auto", "best:N" (the N layers with the lowest held-out error) or
+    indices. `holdout`: explicit held-out batches (else half of `calib` is held out)."""
+    spec = mixers.MixerSpec.parse(mixer)
+    work = model.clone()
+    infer_shapes(work.ir)
+    nodes = mixers.attention_nodes(work.ir.graph)
+    if not nodes:
+        raise InputError("no canonical attention ops to swap", hint="run the exact preset (fuse-attention) first")
+    fit_feeds, held_feeds, source, warning = _calibration(work, calib, seed, dims)
+    if holdout is not None:
+        fit_feeds = fit_feeds + held_feeds
+        held_feeds = [holdout] if isinstance(holdout, Mapping) else list(holdout)
+    say = progress or (lambda _msg: None)
+    say("capturing attention inputs and outputs")
+    fit_caps = capture(work, fit_feeds, nodes)
+    held_caps = capture(work, held_feeds, nodes)
+    per_layer = []
+    weights: dict[int, np.ndarray | None] = {}
+    for i, node in enumerate(nodes):
+        say(f"layer {i + 1}/{len(nodes)}: {'fitting' if spec.feature_map == 'Hedgehog' else 'measuring'}")
+        w = mixers.initial_weights(spec, node, i, seed) if spec.kind == "linear" else None
+        if spec.feature_map == "Hedgehog":
+            w = fit_hedgehog(fit_caps[i], node, w, steps, seed)
+        weights[i] = w
+        per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w)})
+    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, held_feeds)
+    swapped = _apply(work, nodes, spec, weights, chosen, _seq_hint(held_feeds))
+    end_to_end = end_to_end_fidelity(model, swapped, held_feeds)
+    for entry in per_layer:
+        entry["swapped"] = entry["index"] in chosen
+        if not entry["swapped"]:
+            entry["kept_because"] = selection_note.get(entry["index"], "not selected (--layers)")
+    report = {
+        "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
+        "per_layer": per_layer, "end_to_end": end_to_end,
+        "calibration": {"source": source, "fit_rows": _rows(fit_feeds), "held_out_rows": _rows(held_feeds),
+                        "steps": steps if spec.feature_map == "Hedgehog" else 0, **({"warning": warning} if warning else {})},
+        "selection": {"layers": layers if isinstance(layers, str) else list(layers), "fidelity_threshold": fidelity},
+    }
+    return MixResult(swapped, report)
+
+
+def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) -> list[dict[str, list[np.ndarray]]]:
+    """Per canonical op: lists (one entry per batch) of q, kt, v, bias (or None) and y."""
+    work = model.ir.clone()
+    by_name = {v.name: v for node in work.graph for v in node.outputs} | {v.name: v for v in work.graph.inputs}
+    wanted = []
+    for node in nodes:
+        values = list(node.inputs) + [node.outputs[0]]
+        wanted.append([v.name if v is not None else None for v in values])
+    names = sorted({n for row in wanted for n in row if n and n in by_name and not by_name[n].is_graph_output()})
+    for name in names:
+        if by_name[name].type is None:
+            by_name[name].type = ir.TensorType(ir.DataType.FLOAT)
+        work.graph.outputs.append(by_name[name])
+    results = [verify.run(Model(work), feeds) for feeds in batches]
+    caps = []
+    for row in wanted:
+        keys = ("q", "kt", "v", "bias", "y") if len(row) == 5 else ("q", "kt", "v", "y")
+        entry = {k: [r[n] for r in results] for k, n in zip(keys, row)}
+        entry.setdefault("bias", [None] * len(results))
+        caps.append(entry)
+    return caps
+
+
+def keymask(bias: np.ndarray | None):
+    """The torch twin of passes/mixers._keymask: [B|1, 1, T, 1] from the additive bias."""
+    import torch
+
+    if bias is None:
+        return torch.ones(1, 1, 1, 1)
+    visible = (torch.as_tensor(bias)[..., -1:, :] > HIDDEN).float()
+    return visible.amin(dim=1, keepdim=True).transpose(-1, -2)
+
+
+def _mixer_output(spec, node, q, kt, v, bias, w):
+    import torch
+
+    from graphopt import mixer_reference as ref
+
+    if spec.kind == "pool":
+        return ref.pool(v)
+    if spec.kind == "drop":
+        return torch.zeros_like(q[..., : v.shape[-1]])
+    causal = bool(node.attributes.get_int("causal", 0))
+    scale = node.attributes.get_float("scale", 1.0)
+    return ref.linear_attention(spec.feature_map, q, kt, v, keymask(bias), scale, w, causal)
+
+
+def fit_hedgehog(cap, node, w0: np.ndarray, steps: int, seed: int) -> np.ndarray:
+    """Attention transfer: W minimizing the mean squared error to the captured softmax output."""
+    import torch
+
+    from graphopt import mixer_reference as ref
+
+    torch.manual_seed(seed)
+    w = torch.nn.Parameter(torch.as_tensor(w0).clone())
+    opt = torch.optim.Adam([w], lr=1e-2)
+    scale = node.attributes.get_float("scale", 1.0)
+    causal = bool(node.attributes.get_int("causal", 0))
+    batches = [tuple(torch.as_tensor(a) if a is not None else None for a in (q, kt, v, b, y))
+               for q, kt, v, b, y in zip(cap["q"], cap["kt"], cap["v"], cap["bias"], cap["y"])]
+    for step in range(max(steps, 0)):
+        q, kt, v, b, y = batches[step % len(batches)]
+        out = ref.linear_attention("Hedgehog", q, kt, v, keymask(b), scale, w, causal)
+        mask = keymask(b).transpose(-1, -2)[..., 0, :, None] if b is not None else 1.0  # padded queries do not count
+        loss = (((out - y) ** 2) * mask).mean() / (y.pow(2).mean() + 1e-12)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach().numpy().astype(np.float32)
+
+
+def layer_error(spec, node, cap, w) -> dict[str, float]:
+    """Held-out error of the mixer against the captured softmax output, on the captured inputs."""
+    import torch
+
+    num = den = 0.0
+    cosines = []
+    with torch.no_grad():
+        for q, kt, v, b, y in zip(cap["q"], cap["kt"], cap["v"], cap["bias"], cap["y"]):
+            t = [torch.as_tensor(a) for a in (q, kt, v, y)]
+            out = _mixer_output(spec, node, t[0], t[1], t[2], b, torch.as_tensor(w) if w is not None else None)
+            y_ = t[3]
+            num += float(((out - y_) ** 2).sum())
+            den += float((y_ ** 2).sum())
+            cosines.append(float(torch.nn.functional.cosine_similarity(out.flatten(), y_.flatten(), dim=0)))
+    return {"rel_error": round((num / max(den, 1e-30)) ** 0.5, 6), "cosine": round(float(np.mean(cosines)), 6)}
+
+
+def end_to_end_fidelity(original: Model, swapped: Model, batches: Sequence[Feeds]) -> dict[str, Any]:
+    """Per output: cosine per row (mean and min over held-out rows), max abs error, and the
+    KL divergence of the softmax for outputs named like logits."""
+    refs = [verify.run(original, f) for f in batches]
+    gots = [verify.run(swapped, f) for f in batches]
+    out = {}
+    for name in refs[0]:
+        cosines, worst, kls = [], 0.0, []
+        for r, g in zip(refs, gots):
+            a = r[name].reshape(r[name].shape[0], -1).astype(np.float64)
+            b = g[name].reshape(g[name].shape[0], -1).astype(np.float64)
+            cosines.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30))
+            worst = max(worst, float(np.abs(a - b).max()))
+            if "logit" in name.lower():
+                kls.append(_kl(r[name], g[name]))
+        entry = {"mean_cosine": round(float(np.mean(cosines)), 6), "min_cosine": round(float(np.min(cosines)), 6),
+                 "max_abs_error": worst}
+        if kls:
+            entry["kl_divergence"] = float(np.mean(kls))
+        out[name] = entry
+    return out
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _apply(model: Model, nodes, spec, weights, chosen: set[int], seq_hint: int) -> Model:
+    work = model.clone()
+    by_name = {n.name: n for n in mixers.attention_nodes(work.ir.graph)}
+    for i in sorted(chosen):
+        node = by_name[nodes[i].name]
+        mixers.swap(work.ir, node, spec, weights.get(i), quadratic=_quadratic(spec, node, seq_hint))
+    return work
+
+
+def _quadratic(spec, node, seq: int) -> bool:
+    """Evaluation order by cost: Q (K^T V) costs ~ 2 T F Dv, (Q K^T) V ~ T^2 (F + Dv) per head."""
+    if spec.kind != "linear":
+        return False
+    d = node.attributes.get_int("head_size", 0) or 64
+    f = 2 * d if spec.feature_map == "Hedgehog" else 4 * d if spec.feature_map == "Performer" else d
+    return seq * (f + d) < 2 * f * d
+
+
+def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held):
+    if layers == "all":
+        return set(range(len(nodes))), {}
+    if isinstance(layers, str) and layers.startswith("best:"):
+        n = int(layers.split(":", 1)[1])
+        order = sorted(range(len(nodes)), key=lambda i: per_layer[i]["rel_error"])
+        return set(order[:n]), {i: f"not among the {n} layers with the lowest held-out error" for i in order[n:]}
+    if layers != "auto":
+        chosen = set(int(i) for i in layers)
+        bad = sorted(i for i in chosen if not 0 <= i < len(nodes))
+        if bad:
+            raise InputError(f"--layers names {bad}, but the model has attention layers 0..{len(nodes) - 1}")
+        return chosen, {}
+    order = sorted(range(len(nodes)), key=lambda i: per_layer[i]["rel_error"])
+    chosen: set[int] = set()
+    notes = {}
+    seq = _seq_hint(held)
+    for i in order:
+        trial = _apply(model, nodes, spec, weights, chosen | {i}, seq)
+        fid = end_to_end_fidelity(model, trial, held)
+        worst = min(v["mean_cosine"] for v in fid.values())
+        if worst >= fidelity:
+            chosen.add(i)
+        else:
+            notes[i] = f"swapping it too brings the end-to-end mean cosine to {worst:.4f} < {fidelity}"
+    return chosen, notes
+
+
+def _calibration(model: Model, calib, seed, dims):
+    warning = None
+    if calib is None:
+        warning = ("no calibration data: fitted and measured on generated inputs, which say little about real "
+                   "data; pass --calib data.npz")
+        batches = [feeds_mod.make_inputs(model, seed=seed + i, dims=dims) for i in range(4)]
+        return batches[:2], batches[2:], "generated", warning
+    if callable(calib):
+        calib = calib()
+    if isinstance(calib, (str, os.PathLike)):
+        source = os.fspath(calib)
+        calib = feeds_mod.load_inputs(calib, model)
+    else:
+        source = "user arrays"
+    if isinstance(calib, Mapping):
+        rows = next(iter(calib.values())).shape[0]
+        if rows < 2:
+            raise InputError("calibration data needs at least 2 rows (half to fit, half to measure)")
+        half = rows // 2
+        return ([{k: v[:half] for k, v in calib.items()}], [{k: v[half:] for k, v in calib.items()}], source, warning)
+    batches = list(calib)
+    if len(batches) < 2:
+        raise InputError("calibration data needs at least 2 batches (half to fit, half to measure)")
+    half = len(batches) // 2
+    return batches[:half], batches[half:], source, warning
+
+
+def _rows(batches) -> int:
+    return int(sum(next(iter(b.values())).shape[0] for b in batches))
+
+
+def _seq_hint(batches) -> int:
+    shapes = [a.shape for b in batches for a in b.values() if a.ndim >= 2]
+    return int(max((s[1] for s in shapes), default=128))
+
+
+__all__ = ["MixResult", "swap_mixers", "capture", "exporters"]

@@ -1,0 +1,171 @@
+"""Token-mixer swaps (approximate): replace canonical attention ops by cheaper mixers.
+
+The graph edit only; what to swap, with which parameters, is decided by calibration
+(graphopt/mixing.py), which also measures the fidelity of every swap. Mixers and their
+reference bodies: graphopt/mixer_bodies.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graphopt import functions, mixer_bodies
+from graphopt.attention import is_canonical
+from graphopt.errors import InputError
+from graphopt.ir import common_passes, ir
+from graphopt.masks import HIDDEN
+from graphopt.passes._weights import add_initializer, const_array
+from graphopt.rewrite import RULE_TAG
+
+RULE = "SwapMixer"
+MIXERS = ("linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "pool", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    kind: str  # "linear", "pool", "drop"
+    feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
+
+    @classmethod
+    def parse(cls, text: str) -> MixerSpec:
+        if text not in MIXERS:
+            raise InputError(f"unknown mixer '{text}'", hint=f"choose from {', '.join(MIXERS)}")
+        kind, _, fmap = text.partition(":")
+        return cls(kind, fmap.capitalize() or None)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.feature_map.lower()}" if self.feature_map else self.kind
+
+    @property
+    def has_weights(self) -> bool:
+        return self.feature_map in ("Hedgehog", "Performer")
+
+
+def attention_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Canonical attention ops in graph order: layer i is the i-th."""
+    return [n for n in graph if is_canonical(n)]
+
+
+def initial_weights(spec: MixerSpec, node: ir.Node, layer: int, seed: int = 0) -> np.ndarray | None:
+    """Hedgehog: identity per head [H, D, D]; Performer: Gaussian features [D, 4 D], seeded per layer."""
+    heads, size = node.attributes.get_int("q_num_heads", 0), node.attributes.get_int("head_size", 0)
+    if spec.feature_map == "Hedgehog":
+        if not heads or not size:
+            raise InputError(f"attention '{node.name}' has unknown heads or head size; Hedgehog needs them")
+        return np.tile(np.eye(size, dtype=np.float32), (heads, 1, 1))
+    if spec.feature_map == "Performer":
+        if not size:
+            raise InputError(f"attention '{node.name}' has an unknown head size; Performer needs it")
+        return np.random.default_rng(seed * 1000 + layer).standard_normal((size, 4 * size)).astype(np.float32)
+    return None
+
+
+def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights: np.ndarray | None = None, *,
+         quadratic: bool = False) -> str:
+    """Replace one canonical attention op by `spec`'s mixer; returns what was done."""
+    graph = model.graph
+    new: list[ir.Node] = []
+    if spec.kind == "drop":
+        done = _drop(graph, node, new)
+    else:
+        q, kt, v = node.inputs[:3]
+        if spec.kind == "pool":
+            call = ir.node("PoolMixer", [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
+            done = "PoolMixer over the value tokens"
+        else:
+            causal = bool(node.attributes.get_int("causal", 0))
+            keymask = _keymask(graph, new, node.inputs[3] if len(node.inputs) > 3 else None)
+            inputs = [q, kt, v, keymask]
+            if spec.has_weights:
+                inputs.append(add_initializer(graph, None, weights, f"{spec.feature_map.lower()}_{node.name}"))
+            name = mixer_bodies.linear_name(spec.feature_map, causal, quadratic)
+            call = ir.node(name, inputs, domain=functions.DOMAIN, name=f"{node.name}_linear",
+                           attributes={"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0))})
+            done = name
+        new.append(call)
+        _replace(graph, node, call.outputs[0])
+    for n in new:
+        n.metadata_props[RULE_TAG] = RULE
+    if new:
+        graph.insert_before(node, new)
+    common_passes.RemoveUnusedNodesPass()(model)
+    functions.ensure(model)
+    return done
+
+
+def _replace(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
+    old = node.outputs[0]
+    value.type, value.shape = old.type, old.shape
+    name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(value, replace_graph_outputs=True)
+    if name:
+        old.name, value.name = f"{name}_swapped", name
+
+
+def _keymask(graph: ir.Graph, new: list[ir.Node], bias: ir.Value | None) -> ir.Value:
+    """[B|1, 1, T, 1]: 1 where the last query may see the key (padding masks hide the same keys
+    from every query; a causal mask hides none from the last one), else 0."""
+    if bias is None:
+        return add_initializer(graph, None, np.ones((1, 1, 1, 1), np.float32), "keymask_ones")
+
+    def add(op, inputs, **attrs):
+        n = ir.node(op, inputs, attributes=attrs)
+        new.append(n)
+        return n.outputs[0]
+
+    last = add_initializer(graph, None, np.array([-1], np.int64), "mask_last")
+    big = add_initializer(graph, None, np.array([np.iinfo(np.int64).max], np.int64), "mask_end")
+    axis = add_initializer(graph, None, np.array([-2], np.int64), "mask_axis")
+    threshold = add_initializer(graph, None, np.array(HIDDEN, np.float32), "mask_hidden")
+    row = add("Slice", [bias, last, big, axis])
+    visible = add("Cast", [add("Greater", [row, threshold])], to=ir.DataType.FLOAT)
+    heads_axis = add_initializer(graph, None, np.array([1], np.int64), "mask_heads")
+    combined = add("ReduceMin", [visible, heads_axis], keepdims=1)
+    return add("Transpose", [combined], perm=[0, 1, 3, 2])
+
+
+def _nan_guard(value: ir.Value) -> ir.Value | None:
+    """The output of Where(IsNaN(value), 0, value) when that is all that reads `value`."""
+    readers = [n for n, _ in value.uses()]
+    if len(readers) != 2 or value.is_graph_output():
+        return None
+    isnan = next((n for n in readers if n.op_type == "IsNaN"), None)
+    where = next((n for n in readers if n.op_type == "Where"), None)
+    if isnan is None or where is None or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not value:
+        return None
+    return where.outputs[0]
+
+
+def _drop(graph: ir.Graph, node: ir.Node, new: list[ir.Node]) -> str:
+    """The attention sub-layer becomes the identity on the residual stream: the residual Add
+    that its output path (layout ops, output projection, bias) feeds is bypassed."""
+    value = node.outputs[0]
+    for _ in range(10):
+        readers = value.uses()
+        guard = _nan_guard(value)
+        if guard is not None:
+            value = guard
+            continue
+        if len(readers) != 1 or value.is_graph_output():
+            break
+        reader, _index = readers[0]
+        if reader.op_type == "Add" and reader.domain == "":
+            other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
+            if const_array(other) is None:  # the residual stream
+                out = reader.outputs[0]
+                name = out.name if out.is_graph_output() else None
+                out.replace_all_uses_with(other, replace_graph_outputs=True)
+                if name and not other.is_graph_input():
+                    out.name, other.name = f"{name}_dropped", name
+                return f"dropped: residual Add '{reader.name}' bypassed"
+        value = reader.outputs[0]
+    # No residual Add found: the mixer outputs zeros (the projection's bias still adds).
+    shape = ir.node("Shape", [node.inputs[0]])
+    zeros = ir.node("ConstantOfShape", [shape.outputs[0]],
+                    attributes={"value": ir.AttrTensor("value", ir.tensor(np.zeros(1, np.float32)))})
+    new.extend([shape, zeros])
+    _replace(graph, node, zeros.outputs[0])
+    return "dropped: no residual Add found; the attention output is zero"

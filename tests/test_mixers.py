@@ -1,0 +1,163 @@
+"""Token mixers (approximate): reference bodies against straightforward torch code, the
+chunked causal form against the parallel one, swaps on real exports that still run in ORT,
+calibration and the fidelity report."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx.helper as oh
+import pytest
+import torch
+
+import graphopt
+import models
+from graphopt import functions, mixer_bodies, mixer_reference
+from graphopt.errors import InputError
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _run_function(name: str, arrays: dict[str, np.ndarray], scale: float | None = 0.3) -> np.ndarray:
+    """Call graphopt function `name` on `arrays` in onnxruntime."""
+    inputs = list(arrays)
+    attrs = {"scale": scale} if scale is not None else {}
+    node = oh.make_node(name, inputs, ["Y"], domain=functions.DOMAIN, **attrs)
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(v.shape)) for k, v in arrays.items()],
+                          [oh.make_tensor_value_info("Y", 1, None)])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
+    model = graphopt.load(proto)  # adds the function definitions
+    return graphopt.verify.run(model, arrays)["Y"]
+
+
+def _inputs(s=8, t=8, d=4, seed=0, padded=True):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((2, 2, s, d)).astype(np.float32)
+    kt = rng.standard_normal((2, 2, d, t)).astype(np.float32)
+    v = rng.standard_normal((2, 2, t, d)).astype(np.float32)
+    keymask = np.ones((2, 1, t, 1), np.float32)
+    if padded:
+        keymask[1, :, t - 3:] = 0
+    return q, kt, v, keymask
+
+
+def _weights(kind: str, d: int = 4):
+    rng = np.random.default_rng(1)
+    if kind == "Hedgehog":
+        return (np.eye(d, dtype=np.float32) + 0.1 * rng.standard_normal((2, d, d))).astype(np.float32)
+    if kind == "Performer":
+        return rng.standard_normal((d, 4 * d)).astype(np.float32)
+    return None
+
+
+@pytest.mark.parametrize("kind", mixer_bodies.MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("quadratic", [False, True])
+def test_linear_bodies_match_torch(kind, causal, quadratic):
+    t = 70 if causal and not quadratic else 8  # the chunked form pads 70 to two chunks of 64
+    q, kt, v, keymask = _inputs(s=t, t=t)
+    w = _weights(kind)
+    arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask} | ({"W": w} if w is not None else {})
+    got = _run_function(mixer_bodies.linear_name(kind, causal, quadratic), arrays)
+    want = mixer_reference.linear_attention(kind, *map(torch.as_tensor, (q, kt, v, keymask)), 0.3,
+                                            None if w is None else torch.as_tensor(w), causal).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 63, 64, 130])
+def test_chunked_causal_equals_parallel_causal(t):
+    q, kt, v, keymask = _inputs(s=t, t=t, seed=t)
+    arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask}
+    chunked = _run_function(mixer_bodies.linear_name("Elu", True, False), arrays)
+    parallel = _run_function(mixer_bodies.linear_name("Elu", True, True), arrays)
+    np.testing.assert_allclose(chunked, parallel, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_body_matches_torch():
+    v = np.random.default_rng(0).standard_normal((2, 3, 9, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run_function("PoolMixer", {"V": v}, scale=None),
+                               mixer_reference.pool(torch.as_tensor(v)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_performer_features_approximate_softmax_attention():
+    """FAVOR+ is an unbiased estimate of the softmax kernel: with many random features the
+    Performer reference approaches softmax attention at the same scale."""
+    q, kt, v, _ = (torch.as_tensor(a) for a in _inputs(padded=False))
+    w = torch.as_tensor(np.random.default_rng(0).standard_normal((4, 40000)).astype(np.float32))
+    ones = torch.ones(1, 1, 1, 1)
+    approx = mixer_reference.linear_attention("Performer", q, kt, v, ones, 0.3, w)
+    exact = mixer_reference.softmax_attention(q, kt, v, None, 0.3)
+    assert float((approx - exact).norm() / exact.norm()) < 0.05
+
+
+@pytest.fixture(scope="module")
+def bert_and_gpt2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixers")
+    out = {}
+    for arch in ("bert", "gpt2"):
+        module, args, names, dynamic = models.transformer(arch, "sdpa")
+        out[arch] = models.export(module, args, names, dynamic, tmp / f"{arch}.onnx", "dynamo")
+    return out
+
+
+@pytest.mark.parametrize("mixer", ["linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "pool", "drop"])
+def test_swap_every_mixer_on_bert_runs_in_ort(bert_and_gpt2, mixer):
+    result = graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer=mixer, dims={"batch": 2, "seq": 16},
+                               calib_steps=5)
+    fid = result.report.fidelity
+    assert fid["layers_swapped"] == [0, 1] and fid["calibration"]["source"] == "generated"
+    assert "no calibration data" in fid["calibration"]["warning"]
+    assert result.report.rewrites()["SwapMixer"] == 2 and result.report.validation is None
+    assert not graphopt.summary.attention_layers(result.model)  # no softmax attention left
+    feeds = graphopt.feeds.make_inputs(result.model, dims={"batch": 2, "seq": 16})
+    out = graphopt.verify.run(result.model, feeds)
+    assert all(np.isfinite(v).all() for v in out.values())
+    e2e = next(iter(fid["end_to_end"].values()))
+    assert -1.0 <= e2e["mean_cosine"] <= 1.0 and len(fid["per_layer"]) == 2
+
+
+def test_drop_bypasses_the_residual_add(bert_and_gpt2):
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
+    from graphopt.mixing import swap_mixers
+
+    result = swap_mixers(exact, "drop", layers=[0], steps=0, dims={"batch": 2, "seq": 16})
+    ops = [n.op_type for n in result.model.graph]
+    assert ops.count("MaskedAttention") == 1 and "PoolMixer" not in ops
+    assert ops.count("MatMul") < [n.op_type for n in exact.graph].count("MatMul")  # layer 0's projections are gone
+
+
+def test_causal_layers_get_causal_mixers(bert_and_gpt2):
+    result = graphopt.optimize(bert_and_gpt2["gpt2"], preset="mixers", mixer="linear:elu", dims={"batch": 2, "seq": 16},
+                               calib_steps=0)
+    names = {n.op_type for n in result.model.graph if n.domain == functions.DOMAIN}
+    assert any("Causal" in n for n in names), names
+
+
+def test_hedgehog_fit_reduces_the_layer_error(bert_and_gpt2):
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 4, "seq": 16}).model
+    from graphopt.mixing import swap_mixers
+
+    calib = graphopt.feeds.make_inputs(exact, dims={"batch": 8, "seq": 16})
+    untrained = swap_mixers(exact, "linear:hedgehog", calib=calib, steps=0).report
+    trained = swap_mixers(exact, "linear:hedgehog", calib=calib, steps=150).report
+    for before, after in zip(untrained["per_layer"], trained["per_layer"]):
+        assert after["rel_error"] < before["rel_error"]
+
+
+def test_auto_layers_respect_the_fidelity_threshold(bert_and_gpt2):
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 4, "seq": 16}).model
+    from graphopt.mixing import swap_mixers
+
+    calib = graphopt.feeds.make_inputs(exact, dims={"batch": 8, "seq": 16})
+    strict = swap_mixers(exact, "linear:relu", calib=calib, layers="auto", fidelity=0.9999999, steps=0).report
+    assert strict["layers_swapped"] == [] and all("end-to-end mean cosine" in e["kept_because"] for e in strict["per_layer"])
+    loose = swap_mixers(exact, "linear:relu", calib=calib, layers="auto", fidelity=-1.0, steps=0).report
+    assert loose["layers_swapped"] == [0, 1]
+
+
+def test_bad_mixer_requests(bert_and_gpt2):
+    with pytest.raises(InputError, match="needs a mixer"):
+        graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", dims={"batch": 2, "seq": 16})
+    with pytest.raises(InputError, match="unknown mixer"):
+        graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="linear:cosine", dims={"batch": 2, "seq": 16})
+    with pytest.raises(InputError, match="attention layers 0..1"):
+        graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="pool", layers=[5], dims={"batch": 2, "seq": 16})
