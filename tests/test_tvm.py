@@ -124,7 +124,6 @@ def test_cuda_code_generation_and_export(tmp):
 def test_tuning_through_an_rpc_tracker_on_loopback(tmp):
     """MetaSchedule measures on a device registered with TVM's RPC tracker (here: this machine)."""
     import socket
-    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
