@@ -177,7 +177,8 @@ def _mixers() -> list[FunctionDef]:
     """Token mixers (issue 6): float32 bodies written for opset >= 18 (graphopt/mixer_bodies.py)."""
     from graphopt import mixer_bodies as mb
 
-    defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body())]
+    defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
+            FunctionDef("WindowAttention", lambda opset, plain: mb.window_body())]
     for kind in mb.MAPS:
         for causal in (False, True):
             for quadratic in (False, True):

@@ -18,6 +18,10 @@ Feature maps:
     hedgehog   softmax([x W, -x W]) over features, W per head [H, D, D]  (learnable; x = sqrt(scale) x)
     performer  exp(x w - |x|^2 / 2) / sqrt(m), w [D, m] Gaussian      (FAVOR+; x = sqrt(scale) x)
 Pooling (PoolFormer over the value tokens): Y = AvgPool_3(V) - V.
+Sliding window: softmax attention where query i sees key j only when |i' - j| <= window
+(i' = i + T - S, the query's position among the keys) or j < sinks; the layer's own bias
+(padding, causal) still applies. The reference body computes every score and masks; a
+banded kernel is what makes it cheaper, which this body does not provide.
 """
 
 from __future__ import annotations
@@ -157,4 +161,42 @@ def pool_body() -> str:
 PoolMixer (V) => (Y) {
     pooled = AveragePool<kernel_shape = [3, 1], pads = [1, 0, 1, 0], strides = [1, 1], count_include_pad = 0>(V)
     Y = Sub(pooled, V)
+}"""
+
+
+def window_body() -> str:
+    return """
+WindowAttention <scale, window, sinks> (Q, KT, V, bias) => (Y) {
+    scale_value = Constant<value_float: float = @scale>()
+    window_value = Constant<value_int: int = @window>()
+    sinks_value = Constant<value_int: int = @sinks>()
+    zero = Constant<value = int64 {0}>()
+    one = Constant<value = int64 {1}>()
+    axis0 = Constant<value = int64[1] {0}>()
+    axis1 = Constant<value = int64[1] {1}>()
+    open_value = Constant<value = float {0.0}>()
+    hidden = Constant<value = float {-3.4028234663852886e38}>()
+    qk = MatMul(Q, KT)
+    scores = Mul(qk, scale_value)
+    s_len = Shape<start = -2, end = -1>(Q)
+    t_len = Shape<start = -1>(KT)
+    offset = Sub(t_len, s_len)
+    s0 = Squeeze(s_len)
+    t0 = Squeeze(t_len)
+    rows = Range(zero, s0, one)
+    offset0 = Squeeze(offset)
+    qpos = Add(rows, offset0)
+    kpos = Range(zero, t0, one)
+    qcol = Unsqueeze(qpos, axis1)
+    krow = Unsqueeze(kpos, axis0)
+    diff = Sub(qcol, krow)
+    dist = Abs(diff)
+    near = LessOrEqual(dist, window_value)
+    sink = Less(krow, sinks_value)
+    allowed = Or(near, sink)
+    band = Where(allowed, open_value, hidden)
+    banded = Add(scores, band)
+    biased = Add(banded, bias)
+    p = Softmax<axis = -1>(biased)
+    Y = MatMul(p, V)
 }"""

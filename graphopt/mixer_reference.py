@@ -49,3 +49,12 @@ def softmax_attention(q, kt, v, bias, scale: float) -> torch.Tensor:
 
 def pool(v: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(v, (3, 1), stride=1, padding=(1, 0), count_include_pad=False) - v
+
+
+def window_attention(q, kt, v, bias, scale: float, window: int, sinks: int = 0) -> torch.Tensor:
+    s, t = q.shape[-2], kt.shape[-1]
+    i = torch.arange(s)[:, None] + (t - s)
+    j = torch.arange(t)[None, :]
+    allowed = ((i - j).abs() <= window) | (j < sinks)
+    band = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    return softmax_attention(q, kt, v, band if bias is None else band + bias, scale)

@@ -43,9 +43,11 @@ class MixResult:
 
 def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
                 fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
-                progress: Callable[[str], None] | None = None) -> MixResult:
+                progress: Callable[[str], None] | None = None, seq: int | None = None) -> MixResult:
     """`layers`: "all", "auto", "best:N" (the N layers with the lowest held-out error) or
-    indices. `holdout`: explicit held-out batches (else half of `calib` is held out)."""
+    indices. `holdout`: explicit held-out batches (else half of `calib` is held out).
+    `seq`: the sequence length the model will run at, which picks each linear mixer's
+    evaluation order (default: the calibration data's)."""
     spec = mixers.MixerSpec.parse(mixer)
     work = model.clone()
     infer_shapes(work.ir)
@@ -67,10 +69,16 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         w = mixers.initial_weights(spec, node, i, seed) if spec.kind == "linear" else None
         if spec.feature_map == "Hedgehog":
             w = fit_hedgehog(fit_caps[i], node, w, steps, seed)
+        elif spec.kind == "window":
+            w = choose_window(fit_caps[i], node)
         weights[i] = w
-        per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w)})
-    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, held_feeds)
-    swapped = _apply(work, nodes, spec, weights, chosen, _seq_hint(held_feeds))
+        per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
+                          **({"window": int(w), "sinks": mixers.sinks_for(node)} if spec.kind == "window" else {})})
+    if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
+        for entry, score in zip(per_layer, redundancy(work, held_feeds, nodes)):
+            entry["redundancy"] = score
+    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, held_feeds, seq)
+    swapped = _apply(work, nodes, spec, weights, chosen, seq or _seq_hint(held_feeds))
     end_to_end = end_to_end_fidelity(model, swapped, held_feeds)
     for entry in per_layer:
         entry["swapped"] = entry["index"] in chosen
@@ -109,6 +117,41 @@ def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) ->
     return caps
 
 
+def redundancy(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) -> list[float | None]:
+    """Per attention sub-layer, the mean over real tokens of cos(X, X + A), with X the residual
+    stream entering the block and A what attention adds to it: near 1, the layer barely moves
+    the stream and dropping it changes little. None where no residual Add is found."""
+    found = [mixers.residual_add(n) for n in nodes]
+    names = sorted({v.name for f in found if f is not None for v in f[1:]})
+    work = model.ir.clone()
+    by_name = {v.name: v for node in work.graph for v in node.outputs} | {v.name: v for v in work.graph.inputs}
+    for name in names:
+        if not by_name[name].is_graph_output():
+            work.graph.outputs.append(by_name[name])
+    results = [verify.run(Model(work), f) for f in batches]
+    scores: list[float | None] = []
+    for f in found:
+        if f is None:
+            scores.append(None)
+            continue
+        cosines = []
+        for r, feeds in zip(results, batches):
+            x = r[f[1].name].astype(np.float64)
+            y = x + r[f[2].name]
+            cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1) + 1e-30)
+            mask = feeds.get("attention_mask")
+            cosines.append(cos[mask.astype(bool)] if mask is not None and mask.shape == cos.shape else cos.ravel())
+        scores.append(round(float(np.concatenate(cosines).mean()), 6))
+    return scores
+
+
+def _rank_key(entry: dict[str, Any]) -> float:
+    """Most swappable first: the most redundant layers for drop, else the lowest held-out error."""
+    if entry.get("redundancy") is not None:
+        return -entry["redundancy"]
+    return entry["rel_error"]
+
+
 def keymask(bias: np.ndarray | None):
     """The torch twin of passes/mixers._keymask: [B|1, 1, T, 1] from the additive bias."""
     import torch
@@ -128,9 +171,40 @@ def _mixer_output(spec, node, q, kt, v, bias, w):
         return ref.pool(v)
     if spec.kind == "drop":
         return torch.zeros_like(q[..., : v.shape[-1]])
+    if spec.kind == "window":
+        return ref.window_attention(q, kt, v, None if bias is None else torch.as_tensor(bias),
+                                    node.attributes.get_float("scale", 1.0), int(w), mixers.sinks_for(node))
     causal = bool(node.attributes.get_int("causal", 0))
     scale = node.attributes.get_float("scale", 1.0)
     return ref.linear_attention(spec.feature_map, q, kt, v, keymask(bias), scale, w, causal)
+
+
+WINDOW_COVERAGE = 0.95
+
+
+def choose_window(cap, node, coverage: float = WINDOW_COVERAGE) -> int:
+    """The effective attended distance: the smallest w such that, over the calibration queries
+    (real tokens only), keys within distance w carry `coverage` of the attention mass."""
+    import torch
+
+    scale = node.attributes.get_float("scale", 1.0)
+    total = np.zeros(0)
+    with torch.no_grad():
+        for q, kt, b in zip(cap["q"], cap["kt"], cap["bias"]):
+            q, kt = torch.as_tensor(q), torch.as_tensor(kt)
+            scores = (q @ kt) * scale + (torch.as_tensor(b) if b is not None else 0)
+            probs = torch.softmax(scores, dim=-1)  # [B, H, S, T]
+            s, t = probs.shape[-2:]
+            dist = ((torch.arange(s)[:, None] + (t - s)) - torch.arange(t)[None, :]).abs()
+            by_distance = torch.zeros(*probs.shape[:-1], t).scatter_add_(-1, dist.expand_as(probs).contiguous(), probs)
+            if b is not None:  # padded queries do not count
+                by_distance = by_distance * keymask(b)[:, :, t - s:, :]
+            mass = by_distance.sum(dim=(0, 1, 2)).numpy()
+            if len(mass) > len(total):
+                total = np.pad(total, (0, len(mass) - len(total)))
+            total[: len(mass)] += mass
+    cumulative = np.cumsum(total) / total.sum()
+    return int(np.searchsorted(cumulative, coverage))
 
 
 def fit_hedgehog(cap, node, w0: np.ndarray, steps: int, seed: int) -> np.ndarray:
@@ -166,7 +240,7 @@ def layer_error(spec, node, cap, w) -> dict[str, float]:
     with torch.no_grad():
         for q, kt, v, b, y in zip(cap["q"], cap["kt"], cap["v"], cap["bias"], cap["y"]):
             t = [torch.as_tensor(a) for a in (q, kt, v, y)]
-            out = _mixer_output(spec, node, t[0], t[1], t[2], b, torch.as_tensor(w) if w is not None else None)
+            out = _mixer_output(spec, node, t[0], t[1], t[2], b, torch.as_tensor(w) if isinstance(w, np.ndarray) else w)
             y_ = t[3]
             num += float(((out - y_) ** 2).sum())
             den += float((y_ ** 2).sum())
@@ -224,23 +298,24 @@ def _quadratic(spec, node, seq: int) -> bool:
     return seq * (f + d) < 2 * f * d
 
 
-def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held):
+def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held, seq_override=None):
     if layers == "all":
         return set(range(len(nodes))), {}
     if isinstance(layers, str) and layers.startswith("best:"):
         n = int(layers.split(":", 1)[1])
-        order = sorted(range(len(nodes)), key=lambda i: per_layer[i]["rel_error"])
-        return set(order[:n]), {i: f"not among the {n} layers with the lowest held-out error" for i in order[n:]}
+        order = sorted(range(len(nodes)), key=lambda i: _rank_key(per_layer[i]))
+        return set(order[:n]), {i: f"not among the {n} most swappable layers (held-out error, or redundancy for drop)"
+                                for i in order[n:]}
     if layers != "auto":
         chosen = set(int(i) for i in layers)
         bad = sorted(i for i in chosen if not 0 <= i < len(nodes))
         if bad:
             raise InputError(f"--layers names {bad}, but the model has attention layers 0..{len(nodes) - 1}")
         return chosen, {}
-    order = sorted(range(len(nodes)), key=lambda i: per_layer[i]["rel_error"])
+    order = sorted(range(len(nodes)), key=lambda i: _rank_key(per_layer[i]))
     chosen: set[int] = set()
     notes = {}
-    seq = _seq_hint(held)
+    seq = seq_override or _seq_hint(held)
     for i in order:
         trial = _apply(model, nodes, spec, weights, chosen | {i}, seq)
         fid = end_to_end_fidelity(model, trial, held)

@@ -20,12 +20,13 @@ from graphopt.passes._weights import add_initializer, const_array
 from graphopt.rewrite import RULE_TAG
 
 RULE = "SwapMixer"
-MIXERS = ("linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "pool", "drop")
+MIXERS = ("linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "pool", "drop")
+SINKS = 4  # causal layers keep the first tokens visible in window attention (attention sinks)
 
 
 @dataclasses.dataclass(frozen=True)
 class MixerSpec:
-    kind: str  # "linear", "pool", "drop"
+    kind: str  # "linear", "window", "pool", "drop"
     feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
 
     @classmethod
@@ -63,9 +64,13 @@ def initial_weights(spec: MixerSpec, node: ir.Node, layer: int, seed: int = 0) -
     return None
 
 
-def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights: np.ndarray | None = None, *,
-         quadratic: bool = False) -> str:
-    """Replace one canonical attention op by `spec`'s mixer; returns what was done."""
+def sinks_for(node: ir.Node) -> int:
+    return SINKS if node.attributes.get_int("causal", 0) else 0
+
+
+def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadratic: bool = False) -> str:
+    """Replace one canonical attention op by `spec`'s mixer; returns what was done. `weights`:
+    the feature-map matrix (Hedgehog, Performer) or the window size (window)."""
     graph = model.graph
     new: list[ir.Node] = []
     if spec.kind == "drop":
@@ -75,6 +80,14 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights: np.ndarray | 
         if spec.kind == "pool":
             call = ir.node("PoolMixer", [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
             done = "PoolMixer over the value tokens"
+        elif spec.kind == "window":
+            bias = node.inputs[3] if len(node.inputs) > 3 else add_initializer(
+                graph, None, np.zeros((1, 1, 1, 1), np.float32), "window_no_bias")
+            attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0)),
+                     "window": ir.AttrInt64("window", int(weights)), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
+            call = ir.node("WindowAttention", [q, kt, v, bias], domain=functions.DOMAIN, name=f"{node.name}_window",
+                           attributes=attrs)
+            done = f"WindowAttention (window {int(weights)}, sinks {sinks_for(node)})"
         else:
             causal = bool(node.attributes.get_int("causal", 0))
             keymask = _keymask(graph, new, node.inputs[3] if len(node.inputs) > 3 else None)
@@ -139,29 +152,39 @@ def _nan_guard(value: ir.Value) -> ir.Value | None:
     return where.outputs[0]
 
 
-def _drop(graph: ir.Graph, node: ir.Node, new: list[ir.Node]) -> str:
-    """The attention sub-layer becomes the identity on the residual stream: the residual Add
-    that its output path (layout ops, output projection, bias) feeds is bypassed."""
+def residual_add(node: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """(the residual Add, the residual stream X, the attention branch A) that the canonical
+    op's output path (NaN guard, layout ops, output projection, bias) feeds, or None."""
     value = node.outputs[0]
     for _ in range(10):
-        readers = value.uses()
         guard = _nan_guard(value)
         if guard is not None:
             value = guard
             continue
+        readers = value.uses()
         if len(readers) != 1 or value.is_graph_output():
-            break
+            return None
         reader, _index = readers[0]
         if reader.op_type == "Add" and reader.domain == "":
             other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
             if const_array(other) is None:  # the residual stream
-                out = reader.outputs[0]
-                name = out.name if out.is_graph_output() else None
-                out.replace_all_uses_with(other, replace_graph_outputs=True)
-                if name and not other.is_graph_input():
-                    out.name, other.name = f"{name}_dropped", name
-                return f"dropped: residual Add '{reader.name}' bypassed"
+                return reader, other, value
         value = reader.outputs[0]
+    return None
+
+
+def _drop(graph: ir.Graph, node: ir.Node, new: list[ir.Node]) -> str:
+    """The attention sub-layer becomes the identity on the residual stream: the residual Add
+    that its output path feeds is bypassed."""
+    found = residual_add(node)
+    if found is not None:
+        add, residual, _branch = found
+        out = add.outputs[0]
+        name = out.name if out.is_graph_output() else None
+        out.replace_all_uses_with(residual, replace_graph_outputs=True)
+        if name and not residual.is_graph_input():
+            out.name, residual.name = f"{name}_dropped", name
+        return f"dropped: residual Add '{add.name}' bypassed"
     # No residual Add found: the mixer outputs zeros (the projection's bias still adds).
     shape = ir.node("Shape", [node.inputs[0]])
     zeros = ir.node("ConstantOfShape", [shape.outputs[0]],

@@ -99,7 +99,7 @@ def bert_and_gpt2(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mixer", ["linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "pool", "drop"])
+@pytest.mark.parametrize("mixer", ["linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "pool", "drop"])
 def test_swap_every_mixer_on_bert_runs_in_ort(bert_and_gpt2, mixer):
     result = graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer=mixer, dims={"batch": 2, "seq": 16},
                                calib_steps=5)
@@ -161,3 +161,33 @@ def test_bad_mixer_requests(bert_and_gpt2):
         graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="linear:cosine", dims={"batch": 2, "seq": 16})
     with pytest.raises(InputError, match="attention layers 0..1"):
         graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="pool", layers=[5], dims={"batch": 2, "seq": 16})
+
+
+def test_window_body_matches_torch():
+    q, kt, v, keymask = _inputs(s=10, t=10)
+    bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, -3.4e38).astype(np.float32)  # [2, 1, 1, 10]
+    node = oh.make_node("WindowAttention", ["Q", "KT", "V", "B"], ["Y"], domain=functions.DOMAIN, scale=0.3, window=2, sinks=1)
+    arrays = {"Q": q, "KT": kt, "V": v, "B": bias}
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
+                          [oh.make_tensor_value_info("Y", 1, None)])
+    got = graphopt.verify.run(graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)), arrays)["Y"]
+    want = mixer_reference.window_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_window_sizes_come_from_calibration(bert_and_gpt2):
+    result = graphopt.optimize(bert_and_gpt2["gpt2"], preset="mixers", mixer="window", dims={"batch": 2, "seq": 16})
+    layers = result.report.fidelity["per_layer"]
+    assert all(0 <= e["window"] <= 15 and e["sinks"] == 4 for e in layers)
+    windows = [n.attributes.get_int("window") for n in result.model.graph if n.op_type == "WindowAttention"]
+    assert windows == [e["window"] for e in layers]
+
+
+def test_drop_ranks_layers_by_residual_redundancy(bert_and_gpt2):
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
+    from graphopt.mixing import swap_mixers
+
+    report = swap_mixers(exact, "drop", layers="best:1", steps=0, dims={"batch": 2, "seq": 16}).report
+    scores = [e["redundancy"] for e in report["per_layer"]]
+    assert all(-1.0 <= s <= 1.0 for s in scores)
+    assert report["layers_swapped"] == [int(np.argmax(scores))]  # the most redundant layer goes first
