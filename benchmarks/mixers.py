@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import exporters, timing  # noqa: E402
+from graphopt import timing  # noqa: E402
 from graphopt.backends import ort_select  # noqa: E402
 from graphopt.mixing import swap_mixers  # noqa: E402
 
