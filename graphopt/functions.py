@@ -180,6 +180,7 @@ def _mixers() -> list[FunctionDef]:
     defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body())]
     for kind in mb.MAPS:
+        defs.append(FunctionDef(mb.step_name(kind), lambda opset, plain, k=kind: mb.step_body(k)))
         for causal in (False, True):
             for quadratic in (False, True):
                 defs.append(FunctionDef(mb.linear_name(kind, causal, quadratic),

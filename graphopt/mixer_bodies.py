@@ -156,6 +156,39 @@ def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
     return common + core
 
 
+def step_name(feature_map: str) -> str:
+    return f"LinearAttention{feature_map.capitalize()}Step"
+
+
+def step_body(kind: str) -> str:
+    """One decoding step of causal linear attention with the state carried outside:
+    state' = state + phi(k)^T v, normalizer' = normalizer + phi(k)^T 1,
+    y = phi(q) state' / (phi(q) normalizer' + eps); state [B, H, F, Dv], normalizer [B, H, F, 1].
+    Run token by token it equals the causal forms (tested); it replaces the KV cache, whose
+    size grows with the sequence, by a fixed-size state."""
+    params = ", W" if kind in ("Hedgehog", "Performer") else ""
+    extra = _performer_norm() if kind == "Performer" else ""
+    return f"""
+{step_name(kind)} <scale> (Q, KT, V, keymask, state, normalizer{params}) => (Y, state_out, normalizer_out) {{
+    {_CONSTANTS}
+    int_max = Constant<value = int64[1] {{9223372036854775807}}>()
+    {extra}
+    {_feature_map(kind, "Q", "pq")}
+    K = Transpose<perm = [0, 1, 3, 2]>(KT)
+    {_feature_map(kind, "K", "pk0")}
+    pk = Mul(pk0, keymask)
+    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    kv = MatMul(pkt, V)
+    state_out = Add(state, kv)
+    ks = ReduceSum<keepdims = 1>(pkt, last)
+    normalizer_out = Add(normalizer, ks)
+    num = MatMul(pq, state_out)
+    den = MatMul(pq, normalizer_out)
+    dene = Add(den, eps)
+    Y = Div(num, dene)
+}}"""
+
+
 def pool_body() -> str:
     return """
 PoolMixer (V) => (Y) {

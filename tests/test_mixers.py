@@ -191,3 +191,32 @@ def test_drop_ranks_layers_by_residual_redundancy(bert_and_gpt2):
     scores = [e["redundancy"] for e in report["per_layer"]]
     assert all(-1.0 <= s <= 1.0 for s in scores)
     assert report["layers_swapped"] == [int(np.argmax(scores))]  # the most redundant layer goes first
+
+
+@pytest.mark.parametrize("kind", mixer_bodies.MAPS)
+def test_recurrent_steps_equal_the_parallel_causal_form(kind):
+    """Decoding token by token with the fixed-size state gives the parallel causal output."""
+    t = 9
+    q, kt, v, keymask = _inputs(s=t, t=t, padded=False)
+    w = _weights(kind)
+    extra = {"W": w} if w is not None else {}
+    parallel = _run_function(mixer_bodies.linear_name(kind, True, True), {"Q": q, "KT": kt, "V": v, "keymask": keymask} | extra)
+    f = {"Elu": 4, "Relu": 4, "Hedgehog": 8, "Performer": 16}[kind]
+    state = np.zeros((2, 2, f, 4), np.float32)
+    normalizer = np.zeros((2, 2, f, 1), np.float32)
+    name = mixer_bodies.step_name(kind)
+    node = oh.make_node(name, ["Q", "KT", "V", "keymask", "state", "normalizer", *extra], ["Y", "S", "Z"],
+                        domain=functions.DOMAIN, scale=0.3)
+    arrays = {"Q": q[:, :, :1], "KT": kt[..., :1], "V": v[:, :, :1], "keymask": keymask[:, :, :1],
+              "state": state, "normalizer": normalizer} | extra
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
+                          [oh.make_tensor_value_info(n, 1, None) for n in ("Y", "S", "Z")])
+    model = graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10))
+    outputs = []
+    for i in range(t):
+        step = {"Q": q[:, :, i:i + 1], "KT": kt[..., i:i + 1], "V": v[:, :, i:i + 1], "keymask": keymask[:, :, i:i + 1],
+                "state": state, "normalizer": normalizer} | extra
+        result = graphopt.verify.run(model, step)
+        outputs.append(result["Y"])
+        state, normalizer = result["S"], result["Z"]
+    np.testing.assert_allclose(np.concatenate(outputs, axis=2), parallel, rtol=1e-4, atol=1e-5)
