@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import exporters, importers, timing, verify
-from graphopt.errors import GraphoptError, InputError, first_line
+from graphopt.errors import InputError, first_line
 from graphopt.model import Model
 
 ANCHORS = ("original", "ort-optimizer", "onnxscript")
@@ -172,4 +172,4 @@ def format_rows(result: BenchResult) -> list[tuple[str, ...]]:
     return rows
 
 
-__all__ = ["ANCHORS", "BenchResult", "Contender", "bench", "format_rows", "GraphoptError"]
+__all__ = ["ANCHORS", "BenchResult", "Contender", "bench", "format_rows"]

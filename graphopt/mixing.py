@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import exporters, feeds as feeds_mod, verify
+from graphopt import feeds as feeds_mod, verify
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.masks import HIDDEN
@@ -363,4 +363,4 @@ def _seq_hint(batches) -> int:
     return int(max((s[1] for s in shapes), default=128))
 
 
-__all__ = ["MixResult", "swap_mixers", "capture", "exporters"]
+__all__ = ["MixResult", "swap_mixers", "capture", "end_to_end_fidelity"]
