@@ -72,11 +72,11 @@ def _performer_norm() -> str:
     inv_sqrt_m = Reciprocal(sqrt_m)"""
 
 
-def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
-    name = linear_name(kind, causal, quadratic)
+def _features(header: str, kind: str) -> str:
+    """The signature line, then pq = phi(Q) and pk = phi(K) * keymask: what every linear form shares."""
     extra = _performer_norm() if kind == "Performer" else ""
-    common = f"""
-{_header(name, kind)} {{
+    return f"""
+{header} {{
     {_CONSTANTS}
     int_max = Constant<value = int64[1] {{9223372036854775807}}>()
     {extra}
@@ -85,6 +85,10 @@ def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
     {_feature_map(kind, "K", "pk0")}
     pk = Mul(pk0, keymask)
 """
+
+
+def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
+    common = _features(_header(linear_name(kind, causal, quadratic), kind), kind)
     if not causal and not quadratic:
         core = """    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
     kv = MatMul(pkt, V)
@@ -167,17 +171,8 @@ def step_body(kind: str) -> str:
     Run token by token it equals the causal forms (tested); it replaces the KV cache, whose
     size grows with the sequence, by a fixed-size state."""
     params = ", W" if kind in ("Hedgehog", "Performer") else ""
-    extra = _performer_norm() if kind == "Performer" else ""
-    return f"""
-{step_name(kind)} <scale> (Q, KT, V, keymask, state, normalizer{params}) => (Y, state_out, normalizer_out) {{
-    {_CONSTANTS}
-    int_max = Constant<value = int64[1] {{9223372036854775807}}>()
-    {extra}
-    {_feature_map(kind, "Q", "pq")}
-    K = Transpose<perm = [0, 1, 3, 2]>(KT)
-    {_feature_map(kind, "K", "pk0")}
-    pk = Mul(pk0, keymask)
-    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    header = f"{step_name(kind)} <scale> (Q, KT, V, keymask, state, normalizer{params}) => (Y, state_out, normalizer_out)"
+    return _features(header, kind) + """    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
     kv = MatMul(pkt, V)
     state_out = Add(state, kv)
     ks = ReduceSum<keepdims = 1>(pkt, last)
@@ -186,7 +181,7 @@ def step_body(kind: str) -> str:
     den = MatMul(pq, normalizer_out)
     dene = Add(den, eps)
     Y = Div(num, dene)
-}}"""
+}"""
 
 
 def pool_body() -> str:

@@ -85,8 +85,29 @@ class _LowerAttention(Pass):
         raise NotImplementedError
 
 
+class _ContribLowering(_LowerAttention):
+    """Lowerings to com.microsoft ops, which return [B, S, H*D] and take a bias of rank <= 4."""
+
+    def prepare(self, model: ir.Model) -> None:
+        model.opset_imports.setdefault(ops.ORT_CONTRIB_DOMAIN, 1)
+
+    @staticmethod
+    def bias_blocker(node: ir.Node) -> str | None:
+        bias = node.inputs[3] if len(node.inputs) > 3 else None
+        if bias is not None and (bias.shape is None or len(bias.shape) > 4):
+            return f"bias '{bias.name}' has unknown rank or rank above 4"
+        return None
+
+    @staticmethod
+    def heads_first(graph: ir.Graph, new: list[ir.Node], out: ir.Value, node: ir.Node) -> ir.Value:
+        """[B, S, H*D] -> [B, H, S, D], the canonical op's output layout."""
+        heads, size = node.attributes.get_int("q_num_heads"), node.attributes.get_int("head_size")
+        split = add_initializer(graph, None, np.array([0, 0, heads, size], dtype=np.int64), "heads_split")
+        return _node(new, "Transpose", [_node(new, "Reshape", [out, split])], perm=[0, 2, 1, 3])
+
+
 @register
-class LowerAttentionMHA(_LowerAttention):
+class LowerAttentionMHA(_ContribLowering):
     """Canonical attention -> onnxruntime's com.microsoft MultiHeadAttention.
 
     Math: MHA takes Q as [B, S, H*D] and K, V as [B, H, T, D] (BNSH), an additive bias
@@ -107,16 +128,9 @@ class LowerAttentionMHA(_LowerAttention):
             return f"Q '{q.name}' is not known to be rank 4 ([batch, heads, seq, head size])"
         if not node.attributes.get_int("q_num_heads", 0) or not node.attributes.get_int("head_size", 0):
             return "the head count or head size is unknown"
-        bias = node.inputs[3] if len(node.inputs) > 3 else None
-        if bias is not None and (bias.shape is None or len(bias.shape) > 4):
-            return f"bias '{bias.name}' has unknown rank or rank above 4"
-        return None
-
-    def prepare(self, model: ir.Model) -> None:
-        model.opset_imports.setdefault(ops.ORT_CONTRIB_DOMAIN, 1)
+        return self.bias_blocker(node)
 
     def lower(self, graph, node):
-        heads, size = node.attributes.get_int("q_num_heads"), node.attributes.get_int("head_size")
         q, kt, v = node.inputs[:3]
         new: list[ir.Node] = []
         q_bsnh = _node(new, "Transpose", [q], perm=[0, 2, 1, 3])
@@ -126,15 +140,13 @@ class LowerAttentionMHA(_LowerAttention):
         inputs = [q3, k, v]
         if len(node.inputs) > 3:
             inputs += [None, None, _bias_4d(graph, new, node.inputs[3], q, kt)]
-        out = _node(new, "MultiHeadAttention", inputs, domain=ops.ORT_CONTRIB_DOMAIN, num_heads=heads,
-                    scale=node.attributes.get_float("scale"))
-        split = add_initializer(graph, None, np.array([0, 0, heads, size], dtype=np.int64), "mha_split")
-        y = _node(new, "Transpose", [_node(new, "Reshape", [out, split])], perm=[0, 2, 1, 3])
-        return new, y
+        out = _node(new, "MultiHeadAttention", inputs, domain=ops.ORT_CONTRIB_DOMAIN,
+                    num_heads=node.attributes.get_int("q_num_heads"), scale=node.attributes.get_float("scale"))
+        return new, self.heads_first(graph, new, out, node)
 
 
 @register
-class LowerAttentionPacked(_LowerAttention):
+class LowerAttentionPacked(_ContribLowering):
     """Canonical attention over one packed Q/K/V projection -> com.microsoft Attention.
 
     Math: with [Q | K | V] = x W + b split in three along the last axis and each reshaped
@@ -154,28 +166,17 @@ class LowerAttentionPacked(_LowerAttention):
 
     def node_blocker(self, node: ir.Node) -> str | None:
         found = _packed(node)
-        if isinstance(found, str):
-            return found
-        bias = node.inputs[3] if len(node.inputs) > 3 else None
-        if bias is not None and (bias.shape is None or len(bias.shape) > 4):
-            return f"bias '{bias.name}' has unknown rank or rank above 4"
-        return None
-
-    def prepare(self, model: ir.Model) -> None:
-        model.opset_imports.setdefault(ops.ORT_CONTRIB_DOMAIN, 1)
+        return found if isinstance(found, str) else self.bias_blocker(node)
 
     def lower(self, graph, node):
         x, w, b = _packed(node)
-        heads, size = node.attributes.get_int("q_num_heads"), node.attributes.get_int("head_size")
         new: list[ir.Node] = []
         inputs = [x, w, b]
         if len(node.inputs) > 3:
             inputs += [None, None, _bias_4d(graph, new, node.inputs[3], node.inputs[0], node.inputs[1])]
-        out = _node(new, "Attention", inputs, domain=ops.ORT_CONTRIB_DOMAIN, num_heads=heads,
-                    scale=node.attributes.get_float("scale"))
-        split = add_initializer(graph, None, np.array([0, 0, heads, size], dtype=np.int64), "attention_split")
-        y = _node(new, "Transpose", [_node(new, "Reshape", [out, split])], perm=[0, 2, 1, 3])
-        return new, y
+        out = _node(new, "Attention", inputs, domain=ops.ORT_CONTRIB_DOMAIN,
+                    num_heads=node.attributes.get_int("q_num_heads"), scale=node.attributes.get_float("scale"))
+        return new, self.heads_first(graph, new, out, node)
 
 
 def _packed(node: ir.Node):
