@@ -178,6 +178,7 @@ def _mixers() -> list[FunctionDef]:
     from graphopt import mixer_bodies as mb
 
     defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
+            FunctionDef("CausalPoolMixer", lambda opset, plain: mb.pool_body(causal=True)),
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body())]
     for kind in mb.MAPS:
         defs.append(FunctionDef(mb.step_name(kind), lambda opset, plain, k=kind: mb.step_body(k)))

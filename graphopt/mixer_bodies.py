@@ -17,7 +17,8 @@ Feature maps:
     relu       relu(x)                                   (SLAB's simplified linear attention)
     hedgehog   softmax([x W, -x W]) over features, W per head [H, D, D]  (learnable; x = sqrt(scale) x)
     performer  exp(x w - |x|^2 / 2) / sqrt(m), w [D, m] Gaussian      (FAVOR+; x = sqrt(scale) x)
-Pooling (PoolFormer over the value tokens): Y = AvgPool_3(V) - V.
+Pooling (PoolFormer over the value tokens): Y = AvgPool_3(V) - V (causal layers average the
+current and two previous tokens only).
 Sliding window: softmax attention where query i sees key j only when |i' - j| <= window
 (i' = i + T - S, the query's position among the keys) or j < sinks; the layer's own bias
 (padding, causal) still applies. The reference body computes every score and masks; a
@@ -184,12 +185,14 @@ def step_body(kind: str) -> str:
 }"""
 
 
-def pool_body() -> str:
-    return """
-PoolMixer (V) => (Y) {
-    pooled = AveragePool<kernel_shape = [3, 1], pads = [1, 0, 1, 0], strides = [1, 1], count_include_pad = 0>(V)
+def pool_body(causal: bool = False) -> str:
+    """Y = AvgPool(V) - V over the token axis: tokens i-1..i+1, or i-2..i for causal layers."""
+    name, pads = ("CausalPoolMixer", "[2, 0, 0, 0]") if causal else ("PoolMixer", "[1, 0, 1, 0]")
+    return f"""
+{name} (V) => (Y) {{
+    pooled = AveragePool<kernel_shape = [3, 1], pads = {pads}, strides = [1, 1], count_include_pad = 0>(V)
     Y = Sub(pooled, V)
-}"""
+}}"""
 
 
 def window_body() -> str:

@@ -47,7 +47,13 @@ def softmax_attention(q, kt, v, bias, scale: float) -> torch.Tensor:
     return torch.softmax(scores, dim=-1) @ v
 
 
-def pool(v: torch.Tensor) -> torch.Tensor:
+def pool(v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    if causal:  # tokens i-2..i: pad two in front, average what is real
+        padded = torch.nn.functional.pad(v, (0, 0, 2, 0))
+        ones = torch.nn.functional.pad(torch.ones_like(v[..., :1]), (0, 0, 2, 0))
+        total = torch.nn.functional.avg_pool2d(padded, (3, 1), stride=1) * 3
+        count = torch.nn.functional.avg_pool2d(ones, (3, 1), stride=1) * 3
+        return total / count - v
     return torch.nn.functional.avg_pool2d(v, (3, 1), stride=1, padding=(1, 0), count_include_pad=False) - v
 
 

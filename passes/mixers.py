@@ -78,8 +78,9 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
     else:
         q, kt, v = node.inputs[:3]
         if spec.kind == "pool":
-            call = ir.node("PoolMixer", [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
-            done = "PoolMixer over the value tokens"
+            op = "CausalPoolMixer" if node.attributes.get_int("causal", 0) else "PoolMixer"
+            call = ir.node(op, [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
+            done = f"{op} over the value tokens"
         elif spec.kind == "window":
             bias = node.inputs[3] if len(node.inputs) > 3 else add_initializer(
                 graph, None, np.zeros((1, 1, 1, 1), np.float32), "window_no_bias")
