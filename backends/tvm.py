@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -36,6 +37,8 @@ from graphopt import exporters
 from graphopt.errors import BackendError, InputError, first_line
 from graphopt.model import Model
 from graphopt.specialize import specialize
+
+logger = logging.getLogger(__name__)
 
 TARGETS = ("llvm", "cuda")
 DEFAULT_CUDA_ARCH = "sm_90"
@@ -138,7 +141,9 @@ def compile(model: Model, *, target: str = "llvm", shapes: Mapping[str, Sequence
     except BackendError:
         raise
     except Exception as exc:
-        raise BackendError(f"TVM could not compile the model for {target}: {first_line(exc, 300)}") from None
+        logger.debug("TVM compile failed", exc_info=True)
+        raise BackendError(f"TVM could not compile the model for {target}: {type(exc).__name__}: {first_line(exc, 300)}",
+                           hint="rerun with --debug for TVM's traceback") from None
 
 
 def tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int], None] | None = None,
@@ -162,6 +167,13 @@ def tune(mod, target, work_dir: Path, trials: int, progress: Callable[[int, int]
         fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                           relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                           relax.transform.FuseTIR()])(mod)
+    # MetaSchedule configures its loggers by handler name from whatever handlers its logger
+    # already has: handlers of an earlier run (another work_dir's log file) or unnamed ones
+    # (a host application's) make it fail with "'NoneType' object has no attribute 'format'".
+    # Each run starts from a clean logger and logs into its own work_dir.
+    for handler in list(logging.getLogger("tvm.s_tir.meta_schedule").handlers):
+        logging.getLogger("tvm.s_tir.meta_schedule").removeHandler(handler)
+        handler.close()
     contexts, weights = ri.extracted_tasks_to_tune_contexts(ri.extract_tasks(fused, target, None), str(work_dir))
     kept = []
     for context, weight in zip(contexts, weights):
