@@ -119,9 +119,11 @@ def _replace(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
         old.name, value.name = f"{name}_swapped", name
 
 
-def _keymask(graph: ir.Graph, new: list[ir.Node], bias: ir.Value | None) -> ir.Value:
+def _keymask(graph: ir.Graph, new: list[ir.Node], bias: ir.Value | None, *, pushdown: bool = True) -> ir.Value:
     """[B|1, 1, T, 1]: 1 where the last query may see the key (padding masks hide the same keys
-    from every query; a causal mask hides none from the last one), else 0."""
+    from every query; a causal mask hides none from the last one), else 0. With `pushdown`,
+    the last row is taken before the elementwise ops that build the bias (so a causal model
+    no longer materializes its [S, T] mask: linear time and memory)."""
     if bias is None:
         return add_initializer(graph, None, np.ones((1, 1, 1, 1), np.float32), "keymask_ones")
 
@@ -130,15 +132,43 @@ def _keymask(graph: ir.Graph, new: list[ir.Node], bias: ir.Value | None) -> ir.V
         new.append(n)
         return n.outputs[0]
 
-    last = add_initializer(graph, None, np.array([-1], np.int64), "mask_last")
-    big = add_initializer(graph, None, np.array([np.iinfo(np.int64).max], np.int64), "mask_end")
-    axis = add_initializer(graph, None, np.array([-2], np.int64), "mask_axis")
+    row = _last_row(graph, add, bias, 12) if pushdown else _slice_last_row(graph, add, bias)
     threshold = add_initializer(graph, None, np.array(HIDDEN, np.float32), "mask_hidden")
-    row = add("Slice", [bias, last, big, axis])
     visible = add("Cast", [add("Greater", [row, threshold])], to=ir.DataType.FLOAT)
     heads_axis = add_initializer(graph, None, np.array([1], np.int64), "mask_heads")
     combined = add("ReduceMin", [visible, heads_axis], keepdims=1)
     return add("Transpose", [combined], perm=[0, 1, 3, 2])
+
+
+# Elementwise ops with broadcasting: the last row of op(a, b, ..) is op(last row of each input).
+_ROWWISE = frozenset({"Where", "And", "Or", "Xor", "Not", "Add", "Sub", "Mul", "Div", "Equal", "Less", "LessOrEqual",
+                      "Greater", "GreaterOrEqual", "Cast", "Neg", "Abs", "Max", "Min"})
+
+
+def _last_row(graph, add, value: ir.Value, depth: int) -> ir.Value:
+    """value[..., -1:, :] (rank >= 2), computed as early as the elementwise producers allow."""
+    shape = value.shape
+    if shape is None or len(shape) < 2:
+        return _slice_last_row(graph, add, value)
+    if shape[-2] == 1:
+        return value  # broadcast along the query axis already
+    node = value.producer()
+    if depth == 0 or node is None or node.domain != "" or node.op_type not in _ROWWISE or len(node.outputs) != 1:
+        return _slice_last_row(graph, add, value)
+    inputs = []
+    for x in node.inputs:
+        if x is None or x.shape is None:
+            return _slice_last_row(graph, add, value)
+        # an input of lower rank broadcasts along the query axis (axis -2 of the output)
+        inputs.append(x if len(x.shape) < 2 else _last_row(graph, add, x, depth - 1))
+    return add(node.op_type, inputs, **{k: a.value for k, a in node.attributes.items()})
+
+
+def _slice_last_row(graph, add, value: ir.Value) -> ir.Value:
+    last = add_initializer(graph, None, np.array([-1], np.int64), "mask_last")
+    end = add_initializer(graph, None, np.array([np.iinfo(np.int64).max], np.int64), "mask_end")
+    axis = add_initializer(graph, None, np.array([-2], np.int64), "mask_axis")
+    return add("Slice", [value, last, end, axis])
 
 
 def _nan_guard(value: ir.Value) -> ir.Value | None:

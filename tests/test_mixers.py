@@ -225,3 +225,30 @@ def test_recurrent_steps_equal_the_parallel_causal_form(kind):
         outputs.append(result["Y"])
         state, normalizer = result["S"], result["Z"]
     np.testing.assert_allclose(np.concatenate(outputs, axis=2), parallel, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_keymask_pushdown_equals_slicing_the_full_bias(arch, tmp):
+    """Taking the last row before the ops that build a causal+padding bias gives the same key mask."""
+    from graphopt.passes import mixers as mixer_pass
+    from graphopt.shapes import infer_shapes
+
+    module, args, names, dynamic = models.transformer(arch, "sdpa")
+    path = models.export(module, args, names, dynamic, tmp / "m.onnx", "dynamo")
+    work = graphopt.optimize(path, dims={"batch": 2, "seq": 16}).model.clone()
+    infer_shapes(work.ir)
+    node = mixer_pass.attention_nodes(work.ir.graph)[0]
+    outputs = []
+    for pushdown in (False, True):
+        new = []
+        mask = mixer_pass._keymask(work.ir.graph, new, node.inputs[3], pushdown=pushdown)
+        work.ir.graph.insert_before(node, new)
+        mask.name, mask.type = f"keymask_{pushdown}", graphopt.ir.ir.TensorType(graphopt.ir.ir.DataType.FLOAT)
+        work.ir.graph.outputs.append(mask)
+        outputs.append(mask.name)
+    assert any(n.op_type == "Slice" and n.inputs[0] is not node.inputs[3] for n in work.graph)  # pushed down
+    feeds = graphopt.feeds.make_inputs(work, dims={"batch": 2, "seq": 16})
+    feeds["attention_mask"][1, 10:] = 0  # one padded row
+    result = graphopt.verify.run(work, feeds)
+    np.testing.assert_array_equal(result[outputs[0]], result[outputs[1]])
+    assert result[outputs[1]][1, 0, 10:, 0].sum() == 0 and result[outputs[1]][0].min() == 1
