@@ -179,7 +179,8 @@ def _mixers() -> list[FunctionDef]:
 
     defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
             FunctionDef("CausalPoolMixer", lambda opset, plain: mb.pool_body(causal=True)),
-            FunctionDef("WindowAttention", lambda opset, plain: mb.window_body())]
+            FunctionDef("WindowAttention", lambda opset, plain: mb.window_body()),
+            FunctionDef("HybridAttention", lambda opset, plain: mb.hybrid_body())]
     for kind in mb.MAPS:
         defs.append(FunctionDef(mb.step_name(kind), lambda opset, plain, k=kind: mb.step_body(k)))
         for causal in (False, True):

@@ -231,3 +231,57 @@ WindowAttention <scale, window, sinks> (Q, KT, V, bias) => (Y) {
     p = Softmax<axis = -1>(biased)
     Y = MatMul(p, V)
 }"""
+
+
+def hybrid_body() -> str:
+    """Softmax over a sliding window (plus sinks), Hedgehog linear attention over every other
+    visible key, mixed by a learned per-head factor gamma [1, H, 1, 1]:
+        y = (sum_win e^(s - m) v + gamma e^-m sum_rest a v) / (sum_win e^(s - m) + gamma e^-m sum_rest a)
+    with s = scale q.k + bias, m the row max, a = phi(q).phi(k). Reference body: every score is
+    computed (a banded kernel is what would make it cheaper)."""
+    window = window_body()
+    band = window[window.index("    s_len = Shape"):window.index("    banded = Add(scores, band)")]
+    band = "    one_i = Constant<value = int64 {1}>()\n" + band.replace("one)", "one_i)")
+    return f"""
+HybridAttention <scale, window, sinks> (Q, KT, V, bias, W, gamma) => (Y) {{
+    {_CONSTANTS}
+    window_value = Constant<value_int: int = @window>()
+    sinks_value = Constant<value_int: int = @sinks>()
+    zero = Constant<value = int64 {{0}}>()
+    axis0 = Constant<value = int64[1] {{0}}>()
+    axis1 = Constant<value = int64[1] {{1}}>()
+    open_value = Constant<value = float {{0.0}}>()
+    hidden = Constant<value = float {{-3.4028234663852886e38}}>()
+    threshold = Constant<value = float {{{-1e30}}}>()
+    qk = MatMul(Q, KT)
+    scores0 = Mul(qk, scale_value)
+    scores = Add(scores0, bias)
+{band}    in_window = Cast<to = 1>(allowed)
+    visible = Greater(bias, threshold)
+    visible_f = Cast<to = 1>(visible)
+    m = ReduceMax<keepdims = 1>(scores, last)
+    shifted = Sub(scores, m)
+    e = Exp(shifted)
+    ew = Mul(e, in_window)
+    {_feature_map("Hedgehog", "Q", "pq")}
+    K = Transpose<perm = [0, 1, 3, 2]>(KT)
+    {_feature_map("Hedgehog", "K", "pk")}
+    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    a0 = MatMul(pq, pkt)
+    out_window = Sub(one, in_window)
+    a1 = Mul(a0, out_window)
+    a = Mul(a1, visible_f)
+    neg_m = Neg(m)
+    em = Exp(neg_m)
+    mix = Mul(em, gamma)
+    num_w = MatMul(ew, V)
+    num_a0 = MatMul(a, V)
+    num_a = Mul(num_a0, mix)
+    num = Add(num_w, num_a)
+    den_w = ReduceSum<keepdims = 1>(ew, last)
+    den_a0 = ReduceSum<keepdims = 1>(a, last)
+    den_a = Mul(den_a0, mix)
+    den0 = Add(den_w, den_a)
+    den = Add(den0, eps)
+    Y = Div(num, den)
+}}"""

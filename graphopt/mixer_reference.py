@@ -64,3 +64,21 @@ def window_attention(q, kt, v, bias, scale: float, window: int, sinks: int = 0) 
     allowed = ((i - j).abs() <= window) | (j < sinks)
     band = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
     return softmax_attention(q, kt, v, band if bias is None else band + bias, scale)
+
+
+def hybrid_attention(q, kt, v, bias, scale: float, window: int, sinks: int, w, gamma) -> torch.Tensor:
+    """Softmax inside the window (and sinks), Hedgehog linear attention on the other visible
+    keys, mixed per head by gamma [1, H, 1, 1] (see mixer_bodies.hybrid_body)."""
+    s_len, t_len = q.shape[-2], kt.shape[-1]
+    bias = torch.zeros(1, 1, 1, 1) if bias is None else bias
+    scores = (q @ kt) * scale + bias
+    i = torch.arange(s_len)[:, None] + (t_len - s_len)
+    j = torch.arange(t_len)[None, :]
+    in_window = (((i - j).abs() <= window) | (j < sinks)).float()
+    m = scores.amax(-1, keepdim=True)
+    e = torch.exp(scores - m) * in_window
+    pq = feature_map("Hedgehog", q, scale, w)
+    pk = feature_map("Hedgehog", kt.transpose(-1, -2), scale, w)
+    a = (pq @ pk.transpose(-1, -2)) * (1 - in_window) * (bias > -1e30).float()
+    mix = torch.exp(-m) * gamma
+    return (e @ v + mix * (a @ v)) / (e.sum(-1, keepdim=True) + mix * a.sum(-1, keepdim=True) + EPS)

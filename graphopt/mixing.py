@@ -71,9 +71,13 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
             w = fit_hedgehog(fit_caps[i], node, w, steps, seed)
         elif spec.kind == "window":
             w = choose_window(fit_caps[i], node)
+        elif spec.kind == "hybrid":
+            w = fit_hybrid(fit_caps[i], node, choose_window(fit_caps[i], node, HYBRID_COVERAGE), steps, seed)
         weights[i] = w
         per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
-                          **({"window": int(w), "sinks": mixers.sinks_for(node)} if spec.kind == "window" else {})})
+                          **({"window": int(w), "sinks": mixers.sinks_for(node)} if spec.kind == "window" else {}),
+                          **({"window": int(w["window"]), "gamma": [round(float(g), 4) for g in w["gamma"].ravel()]}
+                             if spec.kind == "hybrid" else {})})
     if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
         for entry, score in zip(per_layer, redundancy(work, held_feeds, nodes)):
             entry["redundancy"] = score
@@ -171,6 +175,10 @@ def _mixer_output(spec, node, q, kt, v, bias, w):
         return ref.pool(v, causal=bool(node.attributes.get_int("causal", 0)))
     if spec.kind == "drop":
         return torch.zeros_like(q[..., : v.shape[-1]])
+    if spec.kind == "hybrid":
+        return ref.hybrid_attention(q, kt, v, None if bias is None else torch.as_tensor(bias),
+                                    node.attributes.get_float("scale", 1.0), int(w["window"]), mixers.sinks_for(node),
+                                    torch.as_tensor(w["W"]), torch.as_tensor(w["gamma"]))
     if spec.kind == "window":
         return ref.window_attention(q, kt, v, None if bias is None else torch.as_tensor(bias),
                                     node.attributes.get_float("scale", 1.0), int(w), mixers.sinks_for(node))
@@ -180,6 +188,7 @@ def _mixer_output(spec, node, q, kt, v, bias, w):
 
 
 WINDOW_COVERAGE = 0.95
+HYBRID_COVERAGE = 0.5  # the hybrid's softmax window holds half the attention mass; linear attention the rest
 
 
 def choose_window(cap, node, coverage: float = WINDOW_COVERAGE) -> int:
@@ -205,6 +214,33 @@ def choose_window(cap, node, coverage: float = WINDOW_COVERAGE) -> int:
             total[: len(mass)] += mass
     cumulative = np.cumsum(total) / total.sum()
     return int(np.searchsorted(cumulative, coverage))
+
+
+def fit_hybrid(cap, node, window: int, steps: int, seed: int) -> dict[str, Any]:
+    """Attention transfer for the hybrid: Hedgehog maps W and the per-head mixing factor gamma."""
+    import torch
+
+    from graphopt import mixer_reference as ref
+
+    heads, size = node.attributes.get_int("q_num_heads", 0), node.attributes.get_int("head_size", 0)
+    if not heads or not size:
+        raise InputError(f"attention '{node.name}' has unknown heads or head size; the hybrid mixer needs them")
+    torch.manual_seed(seed)
+    w = torch.nn.Parameter(torch.eye(size).repeat(heads, 1, 1))
+    log_gamma = torch.nn.Parameter(torch.zeros(1, heads, 1, 1))
+    opt = torch.optim.Adam([w, log_gamma], lr=1e-2)
+    scale, sinks = node.attributes.get_float("scale", 1.0), mixers.sinks_for(node)
+    batches = [tuple(torch.as_tensor(a) if a is not None else None for a in row)
+               for row in zip(cap["q"], cap["kt"], cap["v"], cap["bias"], cap["y"])]
+    for step in range(max(steps, 0)):
+        q, kt, v, b, y = batches[step % len(batches)]
+        out = ref.hybrid_attention(q, kt, v, b, scale, window, sinks, w, log_gamma.exp())
+        loss = ((out - y) ** 2).mean() / (y.pow(2).mean() + 1e-12)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"W": w.detach().numpy().astype(np.float32), "gamma": log_gamma.detach().exp().numpy().astype(np.float32),
+            "window": window}
 
 
 def fit_hedgehog(cap, node, w0: np.ndarray, steps: int, seed: int) -> np.ndarray:

@@ -20,13 +20,13 @@ from graphopt.passes._weights import add_initializer, const_array
 from graphopt.rewrite import RULE_TAG
 
 RULE = "SwapMixer"
-MIXERS = ("linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "pool", "drop")
+MIXERS = ("linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "hybrid", "pool", "drop")
 SINKS = 4  # causal layers keep the first tokens visible in window attention (attention sinks)
 
 
 @dataclasses.dataclass(frozen=True)
 class MixerSpec:
-    kind: str  # "linear", "window", "pool", "drop"
+    kind: str  # "linear", "window", "hybrid", "pool", "drop"
     feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
 
     @classmethod
@@ -81,9 +81,17 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
             op = "CausalPoolMixer" if node.attributes.get_int("causal", 0) else "PoolMixer"
             call = ir.node(op, [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
             done = f"{op} over the value tokens"
+        elif spec.kind == "hybrid":
+            bias = _bias_or_zero(graph, node)
+            attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0)),
+                     "window": ir.AttrInt64("window", int(weights["window"])), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
+            w = add_initializer(graph, None, weights["W"], f"hybrid_w_{node.name}")
+            gamma = add_initializer(graph, None, weights["gamma"], f"hybrid_gamma_{node.name}")
+            call = ir.node("HybridAttention", [q, kt, v, bias, w, gamma], domain=functions.DOMAIN,
+                           name=f"{node.name}_hybrid", attributes=attrs)
+            done = f"HybridAttention (window {int(weights['window'])})"
         elif spec.kind == "window":
-            bias = node.inputs[3] if len(node.inputs) > 3 else add_initializer(
-                graph, None, np.zeros((1, 1, 1, 1), np.float32), "window_no_bias")
+            bias = _bias_or_zero(graph, node)
             attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0)),
                      "window": ir.AttrInt64("window", int(weights)), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
             call = ir.node("WindowAttention", [q, kt, v, bias], domain=functions.DOMAIN, name=f"{node.name}_window",
@@ -108,6 +116,12 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
     common_passes.RemoveUnusedNodesPass()(model)
     functions.ensure(model)
     return done
+
+
+def _bias_or_zero(graph: ir.Graph, node: ir.Node) -> ir.Value:
+    if len(node.inputs) > 3:
+        return node.inputs[3]
+    return add_initializer(graph, None, np.zeros((1, 1, 1, 1), np.float32), "no_bias")
 
 
 def _replace(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:

@@ -104,7 +104,7 @@ def bert_and_gpt2(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mixer", ["linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "pool", "drop"])
+@pytest.mark.parametrize("mixer", ["linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "hybrid", "pool", "drop"])
 def test_swap_every_mixer_on_bert_runs_in_ort(bert_and_gpt2, mixer):
     result = graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer=mixer, dims={"batch": 2, "seq": 16},
                                calib_steps=5)
@@ -252,3 +252,24 @@ def test_keymask_pushdown_equals_slicing_the_full_bias(arch, tmp):
     result = graphopt.verify.run(work, feeds)
     np.testing.assert_array_equal(result[outputs[0]], result[outputs[1]])
     assert result[outputs[1]][1, 0, 10:, 0].sum() == 0 and result[outputs[1]][0].min() == 1
+
+
+def test_hybrid_body_matches_torch():
+    q, kt, v, keymask = _inputs(s=12, t=12)
+    bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, -3.4e38).astype(np.float32)
+    w = _weights("Hedgehog")
+    gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
+    node = oh.make_node("HybridAttention", ["Q", "KT", "V", "B", "W", "G"], ["Y"], domain=functions.DOMAIN, scale=0.3,
+                        window=2, sinks=1)
+    arrays = {"Q": q, "KT": kt, "V": v, "B": bias, "W": w, "G": gamma}
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
+                          [oh.make_tensor_value_info("Y", 1, None)])
+    got = graphopt.verify.run(graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)), arrays)["Y"]
+    want = mixer_reference.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1, torch.as_tensor(w),
+                                            torch.as_tensor(gamma)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # with the window covering every key, the hybrid is softmax attention
+    wide = mixer_reference.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 100, 0, torch.as_tensor(w),
+                                            torch.as_tensor(gamma))
+    torch.testing.assert_close(wide, mixer_reference.softmax_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3),
+                               rtol=1e-4, atol=1e-5)
