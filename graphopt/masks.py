@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.ir import common_passes, ir
-from graphopt.model import Model
+from graphopt.ir import ir
 
 HIDDEN = -1e30  # additive mask entries at or below this hide a key (exporters use -inf or the dtype's lowest)
 
@@ -22,23 +21,13 @@ def classify_causal(model: ir.Model, biases: list[ir.Value], *, seq: int = 6, pa
     """{bias value name: causal?} for additive attention biases of shape [.., S, T].
     A bias the probe cannot evaluate is reported as not causal (the canonical op keeps
     the bias either way; `causal` only tells lowerings and mixers what it holds)."""
-    from graphopt import exporters, feeds
-    from graphopt.backends import ort
+    from graphopt import feeds, verify
 
-    work = model.clone()
-    by_name = {v.name: v for node in work.graph for v in node.outputs}
-    wanted = [by_name[b.name] for b in biases if b.name in by_name]
-    if not wanted:
+    probe = verify.expose(model, [b.name for b in biases], only=True)
+    if not probe.graph.outputs:
         return {}
-    for v in wanted:
-        if v.type is None:
-            v.type = ir.TensorType(ir.DataType.FLOAT)
-    work.graph.outputs.clear()
-    work.graph.outputs.extend(wanted)
-    common_passes.RemoveUnusedNodesPass()(work)
     try:
-        inputs = feeds.make_inputs(Model(work), dims=_probe_dims(work, seq, past))
-        results = ort.session(exporters.to_proto(work).SerializeToString()).run(inputs)
+        results = verify.run(probe, feeds.make_inputs(probe, dims=_probe_dims(probe.ir, seq, past)))
     except GraphoptError:
         return {}
     return {name: is_causal(np.asarray(array)) for name, array in results.items()}

@@ -27,6 +27,8 @@ banded kernel is what makes it cheaper, which this body does not provide.
 
 from __future__ import annotations
 
+from graphopt.masks import HIDDEN
+
 CHUNK = 64
 EPS = 1e-6
 MAPS = ("Elu", "Relu", "Hedgehog", "Performer")
@@ -195,42 +197,46 @@ def pool_body(causal: bool = False) -> str:
 }}"""
 
 
-def window_body() -> str:
-    return """
-WindowAttention <scale, window, sinks> (Q, KT, V, bias) => (Y) {
-    scale_value = Constant<value_float: float = @scale>()
-    window_value = Constant<value_int: int = @window>()
+_BAND = """window_value = Constant<value_int: int = @window>()
     sinks_value = Constant<value_int: int = @sinks>()
-    zero = Constant<value = int64 {0}>()
-    one = Constant<value = int64 {1}>()
+    zero_i = Constant<value = int64 {0}>()
+    one_i = Constant<value = int64 {1}>()
     axis0 = Constant<value = int64[1] {0}>()
     axis1 = Constant<value = int64[1] {1}>()
-    open_value = Constant<value = float {0.0}>()
-    hidden = Constant<value = float {-3.4028234663852886e38}>()
-    qk = MatMul(Q, KT)
-    scores = Mul(qk, scale_value)
     s_len = Shape<start = -2, end = -1>(Q)
     t_len = Shape<start = -1>(KT)
     offset = Sub(t_len, s_len)
     s0 = Squeeze(s_len)
     t0 = Squeeze(t_len)
-    rows = Range(zero, s0, one)
+    rows = Range(zero_i, s0, one_i)
     offset0 = Squeeze(offset)
     qpos = Add(rows, offset0)
-    kpos = Range(zero, t0, one)
+    kpos = Range(zero_i, t0, one_i)
     qcol = Unsqueeze(qpos, axis1)
     krow = Unsqueeze(kpos, axis0)
     diff = Sub(qcol, krow)
     dist = Abs(diff)
     near = LessOrEqual(dist, window_value)
     sink = Less(krow, sinks_value)
-    allowed = Or(near, sink)
+    allowed = Or(near, sink)"""
+# `allowed` [S, T]: key j is within `window` of query i (at position i + T - S among the keys) or j < sinks.
+
+
+def window_body() -> str:
+    return f"""
+WindowAttention <scale, window, sinks> (Q, KT, V, bias) => (Y) {{
+    scale_value = Constant<value_float: float = @scale>()
+    open_value = Constant<value = float {{0.0}}>()
+    hidden = Constant<value = float {{-3.4028234663852886e38}}>()
+    {_BAND}
+    qk = MatMul(Q, KT)
+    scores = Mul(qk, scale_value)
     band = Where(allowed, open_value, hidden)
     banded = Add(scores, band)
     biased = Add(banded, bias)
     p = Softmax<axis = -1>(biased)
     Y = MatMul(p, V)
-}"""
+}}"""
 
 
 def hybrid_body() -> str:
@@ -239,24 +245,15 @@ def hybrid_body() -> str:
         y = (sum_win e^(s - m) v + gamma e^-m sum_rest a v) / (sum_win e^(s - m) + gamma e^-m sum_rest a)
     with s = scale q.k + bias, m the row max, a = phi(q).phi(k). Reference body: every score is
     computed (a banded kernel is what would make it cheaper)."""
-    window = window_body()
-    band = window[window.index("    s_len = Shape"):window.index("    banded = Add(scores, band)")]
-    band = "    one_i = Constant<value = int64 {1}>()\n" + band.replace("one)", "one_i)")
     return f"""
 HybridAttention <scale, window, sinks> (Q, KT, V, bias, W, gamma) => (Y) {{
     {_CONSTANTS}
-    window_value = Constant<value_int: int = @window>()
-    sinks_value = Constant<value_int: int = @sinks>()
-    zero = Constant<value = int64 {{0}}>()
-    axis0 = Constant<value = int64[1] {{0}}>()
-    axis1 = Constant<value = int64[1] {{1}}>()
-    open_value = Constant<value = float {{0.0}}>()
-    hidden = Constant<value = float {{-3.4028234663852886e38}}>()
-    threshold = Constant<value = float {{{-1e30}}}>()
+    threshold = Constant<value = float {{{HIDDEN}}}>()
+    {_BAND}
     qk = MatMul(Q, KT)
     scores0 = Mul(qk, scale_value)
     scores = Add(scores0, bias)
-{band}    in_window = Cast<to = 1>(allowed)
+    in_window = Cast<to = 1>(allowed)
     visible = Greater(bias, threshold)
     visible_f = Cast<to = 1>(visible)
     m = ReduceMax<keepdims = 1>(scores, last)

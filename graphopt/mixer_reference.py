@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from graphopt.masks import HIDDEN
 from graphopt.mixer_bodies import EPS
 
 
@@ -79,6 +80,6 @@ def hybrid_attention(q, kt, v, bias, scale: float, window: int, sinks: int, w, g
     e = torch.exp(scores - m) * in_window
     pq = feature_map("Hedgehog", q, scale, w)
     pk = feature_map("Hedgehog", kt.transpose(-1, -2), scale, w)
-    a = (pq @ pk.transpose(-1, -2)) * (1 - in_window) * (bias > -1e30).float()
+    a = (pq @ pk.transpose(-1, -2)) * (1 - in_window) * (bias > HIDDEN).float()
     mix = torch.exp(-m) * gamma
     return (e @ v + mix * (a @ v)) / (e.sum(-1, keepdim=True) + mix * a.sum(-1, keepdim=True) + EPS)

@@ -81,9 +81,10 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
         for entry, score in zip(per_layer, redundancy(work, held_feeds, nodes)):
             entry["redundancy"] = score
-    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, held_feeds, seq)
+    references = [verify.run(work, f) for f in held_feeds]  # the original's held-out outputs, run once
+    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, held_feeds, references, seq)
     swapped = _apply(work, nodes, spec, weights, chosen, seq or _seq_hint(held_feeds))
-    end_to_end = end_to_end_fidelity(model, swapped, held_feeds)
+    end_to_end = end_to_end_fidelity(references, swapped, held_feeds)
     for entry in per_layer:
         entry["swapped"] = entry["index"] in chosen
         if not entry["swapped"]:
@@ -100,18 +101,9 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
 
 def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) -> list[dict[str, list[np.ndarray]]]:
     """Per canonical op: lists (one entry per batch) of q, kt, v, bias (or None) and y."""
-    work = model.ir.clone()
-    by_name = {v.name: v for node in work.graph for v in node.outputs} | {v.name: v for v in work.graph.inputs}
-    wanted = []
-    for node in nodes:
-        values = list(node.inputs) + [node.outputs[0]]
-        wanted.append([v.name if v is not None else None for v in values])
-    names = sorted({n for row in wanted for n in row if n and n in by_name and not by_name[n].is_graph_output()})
-    for name in names:
-        if by_name[name].type is None:
-            by_name[name].type = ir.TensorType(ir.DataType.FLOAT)
-        work.graph.outputs.append(by_name[name])
-    results = [verify.run(Model(work), feeds) for feeds in batches]
+    wanted = [[v.name if v is not None else None for v in (*node.inputs, node.outputs[0])] for node in nodes]
+    exposed = verify.expose(model, [n for row in wanted for n in row if n])
+    results = [verify.run(exposed, feeds) for feeds in batches]
     caps = []
     for row in wanted:
         keys = ("q", "kt", "v", "bias", "y") if len(row) == 5 else ("q", "kt", "v", "y")
@@ -126,13 +118,8 @@ def redundancy(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node])
     stream entering the block and A what attention adds to it: near 1, the layer barely moves
     the stream and dropping it changes little. None where no residual Add is found."""
     found = [mixers.residual_add(n) for n in nodes]
-    names = sorted({v.name for f in found if f is not None for v in f[1:]})
-    work = model.ir.clone()
-    by_name = {v.name: v for node in work.graph for v in node.outputs} | {v.name: v for v in work.graph.inputs}
-    for name in names:
-        if not by_name[name].is_graph_output():
-            work.graph.outputs.append(by_name[name])
-    results = [verify.run(Model(work), f) for f in batches]
+    exposed = verify.expose(model, [v.name for f in found if f is not None for v in f[1:]])
+    results = [verify.run(exposed, f) for f in batches]
     scores: list[float | None] = []
     for f in found:
         if f is None:
@@ -284,10 +271,10 @@ def layer_error(spec, node, cap, w) -> dict[str, float]:
     return {"rel_error": round((num / max(den, 1e-30)) ** 0.5, 6), "cosine": round(float(np.mean(cosines)), 6)}
 
 
-def end_to_end_fidelity(original: Model, swapped: Model, batches: Sequence[Feeds]) -> dict[str, Any]:
-    """Per output: cosine per row (mean and min over held-out rows), max abs error, and the
-    KL divergence of the softmax for outputs named like logits."""
-    refs = [verify.run(original, f) for f in batches]
+def end_to_end_fidelity(refs: Sequence[Mapping[str, np.ndarray]], swapped: Model, batches: Sequence[Feeds]) -> dict[str, Any]:
+    """`swapped` against the original's outputs `refs` on the same `batches`, per output: cosine
+    per row (mean and min over held-out rows), max abs error, and the KL divergence of the
+    softmax for outputs named like logits."""
     gots = [verify.run(swapped, f) for f in batches]
     out = {}
     for name in refs[0]:
@@ -334,7 +321,7 @@ def _quadratic(spec, node, seq: int) -> bool:
     return seq * (f + d) < 2 * f * d
 
 
-def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held, seq_override=None):
+def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held, references, seq_override=None):
     if layers == "all":
         return set(range(len(nodes))), {}
     if isinstance(layers, str) and layers.startswith("best:"):
@@ -354,7 +341,7 @@ def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held, seq_
     seq = seq_override or _seq_hint(held)
     for i in order:
         trial = _apply(model, nodes, spec, weights, chosen | {i}, seq)
-        fid = end_to_end_fidelity(model, trial, held)
+        fid = end_to_end_fidelity(references, trial, held)
         worst = min(v["mean_cosine"] for v in fid.values())
         if worst >= fidelity:
             chosen.add(i)

@@ -17,6 +17,7 @@ from graphopt.attention import AttentionSite, find_attention, scores_before
 from graphopt.ir import common_passes, ir
 from graphopt.masks import classify_causal
 from graphopt.passes._checks import scalar
+from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
 from graphopt.registry import register
 from graphopt.rewrite import RULE_TAG, Pass, PassKind
@@ -107,11 +108,10 @@ def _plan(site: AttentionSite) -> _Plan | str:
     scale = 1.0
     adds, wheres = [], []
     # 2. From Softmax's input back to the scores.
-    value, chain, scaled_after = site.softmax.inputs[0], [], None
+    value, scaled_after = site.softmax.inputs[0], None
     while (node := value.producer()) is not site.scores:
         if node is None:
             return f"'{value.name}' on the way from Softmax to the scores is not computed from them"
-        chain.append(node)
         if reason := _readers_blocker(node.outputs[0], 1):
             return reason
         op, inputs = node.op_type, node.inputs
@@ -228,7 +228,7 @@ def _replace(graph: ir.Graph, plan: _Plan) -> ir.Node:
     result = attention.outputs[0]
     if plan.nan_guard:
         isnan = ir.node("IsNaN", [result], name=f"{attention.name}_isnan")
-        zero = add_initializer(graph, None, np.zeros((), dtype=result_dtype(out)), "attention_zero")
+        zero = add_initializer(graph, None, np.zeros((), dtype=_result_dtype(out)), "attention_zero")
         guard = ir.node("Where", [isnan.outputs[0], zero, result], name=f"{attention.name}_guard")
         new += [isnan, guard]
         result = guard.outputs[0]
@@ -238,7 +238,7 @@ def _replace(graph: ir.Graph, plan: _Plan) -> ir.Node:
     old = out.outputs[0]
     result.type, result.shape = old.type, old.shape
     attention.outputs[0].type, attention.outputs[0].shape = old.type, old.shape
-    _replace_value(graph, old, result)
+    replace_value(graph, old, result)
     return attention
 
 
@@ -289,7 +289,7 @@ def _same(a, b) -> bool:
     return True
 
 
-def result_dtype(node: ir.Node):
+def _result_dtype(node: ir.Node):
     dtype = node.outputs[0].dtype or node.inputs[0].dtype or ir.DataType.FLOAT
     return dtype.numpy()
 
@@ -301,11 +301,3 @@ def _add(new: list[ir.Node], bias: ir.Value | None, term: ir.Value, site: Attent
     new.append(node)
     return node.outputs[0]
 
-
-def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Every reader of `old` reads `new`; a graph output keeps its name."""
-    name = old.name if old.is_graph_output() else None
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if name is not None:
-        old.name = f"{name}_replaced"
-        new.name = name

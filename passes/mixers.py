@@ -16,6 +16,7 @@ from graphopt.attention import is_canonical
 from graphopt.errors import InputError
 from graphopt.ir import common_passes, ir
 from graphopt.masks import HIDDEN
+from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
 from graphopt.rewrite import RULE_TAG
 
@@ -125,12 +126,7 @@ def _bias_or_zero(graph: ir.Graph, node: ir.Node) -> ir.Value:
 
 
 def _replace(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
-    old = node.outputs[0]
-    value.type, value.shape = old.type, old.shape
-    name = old.name if old.is_graph_output() else None
-    old.replace_all_uses_with(value, replace_graph_outputs=True)
-    if name:
-        old.name, value.name = f"{name}_swapped", name
+    replace_value(graph, node.outputs[0], value)
 
 
 def _keymask(graph: ir.Graph, new: list[ir.Node], bias: ir.Value | None, *, pushdown: bool = True) -> ir.Value:
@@ -224,11 +220,7 @@ def _drop(graph: ir.Graph, node: ir.Node, new: list[ir.Node]) -> str:
     found = residual_add(node)
     if found is not None:
         add, residual, _branch = found
-        out = add.outputs[0]
-        name = out.name if out.is_graph_output() else None
-        out.replace_all_uses_with(residual, replace_graph_outputs=True)
-        if name and not residual.is_graph_input():
-            out.name, residual.name = f"{name}_dropped", name
+        replace_value(graph, add.outputs[0], residual)
         return f"dropped: residual Add '{add.name}' bypassed"
     # No residual Add found: the mixer outputs zeros (the projection's bias still adds).
     shape = ir.node("Shape", [node.inputs[0]])

@@ -23,6 +23,8 @@ from graphopt import functions, ops
 from graphopt.attention import is_canonical
 from graphopt.ir import MatchResult, common_passes, ir, pattern
 from graphopt.passes._checks import scalar
+from graphopt.passes._edits import replace_value
+from graphopt.passes.cleanup import ReadShapesFromInputs
 from graphopt.passes._weights import add_initializer, const_array
 from graphopt.registry import register
 from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
@@ -50,17 +52,11 @@ class _LowerAttention(Pass):
                 for n in new:
                     n.metadata_props[RULE_TAG] = self.RULE
                 model.graph.insert_before(node, new)
-                result.type, result.shape = node.outputs[0].type, node.outputs[0].shape
-                node.outputs[0].replace_all_uses_with(result, replace_graph_outputs=True)
-                if node.outputs[0].is_graph_output() or result.is_graph_output():
-                    name = node.outputs[0].name
-                    node.outputs[0].name, result.name = f"{name}_lowered", name
+                replace_value(model.graph, node.outputs[0], result)
                 model.graph.remove(node, safe=True)
                 done += 1
         if done:
             self.prepare(model)
-            from graphopt.passes.cleanup import ReadShapesFromInputs
-
             ReadShapesFromInputs().run(model)  # shape reads of the replaced activations would keep them alive
             common_passes.RemoveUnusedNodesPass()(model)
             common_passes.RemoveUnusedFunctionsPass()(model)

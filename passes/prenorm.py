@@ -21,6 +21,7 @@ import numpy as np
 from graphopt import functions, ops
 from graphopt.ir import ir
 from graphopt.passes._checks import opset_of
+from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
 from graphopt.registry import register
 from graphopt.rewrite import RULE_TAG, Pass, PassKind
@@ -206,11 +207,5 @@ def _to_rms(graph: ir.Graph, norm: ir.Node) -> None:
     for n in nodes:
         n.metadata_props[RULE_TAG] = PreLNToPreRMSNorm.RULE
     graph.insert_before(norm, nodes)
-    out, new = norm.outputs[0], nodes[-1].outputs[0]
-    new.type, new.shape = out.type, out.shape
-    is_output = out.is_graph_output()
-    out.replace_all_uses_with(new, replace_graph_outputs=True)
-    if is_output:
-        name, out.name = out.name, None
-        new.name = name
+    replace_value(graph, norm.outputs[0], nodes[-1].outputs[0])
     graph.remove(norm, safe=True)
