@@ -182,7 +182,7 @@ def _mixers() -> list[FunctionDef]:
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body()),
             FunctionDef("HybridAttention", lambda opset, plain: mb.hybrid_body())]
     for kind in mb.MAPS:
-        defs.append(FunctionDef(mb.step_name(kind), lambda opset, plain, k=kind: mb.step_body(k)))
+        defs.append(FunctionDef(mb.recurrent_name(kind), lambda opset, plain, k=kind: mb.recurrent_body(k)))
         for causal in (False, True):
             for quadratic in (False, True):
                 defs.append(FunctionDef(mb.linear_name(kind, causal, quadratic),

@@ -10,8 +10,11 @@ Function names say the feature map, causality and evaluation order:
     LinearAttention{Elu,Relu,Hedgehog,Performer}[Causal][Quadratic]
 `Quadratic` evaluates (phi(Q) phi(K)^T) V (masked lower-triangular when causal): cheaper
 for short sequences, and the causal reference. The causal linear form is chunked (chunk
-CHUNK): a masked matmul inside each chunk plus the running state sum_{j<i} phi(K_j)^T V_j
-across chunks (CumSum), so memory and time are linear in T.
+CHUNK, or S when shorter): a masked matmul inside each chunk plus the running state
+sum_{j<i} phi(K_j)^T V_j across chunks (CumSum), so memory and time are linear in T. Keys
+before the last S (a KV cache's past, T > S) enter as the initial state.
+`LinearAttention{Map}Recurrent` is the decoding form: the state of all earlier tokens is an
+input and an output (fixed size, replacing a KV cache); see recurrent_body.
 Feature maps:
     elu        elu(x) + 1
     relu       relu(x)                                   (SLAB's simplified linear attention)
@@ -82,6 +85,7 @@ def _features(header: str, kind: str) -> str:
 {header} {{
     {_CONSTANTS}
     int_max = Constant<value = int64[1] {{9223372036854775807}}>()
+    axis2_1d = Constant<value = int64[1] {{2}}>()
     {extra}
     {_feature_map(kind, "Q", "pq")}
     K = Transpose<perm = [0, 1, 3, 2]>(KT)
@@ -116,23 +120,74 @@ def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
     Y = Div(num, dene)
 }}"""
     else:
-        core = f"""    chunk = Constant<value = int64[1] {{{CHUNK}}}>()
-    zero1 = Constant<value = int64[1] {{0}}>()
-    zero2 = Constant<value = int64[2] {{0, 0}}>()
-    minus1 = Constant<value = int64[1] {{-1}}>()
-    axis2 = Constant<value = int64 {{2}}>()
-    t_len = Shape<start = -2, end = -1>(pk)
-    rem = Mod(t_len, chunk)
+        core = _PREFIX_STATE + _CHUNKED + "}"
+    return common + core
+
+
+def recurrent_name(feature_map: str) -> str:
+    return f"LinearAttention{feature_map.capitalize()}Recurrent"
+
+
+def recurrent_body(kind: str) -> str:
+    """Causal linear attention over new tokens with the state of every earlier token carried
+    outside the graph: state [B, H, F, Dv] = sum_j phi(k_j)^T v_j, normalizer [B, H, F, 1] =
+    sum_j phi(k_j)^T; KT and V hold the new tokens only (one when decoding, many when
+    prefilling). Outputs the states after the new tokens. It replaces the KV cache, whose size
+    grows with the sequence, by a fixed-size state: run token by token it equals the causal
+    forms (tested)."""
+    params = ", W" if kind in ("Hedgehog", "Performer") else ""
+    header = (f"{recurrent_name(kind)} <scale> (Q, KT, V, keymask, state, normalizer{params}) "
+              "=> (Y, state_out, normalizer_out)")
+    return _features(header, kind) + """    pkc = Identity(pk)
+    vc = Identity(V)
+    s0 = Identity(state)
+    z0 = Identity(normalizer)
+""" + _CHUNKED + """    kv_total = ReduceSum<keepdims = 0>(kv, axis2_1d)
+    state_out = Add(state, kv_total)
+    z_total = ReduceSum<keepdims = 0>(z, axis2_1d)
+    normalizer_out = Add(normalizer, z_total)
+}"""
+
+
+# The keys before the last S (a KV cache's past, when T > S) summarized as a state: s0, z0
+# (a zero key row is prepended so that no past is a sum over one zero row, not over an empty
+# axis); pkc, vc the last S keys and values.
+_PREFIX_STATE = """    zero1 = Constant<value = int64[1] {0}>()
+    t_keys = Shape<start = -2, end = -1>(pk)
+    s_queries = Shape<start = -2, end = -1>(pq)
+    p_len = Sub(t_keys, s_queries)
+    pk_pre = Slice(pk, zero1, p_len, axis2_1d)
+    v_pre = Slice(V, zero1, p_len, axis2_1d)
+    pkc = Slice(pk, p_len, t_keys, axis2_1d)
+    vc = Slice(V, p_len, t_keys, axis2_1d)
+    zero_row = Constant<value = int64[8] {0, 0, 1, 0, 0, 0, 0, 0}>()
+    pk_pre1 = Pad(pk_pre, zero_row)
+    v_pre1 = Pad(v_pre, zero_row)
+    pk_pre_t = Transpose<perm = [0, 1, 3, 2]>(pk_pre1)
+    s0 = MatMul(pk_pre_t, v_pre1)
+    z0 = ReduceSum<keepdims = 1>(pk_pre_t, last)
+"""
+
+# Causal linear attention over pq/pkc/vc [B, H, S, .] in chunks of c = min(CHUNK, S) (so one
+# decoding step is one chunk of one token): inside a chunk a masked matmul, across chunks the
+# running state s0 + sum_{earlier chunks} phi(K)^T V (CumSum), likewise the normalizer.
+_CHUNKED = """    chunk_max = Constant<value = int64[1] {%d}>()
+    zero1c = Constant<value = int64[1] {0}>()
+    zero2 = Constant<value = int64[2] {0, 0}>()
+    minus1 = Constant<value = int64[1] {-1}>()
+    axis2 = Constant<value = int64 {2}>()
+    s_len = Shape<start = -2, end = -1>(pkc)
+    chunk = Min(chunk_max, s_len)
+    rem = Mod(s_len, chunk)
     short = Sub(chunk, rem)
     pad = Mod(short, chunk)
-    pads = Concat<axis = 0>(zero2, pad, zero1, zero2, zero1, zero1)
-    pads8 = Concat<axis = 0>(zero2, zero1, zero1, zero2, pad, zero1)
+    pads8 = Concat<axis = 0>(zero2, zero1c, zero1c, zero2, pad, zero1c)
     qp = Pad(pq, pads8)
-    kp = Pad(pk, pads8)
-    vp = Pad(V, pads8)
+    kp = Pad(pkc, pads8)
+    vp = Pad(vc, pads8)
     lead = Shape<end = 2>(pq)
     f_dim = Shape<start = -1>(pq)
-    dv_dim = Shape<start = -1>(V)
+    dv_dim = Shape<start = -1>(vc)
     shape_f = Concat<axis = 0>(lead, minus1, chunk, f_dim)
     shape_v = Concat<axis = 0>(lead, minus1, chunk, dv_dim)
     q5 = Reshape(qp, shape_f)
@@ -140,13 +195,17 @@ def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
     v5 = Reshape(vp, shape_v)
     k5t = Transpose<perm = [0, 1, 2, 4, 3]>(k5)
     kv = MatMul(k5t, v5)
-    state = CumSum<exclusive = 1>(kv, axis2)
-    inter = MatMul(q5, state)
+    state_ex = CumSum<exclusive = 1>(kv, axis2)
+    s0u = Unsqueeze(s0, axis2_1d)
+    state_run = Add(state_ex, s0u)
+    inter = MatMul(q5, state_run)
     a0 = MatMul(q5, k5t)
     a = Trilu<upper = 0>(a0)
     intra = MatMul(a, v5)
     z = ReduceSum<keepdims = 1>(k5t, last)
-    zs = CumSum<exclusive = 1>(z, axis2)
+    zs_ex = CumSum<exclusive = 1>(z, axis2)
+    z0u = Unsqueeze(z0, axis2_1d)
+    zs = Add(zs_ex, z0u)
     den_inter = MatMul(q5, zs)
     den_intra = ReduceSum<keepdims = 1>(a, last)
     num = Add(inter, intra)
@@ -155,36 +214,8 @@ def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
     y5 = Div(num, den)
     flat = Concat<axis = 0>(lead, minus1, dv_dim)
     yp = Reshape(y5, flat)
-    Y = Slice(yp, zero1, t_len, axis2_1d)
-}}"""
-        core = core.replace("axis2_1d", "two_1d")
-        core = "    two_1d = Constant<value = int64[1] {2}>()\n" + core
-        core = core.replace("    pads = Concat<axis = 0>(zero2, pad, zero1, zero2, zero1, zero1)\n", "")
-    return common + core
-
-
-def step_name(feature_map: str) -> str:
-    return f"LinearAttention{feature_map.capitalize()}Step"
-
-
-def step_body(kind: str) -> str:
-    """One decoding step of causal linear attention with the state carried outside:
-    state' = state + phi(k)^T v, normalizer' = normalizer + phi(k)^T 1,
-    y = phi(q) state' / (phi(q) normalizer' + eps); state [B, H, F, Dv], normalizer [B, H, F, 1].
-    Run token by token it equals the causal forms (tested); it replaces the KV cache, whose
-    size grows with the sequence, by a fixed-size state."""
-    params = ", W" if kind in ("Hedgehog", "Performer") else ""
-    header = f"{step_name(kind)} <scale> (Q, KT, V, keymask, state, normalizer{params}) => (Y, state_out, normalizer_out)"
-    return _features(header, kind) + """    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
-    kv = MatMul(pkt, V)
-    state_out = Add(state, kv)
-    ks = ReduceSum<keepdims = 1>(pkt, last)
-    normalizer_out = Add(normalizer, ks)
-    num = MatMul(pq, state_out)
-    den = MatMul(pq, normalizer_out)
-    dene = Add(den, eps)
-    Y = Div(num, dene)
-}"""
+    Y = Slice(yp, zero1c, s_len, axis2_1d)
+""" % CHUNK
 
 
 def pool_body(causal: bool = False) -> str:

@@ -200,31 +200,47 @@ def test_drop_ranks_layers_by_residual_redundancy(bert_and_gpt2):
 
 @pytest.mark.parametrize("kind", mixer_bodies.MAPS)
 def test_recurrent_steps_equal_the_parallel_causal_form(kind):
-    """Decoding token by token with the fixed-size state gives the parallel causal output."""
-    t = 9
-    q, kt, v, keymask = _inputs(s=t, t=t, padded=False)
+    """A prefill of 5 tokens then decoding token by token with the fixed-size state gives the
+    parallel causal output; so does one prefill of all 70 (two chunks, one padded)."""
+    t = 70
+    q, kt, v, keymask = _inputs(s=t, t=t)
     w = _weights(kind)
     extra = {"W": w} if w is not None else {}
     parallel = _run_function(mixer_bodies.linear_name(kind, True, True), {"Q": q, "KT": kt, "V": v, "keymask": keymask} | extra)
     f = {"Elu": 4, "Relu": 4, "Hedgehog": 8, "Performer": 16}[kind]
-    state = np.zeros((2, 2, f, 4), np.float32)
-    normalizer = np.zeros((2, 2, f, 1), np.float32)
-    name = mixer_bodies.step_name(kind)
-    node = oh.make_node(name, ["Q", "KT", "V", "keymask", "state", "normalizer", *extra], ["Y", "S", "Z"],
-                        domain=functions.DOMAIN, scale=0.3)
-    arrays = {"Q": q[:, :, :1], "KT": kt[..., :1], "V": v[:, :, :1], "keymask": keymask[:, :, :1],
-              "state": state, "normalizer": normalizer} | extra
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
+    node = oh.make_node(mixer_bodies.recurrent_name(kind), ["Q", "KT", "V", "keymask", "state", "normalizer", *extra],
+                        ["Y", "S", "Z"], domain=functions.DOMAIN, scale=0.3)
+    shapes = {"Q": [2, 2, "s", 4], "KT": [2, 2, 4, "s"], "V": [2, 2, "s", 4], "keymask": [2, 1, "s", 1],
+              "state": [2, 2, f, 4], "normalizer": [2, 2, f, 1]} | {k: list(a.shape) for k, a in extra.items()}
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, s) for k, s in shapes.items()],
                           [oh.make_tensor_value_info(n, 1, None) for n in ("Y", "S", "Z")])
     model = graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10))
-    outputs = []
-    for i in range(t):
-        step = {"Q": q[:, :, i:i + 1], "KT": kt[..., i:i + 1], "V": v[:, :, i:i + 1], "keymask": keymask[:, :, i:i + 1],
-                "state": state, "normalizer": normalizer} | extra
-        result = graphopt.verify.run(model, step)
-        outputs.append(result["Y"])
-        state, normalizer = result["S"], result["Z"]
-    np.testing.assert_allclose(np.concatenate(outputs, axis=2), parallel, rtol=1e-4, atol=1e-5)
+
+    def decode(bounds):
+        state, normalizer, outputs = np.zeros((2, 2, f, 4), np.float32), np.zeros((2, 2, f, 1), np.float32), []
+        for a, b in zip(bounds, bounds[1:]):
+            step = {"Q": q[:, :, a:b], "KT": kt[..., a:b], "V": v[:, :, a:b], "keymask": keymask[:, :, a:b],
+                    "state": state, "normalizer": normalizer} | extra
+            result = graphopt.verify.run(model, step)
+            outputs.append(result["Y"])
+            state, normalizer = result["S"], result["Z"]
+        return np.concatenate(outputs, axis=2)
+
+    np.testing.assert_allclose(decode([0, 5, *range(6, t + 1)]), parallel, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(decode([0, t]), parallel, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["Elu", "Hedgehog"])
+@pytest.mark.parametrize("s", [1, 3, 70])
+def test_chunked_causal_with_past_keys_equals_quadratic(kind, s):
+    """T > S (keys of a KV cache before the queries): the chunked form takes the past keys as
+    its initial state and matches the masked quadratic form (offset T - S)."""
+    q, kt, v, keymask = _inputs(s=s, t=s + 9, seed=s)
+    w = _weights(kind)
+    arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask} | ({"W": w} if w is not None else {})
+    chunked = _run_function(mixer_bodies.linear_name(kind, True, False), arrays)
+    quadratic = _run_function(mixer_bodies.linear_name(kind, True, True), arrays)
+    np.testing.assert_allclose(chunked, quadratic, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
