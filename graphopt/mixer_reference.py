@@ -41,6 +41,13 @@ def linear_attention(kind: str, q, kt, v, keymask, scale: float, w=None, causal:
     return num / (den + EPS)
 
 
+def linear_state(kind: str, kt, v, keymask, scale: float, w=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrent state of these keys and values: (sum_j phi(k_j)^T v_j [B,H,F,Dv],
+    sum_j phi(k_j)^T [B,H,F,1]), what LinearAttention*Recurrent carries between calls."""
+    pk = feature_map(kind, kt.transpose(-1, -2), scale, w) * keymask
+    return pk.transpose(-1, -2) @ v, pk.sum(-2, keepdim=True).transpose(-1, -2)
+
+
 def softmax_attention(q, kt, v, bias, scale: float) -> torch.Tensor:
     scores = (q @ kt) * scale
     if bias is not None:

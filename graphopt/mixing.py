@@ -29,7 +29,7 @@ from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.masks import HIDDEN
 from graphopt.model import Model
-from graphopt.passes import mixers
+from graphopt.passes import mixer_state, mixers
 from graphopt.shapes import infer_shapes
 
 Feeds = Mapping[str, np.ndarray]
@@ -82,11 +82,15 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         for entry, score in zip(per_layer, redundancy(work, held_feeds, nodes)):
             entry["redundancy"] = score
     references = [verify.run(work, f) for f in held_feeds]  # the original's held-out outputs, run once
-    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, held_feeds, references, seq)
-    swapped = _apply(work, nodes, spec, weights, chosen, seq or _seq_hint(held_feeds))
-    end_to_end = end_to_end_fidelity(references, swapped, held_feeds)
+    measure = _Measure(spec, nodes, weights, held_feeds, held_caps, references)
+    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, measure, seq)
+    done: dict[int, str] = {}
+    swapped = _apply(work, nodes, spec, weights, chosen, seq or _seq_hint(held_feeds), done)
+    end_to_end = measure(swapped)
     for entry in per_layer:
         entry["swapped"] = entry["index"] in chosen
+        if entry["index"] in done:
+            entry["as"] = done[entry["index"]]
         if not entry["swapped"]:
             entry["kept_because"] = selection_note.get(entry["index"], "not selected (--layers)")
     report = {
@@ -96,6 +100,9 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
                         "steps": steps if spec.feature_map == "Hedgehog" else 0, **({"warning": warning} if warning else {})},
         "selection": {"layers": layers if isinstance(layers, str) else list(layers), "fidelity_threshold": fidelity},
     }
+    decode = _decode_report(model, swapped)
+    if decode:
+        report["decode"] = decode
     return MixResult(swapped, report)
 
 
@@ -246,7 +253,7 @@ def fit_hedgehog(cap, node, w0: np.ndarray, steps: int, seed: int) -> np.ndarray
     for step in range(max(steps, 0)):
         q, kt, v, b, y = batches[step % len(batches)]
         out = ref.linear_attention("Hedgehog", q, kt, v, keymask(b), scale, w, causal)
-        mask = keymask(b).transpose(-1, -2)[..., 0, :, None] if b is not None else 1.0  # padded queries do not count
+        mask = keymask(b)[:, :, kt.shape[-1] - q.shape[-2]:] if b is not None else 1.0  # padded queries do not count
         loss = (((out - y) ** 2) * mask).mean() / (y.pow(2).mean() + 1e-12)
         opt.zero_grad()
         loss.backward()
@@ -278,10 +285,12 @@ def end_to_end_fidelity(refs: Sequence[Mapping[str, np.ndarray]], swapped: Model
     gots = [verify.run(swapped, f) for f in batches]
     out = {}
     for name in refs[0]:
+        if name not in gots[0]:  # a KV cache output replaced by a state (report["decode"])
+            continue
         cosines, worst, kls = [], 0.0, []
         for r, g in zip(refs, gots):
-            a = r[name].reshape(r[name].shape[0], -1).astype(np.float64)
-            b = g[name].reshape(g[name].shape[0], -1).astype(np.float64)
+            a, b = (np.atleast_1d(x[name]).astype(np.float64) for x in (r, g))  # rows: the leading axis
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
             cosines.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30))
             worst = max(worst, float(np.abs(a - b).max()))
             if "logit" in name.lower():
@@ -294,6 +303,63 @@ def end_to_end_fidelity(refs: Sequence[Mapping[str, np.ndarray]], swapped: Model
     return out
 
 
+class _Measure:
+    """End-to-end fidelity of a swapped model on the held-out batches. Where a layer's KV cache
+    became a state (passes/mixer_state.py), the swapped model is fed the state of the past
+    tokens instead, computed from the captured keys and values: the same function of the past
+    that the cache gave the parallel form, so both read the same history."""
+
+    def __init__(self, spec, nodes, weights, batches, caps, references):
+        self.spec, self.nodes, self.weights = spec, nodes, weights
+        self.batches, self.caps, self.references = batches, caps, references
+
+    def __call__(self, swapped: Model) -> dict[str, Any]:
+        return end_to_end_fidelity(self.references, swapped, [self.feeds(swapped, b) for b in range(len(self.batches))])
+
+    def feeds(self, swapped: Model, b: int) -> dict[str, np.ndarray]:
+        import torch
+
+        from graphopt import mixer_reference as ref
+
+        names = {v.name for v in swapped.ir.graph.inputs}
+        feeds = {k: v for k, v in self.batches[b].items() if k in names}
+        for i, node in enumerate(self.nodes):
+            if f"{mixer_state.STATE}.{i}" not in names:
+                continue
+            cap = self.caps[i]
+            q, kt, v, bias = cap["q"][b], cap["kt"][b], cap["v"][b], cap["bias"][b]
+            past = kt.shape[-1] - q.shape[-2]
+            w = self.weights.get(i)
+            with torch.no_grad():
+                state, normalizer = ref.linear_state(
+                    self.spec.feature_map, torch.as_tensor(kt[..., :past]), torch.as_tensor(v[:, :, :past]),
+                    keymask(bias)[:, :, :past], node.attributes.get_float("scale", 1.0),
+                    None if w is None else torch.as_tensor(w))
+            batch = q.shape[0]
+            feeds[f"{mixer_state.STATE}.{i}"] = np.ascontiguousarray(state.expand(batch, *state.shape[1:]).numpy())
+            feeds[f"{mixer_state.NORMALIZER}.{i}"] = np.ascontiguousarray(
+                normalizer.expand(batch, *normalizer.shape[1:]).numpy())
+            feeds[mixer_state.PAST_LENGTH] = np.array([past], np.int64)
+        return {k: v for k, v in feeds.items() if k in names}
+
+
+def _decode_report(original: Model, swapped: Model) -> dict[str, Any] | None:
+    """What a decoding loop must feed and read now that KV caches became states."""
+    before = {v.name for v in original.ir.graph.inputs} | {v.name for v in original.ir.graph.outputs}
+    after_in = [v.name for v in swapped.ir.graph.inputs]
+    after_out = [v.name for v in swapped.ir.graph.outputs]
+    if not any(n.startswith(mixer_state.STATE) for n in after_in):
+        return None
+    return {
+        "state_inputs": [n for n in after_in if n not in before],
+        "state_outputs": [n for n in after_out if n not in before],
+        "removed": sorted(before - set(after_in) - set(after_out)),
+        "how": (f"start with zero states ({mixer_state.PAST_LENGTH} 0); after each call feed present_state.i / "
+                f"present_normalizer.i back as past_state.i / past_normalizer.i"
+                + (f" and add the new tokens to {mixer_state.PAST_LENGTH}" if mixer_state.PAST_LENGTH in after_in else "")),
+    }
+
+
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
@@ -303,12 +369,16 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
-def _apply(model: Model, nodes, spec, weights, chosen: set[int], seq_hint: int) -> Model:
+def _apply(model: Model, nodes, spec, weights, chosen: set[int], seq_hint: int, done: dict | None = None) -> Model:
+    """A copy of `model` with layers `chosen` swapped; `done` collects what each swap did."""
     work = model.clone()
     by_name = {n.name: n for n in mixers.attention_nodes(work.ir.graph)}
     for i in sorted(chosen):
         node = by_name[nodes[i].name]
-        mixers.swap(work.ir, node, spec, weights.get(i), quadratic=_quadratic(spec, node, seq_hint))
+        what = mixers.swap(work.ir, node, spec, weights.get(i), quadratic=_quadratic(spec, node, seq_hint), layer=i)
+        if done is not None:
+            done[i] = what
+    mixer_state.finish(work.ir)
     return work
 
 
@@ -321,7 +391,7 @@ def _quadratic(spec, node, seq: int) -> bool:
     return seq * (f + d) < 2 * f * d
 
 
-def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held, references, seq_override=None):
+def _select(model, nodes, spec, weights, per_layer, layers, fidelity, measure, seq_override=None):
     if layers == "all":
         return set(range(len(nodes))), {}
     if isinstance(layers, str) and layers.startswith("best:"):
@@ -338,10 +408,10 @@ def _select(model, nodes, spec, weights, per_layer, layers, fidelity, held, refe
     order = sorted(range(len(nodes)), key=lambda i: _rank_key(per_layer[i]))
     chosen: set[int] = set()
     notes = {}
-    seq = seq_override or _seq_hint(held)
+    seq = seq_override or _seq_hint(measure.batches)
     for i in order:
         trial = _apply(model, nodes, spec, weights, chosen | {i}, seq)
-        fid = end_to_end_fidelity(references, trial, held)
+        fid = measure(trial)
         worst = min(v["mean_cosine"] for v in fid.values())
         if worst >= fidelity:
             chosen.add(i)

@@ -16,6 +16,7 @@ from graphopt.attention import is_canonical
 from graphopt.errors import InputError
 from graphopt.ir import common_passes, ir
 from graphopt.masks import HIDDEN
+from graphopt.passes import mixer_state
 from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
 from graphopt.rewrite import RULE_TAG
@@ -69,9 +70,11 @@ def sinks_for(node: ir.Node) -> int:
     return SINKS if node.attributes.get_int("causal", 0) else 0
 
 
-def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadratic: bool = False) -> str:
+def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadratic: bool = False,
+         layer: int | None = None) -> str:
     """Replace one canonical attention op by `spec`'s mixer; returns what was done. `weights`:
-    the feature-map matrix (Hedgehog, Performer) or the window size (window)."""
+    the feature-map matrix (Hedgehog, Performer) or the window size (window). A causal linear
+    mixer on a layer that reads a KV cache carries a state instead (named after `layer`)."""
     graph = model.graph
     new: list[ir.Node] = []
     if spec.kind == "drop":
@@ -100,23 +103,72 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
             done = f"WindowAttention (window {int(weights)}, sinks {sinks_for(node)})"
         else:
             causal = bool(node.attributes.get_int("causal", 0))
+            caches = mixer_state.find_caches(node) if causal else None
+            kept = mixer_state.why_not(node, caches) if caches is not None else None
             keymask = _keymask(graph, new, node.inputs[3] if len(node.inputs) > 3 else None)
-            inputs = [q, kt, v, keymask]
+            params = []
             if spec.has_weights:
-                inputs.append(add_initializer(graph, None, weights, f"{spec.feature_map.lower()}_{node.name}"))
+                params.append(add_initializer(graph, None, weights, f"{spec.feature_map.lower()}_{node.name}"))
+            attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0))}
+            if caches is not None and kept is None:
+                return _swap_recurrent(model, node, spec, caches, keymask, params, attrs, new, layer)
             name = mixer_bodies.linear_name(spec.feature_map, causal, quadratic)
-            call = ir.node(name, inputs, domain=functions.DOMAIN, name=f"{node.name}_linear",
-                           attributes={"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0))})
-            done = name
+            call = ir.node(name, [q, kt, v, keymask, *params], domain=functions.DOMAIN, name=f"{node.name}_linear",
+                           attributes=attrs)
+            done = name + (f" (keeps its KV cache: {kept})" if kept else "")
         new.append(call)
         _replace(graph, node, call.outputs[0])
+    _finish(model, node, new)
+    return done
+
+
+def _finish(model: ir.Model, node: ir.Node, new: list[ir.Node]) -> None:
     for n in new:
         n.metadata_props[RULE_TAG] = RULE
     if new:
-        graph.insert_before(node, new)
+        model.graph.insert_before(node, new)
     common_passes.RemoveUnusedNodesPass()(model)
     functions.ensure(model)
-    return done
+
+
+def _swap_recurrent(model, node, spec, caches, keymask, params, attrs, new, layer) -> str:
+    """Causal linear attention reading a KV cache: the cache becomes a state (passes/mixer_state.py)."""
+    graph = model.graph
+    if layer is None:
+        raise ValueError("swapping a layer that reads a KV cache needs its layer index (it names the state)")
+    kt_new = mixer_state.clone_for_new_tokens(caches[0], new)
+    v_new = mixer_state.clone_for_new_tokens(caches[1], new)
+    q = node.inputs[0]
+    heads = node.attributes.get_int("q_num_heads", 0)
+    size = node.attributes.get_int("head_size", 0)
+    if not heads or not size:
+        raise InputError(f"attention '{node.name}' has unknown heads or head size; its recurrent state needs them")
+    dv = node.inputs[2].shape[-1] if node.inputs[2].shape is not None else size
+    dv = dv if isinstance(dv, int) else size
+    features = {"Hedgehog": 2 * size, "Performer": params[0].shape[-1] if params else 0}.get(spec.feature_map, size)
+    batch = caches[0].past.shape[0]
+    state, normalizer = mixer_state.state_inputs(graph, layer, batch, heads, features, dv)
+
+    def add(op, inputs, **kw):
+        n = ir.node(op, inputs, attributes=kw)
+        new.append(n)
+        return n.outputs[0]
+
+    # the key mask of the new tokens: the last S of the mask over past + new keys
+    s_len = add("Shape", [v_new], start=-2, end=-1)
+    start = add("Neg", [s_len])
+    end = add_initializer(graph, None, np.array([np.iinfo(np.int64).max], np.int64), "mask_end")
+    axis = add_initializer(graph, None, np.array([2], np.int64), "mask_token_axis")
+    keymask_new = add("Slice", [keymask, start, end, axis])
+    name = mixer_bodies.recurrent_name(spec.feature_map)
+    call = ir.node(name, [q, kt_new, v_new, keymask_new, state, normalizer, *params], domain=functions.DOMAIN,
+                   name=f"{node.name}_recurrent", attributes=attrs, num_outputs=3)
+    new.append(call)
+    _replace(graph, node, call.outputs[0])
+    mixer_state.state_outputs(graph, call, layer, state, normalizer)
+    _finish(model, node, new)
+    removed = mixer_state.release(model, caches)
+    return f"{name}: KV cache replaced by a state ({state.name}, {normalizer.name}; removed {', '.join(removed)})"
 
 
 def _bias_or_zero(graph: ir.Graph, node: ir.Node) -> ir.Value:
@@ -145,8 +197,11 @@ def _keymask(graph: ir.Graph, new: list[ir.Node], bias: ir.Value | None, *, push
     row = _last_row(graph, add, bias, 12) if pushdown else _slice_last_row(graph, add, bias)
     threshold = add_initializer(graph, None, np.array(HIDDEN, np.float32), "mask_hidden")
     visible = add("Cast", [add("Greater", [row, threshold])], to=ir.DataType.FLOAT)
-    heads_axis = add_initializer(graph, None, np.array([1], np.int64), "mask_heads")
-    combined = add("ReduceMin", [visible, heads_axis], keepdims=1)
+    if graph.opset_imports.get("", 18) >= 18:
+        heads_axis = add_initializer(graph, None, np.array([1], np.int64), "mask_heads")
+        combined = add("ReduceMin", [visible, heads_axis], keepdims=1)
+    else:  # opset 13-17: axes is an attribute
+        combined = add("ReduceMin", [visible], keepdims=1, axes=[1])
     return add("Transpose", [combined], perm=[0, 1, 3, 2])
 
 

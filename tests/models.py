@@ -118,11 +118,12 @@ def gpt2_with_trained_like_norms():
 
 
 class _CachedDecoder(torch.nn.Module):
-    """A transformers decoder fed past keys/values as plain tensors (2 per layer)."""
+    """A transformers decoder fed past keys/values as plain tensors (2 per layer); with
+    `presents`, it also returns the updated keys/values (what a decoding loop feeds back)."""
 
-    def __init__(self, model, layers: int):
+    def __init__(self, model, layers: int, presents: bool = False):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.presents = model, layers, presents
 
     def forward(self, input_ids, attention_mask, *past):
         from transformers import DynamicCache
@@ -130,12 +131,17 @@ class _CachedDecoder(torch.nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).last_hidden_state
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        if not self.presents:
+            return out.last_hidden_state
+        updated = [t for layer in out.past_key_values.layers[: self.layers] for t in (layer.keys, layer.values)]
+        return (out.last_hidden_state, *updated)
 
 
-def export_cached_decoder(arch: str, path, exporter: str, *, seq: int = 4, past: int = 6):
-    """GPT-2 or Llama with a KV cache as inputs, exported; dims 'seq', 'past', 'total' (legacy:
-    dynamic; dynamo: static, since torch.export cannot relate total = past + seq here)."""
+def export_cached_decoder(arch: str, path, exporter: str, *, seq: int = 4, past: int = 6, presents: bool = False):
+    """GPT-2 or Llama with a KV cache as inputs (and, with `presents`, the updated cache as
+    outputs present_0..), exported; dims 'seq', 'past', 'total' (legacy: dynamic; dynamo:
+    static, since torch.export cannot relate total = past + seq here)."""
     import transformers
 
     model_cls, config_cls, kwargs = ARCHS[arch]
@@ -147,13 +153,14 @@ def export_cached_decoder(arch: str, path, exporter: str, *, seq: int = 4, past:
     pasts = [torch.randn(2, kv_heads, past, 8, generator=g) for _ in range(2 * layers)]
     ids = torch.randint(0, 128, (2, seq), generator=g)
     mask = torch.ones(2, past + seq, dtype=torch.int64)
-    args, module = (ids, mask, *pasts), _CachedDecoder(model, layers)
+    args, module = (ids, mask, *pasts), _CachedDecoder(model, layers, presents)
     names = ["input_ids", "attention_mask", *(f"past_{i}" for i in range(2 * layers))]
+    outputs = ["last_hidden_state", *(f"present_{i}" for i in range(2 * layers) if presents)]
     if exporter == "dynamo":
         torch.onnx.export(module, args, dynamo=True).save(str(path))
     else:
         dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-                   **{n: {0: "batch", 2: "past"} for n in names[2:]}}
+                   **{n: {0: "batch", 2: "past"} for n in names[2:]}, **{n: {0: "batch", 2: "total"} for n in outputs[1:]}}
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
-                          output_names=["last_hidden_state"], dynamic_axes=dynamic)
+                          output_names=outputs, dynamic_axes=dynamic)
     return path
