@@ -115,10 +115,14 @@ def fidelity_table(fidelity: dict[str, Any]):
         table.add_column(col)
     for entry in fidelity["per_layer"]:
         table.add_row(str(entry["index"]), entry["node"], "yes" if entry["swapped"] else "no", f"{entry['rel_error']:.4f}",
-                      f"{entry['cosine']:.4f}", entry.get("kept_because", ""))
+                      f"{entry['cosine']:.4f}", entry.get("kept_because", entry.get("as", "")))
     lines = [f"end to end {name}: mean cosine {v['mean_cosine']:.5f}, min cosine {v['min_cosine']:.5f}, max abs error "
              f"{v['max_abs_error']:.3e}" + (f", KL {v['kl_divergence']:.4g}" if "kl_divergence" in v else "")
              for name, v in fidelity["end_to_end"].items()]
+    if "decode" in fidelity:
+        decode = fidelity["decode"]
+        lines.append(f"decoding: KV caches {', '.join(decode['removed'])} replaced by states "
+                     f"{', '.join(decode['state_inputs'])} -> {', '.join(decode['state_outputs'])}; {decode['how']}")
     if "warning" in fidelity["calibration"]:
         lines.append(f"WARNING: {fidelity['calibration']['warning']}")
     return Group(table, *lines)

@@ -167,8 +167,8 @@ def _swap_recurrent(model, node, spec, caches, keymask, params, attrs, new, laye
     _replace(graph, node, call.outputs[0])
     mixer_state.state_outputs(graph, call, layer, state, normalizer)
     _finish(model, node, new)
-    removed = mixer_state.release(model, caches)
-    return f"{name}: KV cache replaced by a state ({state.name}, {normalizer.name}; removed {', '.join(removed)})"
+    mixer_state.release(model, caches)
+    return f"{name} (KV cache -> {state.name}, {normalizer.name})"
 
 
 def _bias_or_zero(graph: ir.Graph, node: ir.Node) -> ir.Value:
