@@ -180,7 +180,9 @@ def _mixers() -> list[FunctionDef]:
     defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
             FunctionDef("CausalPoolMixer", lambda opset, plain: mb.pool_body(causal=True)),
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body()),
-            FunctionDef("HybridAttention", lambda opset, plain: mb.hybrid_body())]
+            FunctionDef("HybridAttention", lambda opset, plain: mb.hybrid_body()),
+            FunctionDef("TokenConv", lambda opset, plain: mb.token_conv_body(causal=False)),
+            FunctionDef("CausalTokenConv", lambda opset, plain: mb.token_conv_body(causal=True))]
     for kind in mb.MAPS:
         defs.append(FunctionDef(mb.recurrent_name(kind), lambda opset, plain, k=kind: mb.recurrent_body(k)))
         for causal in (False, True):

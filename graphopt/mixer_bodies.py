@@ -20,6 +20,9 @@ Feature maps:
     relu       relu(x)                                   (SLAB's simplified linear attention)
     hedgehog   softmax([x W, -x W]) over features, W per head [H, D, D]  (learnable; x = sqrt(scale) x)
     performer  exp(x w - |x|^2 / 2) / sqrt(m), w [D, m] Gaussian      (FAVOR+; x = sqrt(scale) x)
+SLAB's depthwise-conv branch (linear:relu+dwc): Y = LinearAttentionRelu(..) + TokenConv(V),
+a per-head, per-channel convolution over the value tokens (kernel CONV_KERNEL, causal layers
+see only earlier tokens), fitted on calibration data.
 Pooling (PoolFormer over the value tokens): Y = AvgPool_3(V) - V (causal layers average the
 current and two previous tokens only).
 Sliding window: softmax attention where query i sees key j only when |i' - j| <= window
@@ -33,6 +36,7 @@ from __future__ import annotations
 from graphopt.masks import HIDDEN
 
 CHUNK = 64
+CONV_KERNEL = 5  # SLAB's depthwise-conv branch: tokens i-2..i+2 (causal: i-4..i)
 EPS = 1e-6
 MAPS = ("Elu", "Relu", "Hedgehog", "Performer")
 
@@ -216,6 +220,39 @@ _CHUNKED = """    chunk_max = Constant<value = int64[1] {%d}>()
     yp = Reshape(y5, flat)
     Y = Slice(yp, zero1c, s_len, axis2_1d)
 """ % CHUNK
+
+
+def token_conv_body(causal: bool) -> str:
+    """SLAB's depthwise-conv branch over the value tokens, per head and channel:
+    Y_i = sum_j W[h, j, c] * V_{i + j - a} (a = K // 2, causal: a = K - 1), padded keys zeroed,
+    zero padding at the ends; the last S rows (the queries). W [H, K, Dv]."""
+    before, after = (CONV_KERNEL - 1, 0) if causal else (CONV_KERNEL // 2, CONV_KERNEL // 2)
+    taps = []
+    for j in range(CONV_KERNEL):
+        taps.append(f"""    start_{j} = Constant<value = int64[1] {{{j}}}>()
+    end_{j} = Add(t_len, start_{j})
+    tap_{j} = Slice(padded, start_{j}, end_{j}, axis2)
+    index_{j} = Constant<value = int64 {{{j}}}>()
+    w_{j} = Gather<axis = 1>(W, index_{j})
+    wb_{j} = Unsqueeze(w_{j}, axes02)
+    term_{j} = Mul(tap_{j}, wb_{j})""")
+    terms = ", ".join(f"term_{j}" for j in range(CONV_KERNEL))
+    taps_text = "\n".join(taps)
+    return f"""
+{"CausalTokenConv" if causal else "TokenConv"} (Q, V, keymask, W) => (Y) {{
+    axis2 = Constant<value = int64[1] {{2}}>()
+    axes02 = Constant<value = int64[2] {{0, 2}}>()
+    int_max = Constant<value = int64[1] {{9223372036854775807}}>()
+    pads = Constant<value = int64[8] {{0, 0, {before}, 0, 0, 0, {after}, 0}}>()
+    masked = Mul(V, keymask)
+    padded = Pad(masked, pads)
+    t_len = Shape<start = -2, end = -1>(V)
+    s_len = Shape<start = -2, end = -1>(Q)
+{taps_text}
+    conv = Sum({terms})
+    first = Sub(t_len, s_len)
+    Y = Slice(conv, first, int_max, axis2)
+}}"""
 
 
 def pool_body(causal: bool = False) -> str:

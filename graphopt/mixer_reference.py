@@ -48,6 +48,15 @@ def linear_state(kind: str, kt, v, keymask, scale: float, w=None) -> tuple[torch
     return pk.transpose(-1, -2) @ v, pk.sum(-2, keepdim=True).transpose(-1, -2)
 
 
+def token_conv(q, v, keymask, w, causal: bool = False) -> torch.Tensor:
+    """SLAB's depthwise-conv branch (mixer_bodies.token_conv_body): w [H, K, Dv]."""
+    k, t = w.shape[1], v.shape[-2]
+    before, after = (k - 1, 0) if causal else (k // 2, k // 2)
+    padded = torch.nn.functional.pad(v * keymask, (0, 0, before, after))
+    out = sum(padded[:, :, j:j + t] * w[None, :, j, None, :] for j in range(k))
+    return out[:, :, t - q.shape[-2]:]
+
+
 def softmax_attention(q, kt, v, bias, scale: float) -> torch.Tensor:
     scores = (q @ kt) * scale
     if bias is not None:

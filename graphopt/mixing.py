@@ -54,7 +54,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     nodes = mixers.attention_nodes(work.ir.graph)
     if not nodes:
         raise InputError("no canonical attention ops to swap", hint="run the exact preset (fuse-attention) first")
-    fit_feeds, held_feeds, source, warning = _calibration(work, calib, seed, dims)
+    fit_feeds, held_feeds, source, warning = _calibration(work, calib, seed, dims, split=holdout is None)
     if holdout is not None:
         fit_feeds = fit_feeds + held_feeds
         held_feeds = [holdout] if isinstance(holdout, Mapping) else list(holdout)
@@ -73,6 +73,8 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
             w = choose_window(fit_caps[i], node)
         elif spec.kind == "hybrid":
             w = fit_hybrid(fit_caps[i], node, choose_window(fit_caps[i], node, HYBRID_COVERAGE), steps, seed)
+        if spec.dwc:
+            w = fit_token_conv(spec, fit_caps[i], node, mixers.initial_conv(node), steps, seed)
         weights[i] = w
         per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
                           **({"window": int(w), "sinks": mixers.sinks_for(node)} if spec.kind == "window" else {}),
@@ -97,7 +99,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
         "per_layer": per_layer, "end_to_end": end_to_end,
         "calibration": {"source": source, "fit_rows": _rows(fit_feeds), "held_out_rows": _rows(held_feeds),
-                        "steps": steps if spec.feature_map == "Hedgehog" else 0, **({"warning": warning} if warning else {})},
+                        "steps": steps if spec.feature_map == "Hedgehog" or spec.dwc or spec.kind == "hybrid" else 0, **({"warning": warning} if warning else {})},
         "selection": {"layers": layers if isinstance(layers, str) else list(layers), "fidelity_threshold": fidelity},
     }
     decode = _decode_report(model, swapped)
@@ -178,6 +180,9 @@ def _mixer_output(spec, node, q, kt, v, bias, w):
                                     node.attributes.get_float("scale", 1.0), int(w), mixers.sinks_for(node))
     causal = bool(node.attributes.get_int("causal", 0))
     scale = node.attributes.get_float("scale", 1.0)
+    if spec.dwc:
+        return (ref.linear_attention(spec.feature_map, q, kt, v, keymask(bias), scale, None, causal)
+                + ref.token_conv(q, v, keymask(bias), torch.as_tensor(w), causal))
     return ref.linear_attention(spec.feature_map, q, kt, v, keymask(bias), scale, w, causal)
 
 
@@ -235,6 +240,34 @@ def fit_hybrid(cap, node, window: int, steps: int, seed: int) -> dict[str, Any]:
         opt.step()
     return {"W": w.detach().numpy().astype(np.float32), "gamma": log_gamma.detach().exp().numpy().astype(np.float32),
             "window": window}
+
+
+def fit_token_conv(spec, cap, node, w0: np.ndarray, steps: int, seed: int) -> np.ndarray:
+    """SLAB's depthwise-conv branch: the kernel minimizing the error of linear attention + conv
+    against the captured softmax output (the feature map has no parameters: fixed)."""
+    import torch
+
+    from graphopt import mixer_reference as ref
+
+    torch.manual_seed(seed)
+    w = torch.nn.Parameter(torch.as_tensor(w0).clone())
+    opt = torch.optim.Adam([w], lr=1e-2)
+    scale = node.attributes.get_float("scale", 1.0)
+    causal = bool(node.attributes.get_int("causal", 0))
+    batches = []
+    with torch.no_grad():
+        for q, kt, v, b, y in zip(cap["q"], cap["kt"], cap["v"], cap["bias"], cap["y"]):
+            q, kt, v, y = (torch.as_tensor(a) for a in (q, kt, v, y))
+            base = ref.linear_attention(spec.feature_map, q, kt, v, keymask(b), scale, None, causal)
+            mask = keymask(b)[:, :, kt.shape[-1] - q.shape[-2]:] if b is not None else 1.0
+            batches.append((q, v, keymask(b), y - base, mask, y.pow(2).mean()))
+    for step in range(max(steps, 0)):
+        q, v, km, residual, mask, norm = batches[step % len(batches)]
+        loss = (((ref.token_conv(q, v, km, w, causal) - residual) ** 2) * mask).mean() / (norm + 1e-12)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach().numpy().astype(np.float32)
 
 
 def fit_hedgehog(cap, node, w0: np.ndarray, steps: int, seed: int) -> np.ndarray:
@@ -420,7 +453,8 @@ def _select(model, nodes, spec, weights, per_layer, layers, fidelity, measure, s
     return chosen, notes
 
 
-def _calibration(model: Model, calib, seed, dims):
+def _calibration(model: Model, calib, seed, dims, *, split: bool = True):
+    """(fit batches, held-out batches, source, warning); without `split` every batch is for fitting."""
     warning = None
     if calib is None:
         warning = ("no calibration data: fitted and measured on generated inputs, which say little about real "
@@ -434,6 +468,8 @@ def _calibration(model: Model, calib, seed, dims):
         calib = feeds_mod.load_inputs(calib, model)
     else:
         source = "user arrays"
+    if not split:
+        return ([calib] if isinstance(calib, Mapping) else list(calib)), [], source, warning
     if isinstance(calib, Mapping):
         rows = next(iter(calib.values())).shape[0]
         if rows < 2:

@@ -22,7 +22,8 @@ from graphopt.passes._weights import add_initializer, const_array
 from graphopt.rewrite import RULE_TAG
 
 RULE = "SwapMixer"
-MIXERS = ("linear:elu", "linear:relu", "linear:hedgehog", "linear:performer", "window", "hybrid", "pool", "drop")
+MIXERS = ("linear:elu", "linear:relu", "linear:relu+dwc", "linear:hedgehog", "linear:performer", "window", "hybrid",
+          "pool", "drop")
 SINKS = 4  # causal layers keep the first tokens visible in window attention (attention sinks)
 
 
@@ -30,17 +31,20 @@ SINKS = 4  # causal layers keep the first tokens visible in window attention (at
 class MixerSpec:
     kind: str  # "linear", "window", "hybrid", "pool", "drop"
     feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
+    dwc: bool = False  # SLAB's depthwise convolution branch on V, added to the linear attention
 
     @classmethod
     def parse(cls, text: str) -> MixerSpec:
         if text not in MIXERS:
             raise InputError(f"unknown mixer '{text}'", hint=f"choose from {', '.join(MIXERS)}")
         kind, _, fmap = text.partition(":")
-        return cls(kind, fmap.capitalize() or None)
+        fmap, _, branch = fmap.partition("+")
+        return cls(kind, fmap.capitalize() or None, branch == "dwc")
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.feature_map.lower()}" if self.feature_map else self.kind
+        base = f"{self.kind}:{self.feature_map.lower()}" if self.feature_map else self.kind
+        return base + ("+dwc" if self.dwc else "")
 
     @property
     def has_weights(self) -> bool:
@@ -105,6 +109,8 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
             causal = bool(node.attributes.get_int("causal", 0))
             caches = mixer_state.find_caches(node) if causal else None
             kept = mixer_state.why_not(node, caches) if caches is not None else None
+            if caches is not None and spec.dwc:
+                kept = "the depthwise-conv branch needs the last values, which the state does not carry"
             keymask = _keymask(graph, new, node.inputs[3] if len(node.inputs) > 3 else None)
             params = []
             if spec.has_weights:
@@ -116,10 +122,31 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
             call = ir.node(name, [q, kt, v, keymask, *params], domain=functions.DOMAIN, name=f"{node.name}_linear",
                            attributes=attrs)
             done = name + (f" (keeps its KV cache: {kept})" if kept else "")
+            if spec.dwc:
+                call = _add_token_conv(graph, node, new, call, keymask, weights, causal)
+                done += " + " + call.inputs[1].producer().op_type
         new.append(call)
         _replace(graph, node, call.outputs[0])
     _finish(model, node, new)
     return done
+
+
+def _add_token_conv(graph, node, new, linear: ir.Node, keymask, weights, causal: bool) -> ir.Node:
+    """SLAB's depthwise-conv branch: Add(linear attention, TokenConv(V)); returns the Add."""
+    op = "CausalTokenConv" if causal else "TokenConv"
+    kernel = add_initializer(graph, None, weights, f"dwc_{node.name}")
+    conv = ir.node(op, [node.inputs[0], node.inputs[2], keymask, kernel], domain=functions.DOMAIN,
+                   name=f"{node.name}_dwc")
+    new.extend([linear, conv])
+    return ir.node("Add", [linear.outputs[0], conv.outputs[0]], name=f"{node.name}_linear_dwc")
+
+
+def initial_conv(node: ir.Node) -> np.ndarray:
+    """The depthwise kernel [H, K, Dv], zeros: before fitting, the branch adds nothing."""
+    heads, size = node.attributes.get_int("q_num_heads", 0), node.attributes.get_int("head_size", 0)
+    if not heads or not size:
+        raise InputError(f"attention '{node.name}' has unknown heads or head size; the dwc branch needs them")
+    return np.zeros((heads, mixer_bodies.CONV_KERNEL, size), np.float32)
 
 
 def _finish(model: ir.Model, node: ir.Node, new: list[ir.Node]) -> None:
