@@ -4,7 +4,7 @@ each swap.
     .venv/bin/python examples/task_mixers.py --task vit      # ViT on scikit-learn's handwritten digits
     .venv/bin/python examples/task_mixers.py --task charlm   # char-level causal LM on Python's own sources
 
-Each trains a small model on the CPU for a minute or two (seeded), exports it with graphopt,
+Each trains a small model on the CPU for a fixed number of steps (seeded), exports it with graphopt,
 runs the exact preset (canonical attention), then for every mixer swaps half of the attention
 layers (the most swappable, by calibration) and all of them, calibrated on training data, and
 evaluates on held-out data in onnxruntime.
@@ -17,7 +17,6 @@ import json
 import math
 import sys
 import sysconfig
-import time
 import warnings
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def _named_logits(model: graphopt.Model) -> graphopt.Model:
     return model
 
 
-def vit_task(seconds: float):
+def vit_task(steps: int):
     from sklearn.datasets import load_digits
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -62,14 +61,13 @@ def vit_task(seconds: float):
                        num_attention_heads=4, intermediate_size=128, num_labels=10, attn_implementation="sdpa")
     model = ViTForImageClassification(config)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    start = time.time()
-    while time.time() - start < seconds:
-        for i in range(0, len(train), 64):
-            idx = train[i:i + 64]
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=images[idx]).logits, labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for step in range(steps):  # a fixed number of steps, so that every run trains the same model
+        i = (step * 64) % (len(train) - 63)
+        idx = train[i:i + 64]
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=images[idx]).logits, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
     module = Logits(model, "logits")
     onnx_model = _named_logits(graphopt.load(module, example_inputs=(images[:2],), dynamic_shapes=({0: "batch"},)))
@@ -84,7 +82,7 @@ def vit_task(seconds: float):
     return onnx_model, calib, held, metric, "accuracy", {"x": {"batch": 64}}
 
 
-def charlm_task(seconds: float):
+def charlm_task(steps: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -98,8 +96,7 @@ def charlm_task(seconds: float):
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    start = time.time()
-    while time.time() - start < seconds:
+    for _ in range(steps):  # a fixed number of steps, so that every run trains the same model
         starts = torch.randint(0, len(train_data) - seq - 1, (32,), generator=g)
         batch = torch.stack([train_data[s:s + seq + 1] for s in starts])
         logits = model(batch[:, :-1]).logits
@@ -135,15 +132,16 @@ def charlm_task(seconds: float):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["vit", "charlm"], required=True)
-    ap.add_argument("--train-seconds", type=float, default=90)
+    ap.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default: vit 600, charlm 500)")
     ap.add_argument("--steps", type=int, default=300, help="calibration steps per layer (Hedgehog)")
     ap.add_argument("--mixers", default=",".join(MIXERS))
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     console = Console()
-    with console.status(f"training the {args.task} model for {args.train_seconds:.0f} s"):
-        model, calib, held, metric, metric_name, _ = (vit_task if args.task == "vit" else charlm_task)(args.train_seconds)
+    steps = args.train_steps or {"vit": 600, "charlm": 500}[args.task]
+    with console.status(f"training the {args.task} model for {steps} steps"):
+        model, calib, held, metric, metric_name, _ = (vit_task if args.task == "vit" else charlm_task)(steps)
     exact = graphopt.optimize(model, inputs=calib[0]).model
     layers_total = len(graphopt.summary.attention_layers(exact))
     baseline = metric(exact)

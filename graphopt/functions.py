@@ -182,6 +182,8 @@ def _mixers() -> list[FunctionDef]:
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body()),
             FunctionDef("HybridAttention", lambda opset, plain: mb.hybrid_body()),
             FunctionDef("TokenConv", lambda opset, plain: mb.token_conv_body(causal=False)),
+            FunctionDef(mb.banded_window_name(False), lambda opset, plain: mb.banded_window_body(causal=False)),
+            FunctionDef(mb.banded_window_name(True), lambda opset, plain: mb.banded_window_body(causal=True)),
             FunctionDef("CausalTokenConv", lambda opset, plain: mb.token_conv_body(causal=True))]
     for kind in mb.MAPS:
         defs.append(FunctionDef(mb.recurrent_name(kind), lambda opset, plain, k=kind: mb.recurrent_body(k)))

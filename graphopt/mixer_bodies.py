@@ -350,3 +350,132 @@ HybridAttention <scale, window, sinks> (Q, KT, V, bias, W, gamma) => (Y) {{
     den = Add(den0, eps)
     Y = Div(num, den)
 }}"""
+
+
+def banded_window_name(causal: bool) -> str:
+    return f"WindowAttentionBanded{'Causal' if causal else ''}"
+
+
+def banded_window_body(causal: bool) -> str:
+    """Sliding-window attention computing only the band: the same function as WindowAttention
+    when S == T and the bias is a padding mask (keymask) plus, for causal layers, the causal
+    mask, in time and memory linear in T. Queries in blocks of c = window; block b's keys
+    within the window lie in key blocks b-1, b, b+1 (causal: b-1, b), so each query scores 3c
+    (2c) band keys plus the `sinks` first keys when they are outside its band (causal only:
+    non-causal layers have no sinks)."""
+    band_blocks = 2 if causal else 3
+    in_band = ("forward = GreaterOrEqual(diff, zero_i)\n    near0 = LessOrEqual(diff, window_value)\n"
+               "    near = And(forward, near0)") if causal else \
+        "dist = Abs(diff)\n    near = LessOrEqual(dist, window_value)"
+    kshift = ", ".join(f"k{j}" for j in range(band_blocks))
+    vshift = ", ".join(f"v{j}" for j in range(band_blocks))
+    mshift = ", ".join(f"m{j}" for j in range(band_blocks))
+    shifts = "\n".join(f"""    from_{j} = Constant<value = int64[1] {{{j}}}>()
+    to_{j} = Add(n_blocks, from_{j})
+    k{j} = Slice(kb, from_{j}, to_{j}, axis2_1d)
+    v{j} = Slice(vb, from_{j}, to_{j}, axis2_1d)
+    m{j} = Slice(mb, from_{j}, to_{j}, axis2_1d)""" for j in range(band_blocks))
+    sinks = """    sinks_value = Constant<value_int: int = @sinks>()
+    sinks_1d = Reshape(sinks_value, one_1d)
+    ks = Slice(K, zero_1d, sinks_1d, axis2_1d)
+    vs = Slice(V, zero_1d, sinks_1d, axis2_1d)
+    ms = Slice(keymask, zero_1d, sinks_1d, axis2_1d)
+    kst = Transpose<perm = [0, 1, 3, 2]>(ks)
+    ks5 = Unsqueeze(kst, axis2_1d)
+    vs5 = Unsqueeze(vs, axis2_1d)
+    qks = MatMul(qb, ks5)
+    scores_s = Mul(qks, scale_value)
+    n0 = Squeeze(n_blocks)
+    c0 = Squeeze(c)
+    block_ids = Range(zero_i, n0, one_i)
+    row_ids = Range(zero_i, c0, one_i)
+    block_start = Mul(block_ids, c0)
+    bcol = Unsqueeze(block_start, axis1_1d)
+    qpos = Add(bcol, row_ids)
+    s_count = Shape<start = 2, end = 3>(ks)
+    s0 = Squeeze(s_count)
+    key_ids = Range(zero_i, s0, one_i)
+    qpos3 = Unsqueeze(qpos, minus1_1d)
+    sdiff = Sub(qpos3, key_ids)
+    outside = Greater(sdiff, window_value)
+    ms4 = Transpose<perm = [0, 1, 3, 2]>(ms)
+    ms5 = Unsqueeze(ms4, axis2_1d)
+    ms_on = Greater(ms5, half)
+    sink_ok = And(outside, ms_on)
+    masked_s = Where(sink_ok, scores_s, hidden)
+    all_scores = Concat<axis = -1>(masked_band, masked_s)
+    p = Softmax<axis = -1>(all_scores)
+    band_len = Shape<start = -1>(masked_band)
+    total_len = Shape<start = -1>(all_scores)
+    p_band = Slice(p, zero_1d, band_len, minus1_1d)
+    p_s = Slice(p, band_len, total_len, minus1_1d)
+    out_band = MatMul(p_band, vband)
+    out_s = MatMul(p_s, vs5)
+    out = Add(out_band, out_s)""" if causal else """    p = Softmax<axis = -1>(masked_band)
+    out = MatMul(p, vband)"""
+    return f"""
+{banded_window_name(causal)} <scale, window, sinks> (Q, KT, V, keymask) => (Y) {{
+    scale_value = Constant<value_float: float = @scale>()
+    window_value = Constant<value_int: int = @window>()
+    hidden = Constant<value = float {{-3.4028234663852886e38}}>()
+    half = Constant<value = float {{0.5}}>()
+    zero_i = Constant<value = int64 {{0}}>()
+    one_i = Constant<value = int64 {{1}}>()
+    zero_1d = Constant<value = int64[1] {{0}}>()
+    one_1d = Constant<value = int64[1] {{1}}>()
+    minus1_1d = Constant<value = int64[1] {{-1}}>()
+    axis1_1d = Constant<value = int64[1] {{1}}>()
+    axis2_1d = Constant<value = int64[1] {{2}}>()
+    zero2 = Constant<value = int64[2] {{0, 0}}>()
+    K = Transpose<perm = [0, 1, 3, 2]>(KT)
+    w_1d = Reshape(window_value, one_1d)
+    c = Max(w_1d, one_1d)
+    t_len = Shape<start = -2, end = -1>(Q)
+    c_minus = Sub(c, one_1d)
+    t_up = Add(t_len, c_minus)
+    n_blocks = Div(t_up, c)
+    padded_len = Mul(n_blocks, c)
+    pad_end = Sub(padded_len, t_len)
+    pad_kv_end = Add(pad_end, c)
+    q_pads = Concat<axis = 0>(zero2, zero_1d, zero_1d, zero2, pad_end, zero_1d)
+    kv_pads = Concat<axis = 0>(zero2, c, zero_1d, zero2, pad_kv_end, zero_1d)
+    qp = Pad(Q, q_pads)
+    kp = Pad(K, kv_pads)
+    vp = Pad(V, kv_pads)
+    mp = Pad(keymask, kv_pads)
+    lead = Shape<end = 2>(Q)
+    lead_m = Shape<end = 2>(keymask)
+    d_dim = Shape<start = -1>(Q)
+    dv_dim = Shape<start = -1>(V)
+    shape_q = Concat<axis = 0>(lead, minus1_1d, c, d_dim)
+    shape_v = Concat<axis = 0>(lead, minus1_1d, c, dv_dim)
+    shape_m = Concat<axis = 0>(lead_m, minus1_1d, c, one_1d)
+    qb = Reshape(qp, shape_q)
+    kb = Reshape(kp, shape_q)
+    vb = Reshape(vp, shape_v)
+    mb = Reshape(mp, shape_m)
+{shifts}
+    kband = Concat<axis = 3>({kshift})
+    vband = Concat<axis = 3>({vshift})
+    mband = Concat<axis = 3>({mshift})
+    kbt = Transpose<perm = [0, 1, 2, 4, 3]>(kband)
+    qk = MatMul(qb, kbt)
+    scores = Mul(qk, scale_value)
+    c0b = Squeeze(c)
+    band_keys = Shape<start = 3, end = 4>(kband)
+    band0 = Squeeze(band_keys)
+    r = Range(zero_i, c0b, one_i)
+    u = Range(zero_i, band0, one_i)
+    rc = Add(r, c0b)
+    rcol = Unsqueeze(rc, axis1_1d)
+    diff = Sub(rcol, u)
+    {in_band}
+    mt = Transpose<perm = [0, 1, 2, 4, 3]>(mband)
+    key_on = Greater(mt, half)
+    allowed = And(near, key_on)
+    masked_band = Where(allowed, scores, hidden)
+{sinks}
+    flat = Concat<axis = 0>(lead, minus1_1d, dv_dim)
+    yp = Reshape(out, flat)
+    Y = Slice(yp, zero_1d, t_len, axis2_1d)
+}}"""

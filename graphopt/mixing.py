@@ -70,14 +70,14 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         if spec.feature_map == "Hedgehog":
             w = fit_hedgehog(fit_caps[i], node, w, steps, seed)
         elif spec.kind == "window":
-            w = choose_window(fit_caps[i], node)
+            w = {"window": choose_window(fit_caps[i], node), "mask_only": _mask_only(fit_caps[i]) and _mask_only(held_caps[i])}
         elif spec.kind == "hybrid":
             w = fit_hybrid(fit_caps[i], node, choose_window(fit_caps[i], node, HYBRID_COVERAGE), steps, seed)
         if spec.dwc:
             w = fit_token_conv(spec, fit_caps[i], node, mixers.initial_conv(node), steps, seed)
         weights[i] = w
         per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
-                          **({"window": int(w), "sinks": mixers.sinks_for(node)} if spec.kind == "window" else {}),
+                          **({"window": w["window"], "sinks": mixers.sinks_for(node)} if spec.kind == "window" else {}),
                           **({"window": int(w["window"]), "gamma": [round(float(g), 4) for g in w["gamma"].ravel()]}
                              if spec.kind == "hybrid" else {})})
     if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
@@ -177,7 +177,7 @@ def _mixer_output(spec, node, q, kt, v, bias, w):
                                     torch.as_tensor(w["W"]), torch.as_tensor(w["gamma"]))
     if spec.kind == "window":
         return ref.window_attention(q, kt, v, None if bias is None else torch.as_tensor(bias),
-                                    node.attributes.get_float("scale", 1.0), int(w), mixers.sinks_for(node))
+                                    node.attributes.get_float("scale", 1.0), int(w["window"]), mixers.sinks_for(node))
     causal = bool(node.attributes.get_int("causal", 0))
     scale = node.attributes.get_float("scale", 1.0)
     if spec.dwc:
@@ -213,6 +213,12 @@ def choose_window(cap, node, coverage: float = WINDOW_COVERAGE) -> int:
             total[: len(mass)] += mass
     cumulative = np.cumsum(total) / total.sum()
     return int(np.searchsorted(cumulative, coverage))
+
+
+def _mask_only(cap) -> bool:
+    """Whether the layer's bias only hides keys (entries 0 or hidden) on every captured batch:
+    then the key mask says all it does, and window attention can compute just the band."""
+    return all(b is None or bool(np.all((b == 0) | (b <= HIDDEN))) for b in cap["bias"])
 
 
 def fit_hybrid(cap, node, window: int, steps: int, seed: int) -> dict[str, Any]:

@@ -99,12 +99,20 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
                            name=f"{node.name}_hybrid", attributes=attrs)
             done = f"HybridAttention (window {int(weights['window'])})"
         elif spec.kind == "window":
-            bias = _bias_or_zero(graph, node)
+            window = int(weights["window"])
             attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0)),
-                     "window": ir.AttrInt64("window", int(weights)), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
-            call = ir.node("WindowAttention", [q, kt, v, bias], domain=functions.DOMAIN, name=f"{node.name}_window",
-                           attributes=attrs)
-            done = f"WindowAttention (window {int(weights)}, sinks {sinks_for(node)})"
+                     "window": ir.AttrInt64("window", window), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
+            banded = weights.get("mask_only") and _same_length(q, kt) and mixer_state.find_caches(node) is None
+            if banded:  # only the band is computed: linear in the sequence length
+                keymask = _keymask(graph, new, node.inputs[3] if len(node.inputs) > 3 else None)
+                op = mixer_bodies.banded_window_name(bool(node.attributes.get_int("causal", 0)))
+                call = ir.node(op, [q, kt, v, keymask], domain=functions.DOMAIN, name=f"{node.name}_window",
+                               attributes=attrs)
+            else:  # every score, masked (a bias with values, a KV cache, or lengths not known equal)
+                op = "WindowAttention"
+                call = ir.node(op, [q, kt, v, _bias_or_zero(graph, node)], domain=functions.DOMAIN,
+                               name=f"{node.name}_window", attributes=attrs)
+            done = f"{op} (window {window}, sinks {sinks_for(node)})"
         else:
             causal = bool(node.attributes.get_int("causal", 0))
             caches = mixer_state.find_caches(node) if causal else None
@@ -196,6 +204,16 @@ def _swap_recurrent(model, node, spec, caches, keymask, params, attrs, new, laye
     _finish(model, node, new)
     mixer_state.release(model, caches)
     return f"{name} (KV cache -> {state.name}, {normalizer.name})"
+
+
+def _same_length(q: ir.Value, kt: ir.Value) -> bool:
+    """Queries and keys are statically the same tokens count (S == T: no past, no cross attention)."""
+    if q.shape is None or kt.shape is None or len(q.shape) < 2 or len(kt.shape) < 1:
+        return False
+    s, t = q.shape[-2], kt.shape[-1]
+    if isinstance(s, int) or isinstance(t, int):
+        return s == t
+    return s.value is not None and s.value == t.value
 
 
 def _bias_or_zero(graph: ir.Graph, node: ir.Node) -> ir.Value:

@@ -237,11 +237,64 @@ def test_window_body_matches_torch():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t,window", [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20)])
+def test_banded_window_body_equals_the_full_one(causal, t, window):
+    """Computing only the band gives the full body's output when the bias is the padding mask
+    (plus the causal mask), sinks included (causal layers: 2 sinks)."""
+    q, kt, v, keymask = _inputs(s=t, t=t, seed=t, padded=t > 4)
+    sinks = 2 if causal else 0
+    hidden = np.float32(np.finfo(np.float32).min)
+    bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, hidden).astype(np.float32)  # [B, 1, 1, T]
+    if causal:
+        bias = bias + np.where(np.arange(t)[None, :] > np.arange(t)[:, None], hidden, 0.0).astype(np.float32)
+        bias = np.maximum(bias, hidden)
+    attrs = {"scale": 0.3, "window": window, "sinks": sinks}
+
+    def run(name, arrays):
+        node = oh.make_node(name, list(arrays), ["Y"], domain=functions.DOMAIN, **attrs)
+        graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
+                              [oh.make_tensor_value_info("Y", 1, None)])
+        return graphopt.verify.run(graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)],
+                                                               ir_version=10)), arrays)["Y"]
+
+    full = run("WindowAttention", {"Q": q, "KT": kt, "V": v, "bias": bias})
+    banded = run(mixer_bodies.banded_window_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask})
+    real = keymask[:, 0, :, 0] > 0  # padded queries are not compared (their rows see no key)
+    np.testing.assert_allclose(banded.transpose(0, 2, 1, 3)[real], full.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_window_swap_computes_only_the_band_when_the_bias_is_a_mask(bert_and_gpt2, arch):
+    """The calibration sees biases that only hide keys (padding, causal): the swap uses the
+    banded body, and the model computes what the full-score body gives with the same windows."""
+    from graphopt.mixing import swap_mixers
+    from graphopt.passes import mixers as mixer_pass
+    from graphopt.shapes import infer_shapes
+
+    dims = {"batch": 2, "seq": 16}
+    exact = graphopt.optimize(bert_and_gpt2[arch], dims=dims).model
+    result = swap_mixers(exact, "window", steps=0, dims=dims)
+    banded = mixer_bodies.banded_window_name(arch == "gpt2")
+    assert [e["as"].split(" ")[0] for e in result.report["per_layer"]] == [banded, banded]
+    full = exact.clone()
+    infer_shapes(full.ir)
+    for i, node in enumerate(mixer_pass.attention_nodes(full.ir.graph)):
+        mixer_pass.swap(full.ir, node, mixer_pass.MixerSpec.parse("window"),
+                        {"window": result.report["per_layer"][i]["window"], "mask_only": False}, layer=i)
+    assert sum(n.op_type == "WindowAttention" for n in full.ir.graph) == 2
+    feeds = graphopt.feeds.make_inputs(exact, dims=dims, seed=5)
+    feeds["attention_mask"][1, 11:] = 0
+    got, want = (graphopt.verify.run(m, feeds) for m in (result.model, full))
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
 def test_window_sizes_come_from_calibration(bert_and_gpt2):
     result = graphopt.optimize(bert_and_gpt2["gpt2"], preset="mixers", mixer="window", dims={"batch": 2, "seq": 16})
     layers = result.report.fidelity["per_layer"]
     assert all(0 <= e["window"] <= 15 and e["sinks"] == 4 for e in layers)
-    windows = [n.attributes.get_int("window") for n in result.model.graph if n.op_type == "WindowAttention"]
+    windows = [n.attributes.get_int("window") for n in result.model.graph if n.op_type.startswith("WindowAttention")]
     assert windows == [e["window"] for e in layers]
 
 
