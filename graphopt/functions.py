@@ -175,16 +175,18 @@ class FunctionDef:
 
 def _mixers() -> list[FunctionDef]:
     """Token mixers (issue 6): float32 bodies written for opset >= 18 (graphopt/mixer_bodies.py)."""
-    from graphopt import mixer_bodies as mb
+    from graphopt import banded_bodies as bb, mixer_bodies as mb
 
     defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
             FunctionDef("CausalPoolMixer", lambda opset, plain: mb.pool_body(causal=True)),
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body()),
             FunctionDef("HybridAttention", lambda opset, plain: mb.hybrid_body()),
             FunctionDef("TokenConv", lambda opset, plain: mb.token_conv_body(causal=False)),
-            FunctionDef(mb.banded_window_name(False), lambda opset, plain: mb.banded_window_body(causal=False)),
-            FunctionDef(mb.banded_window_name(True), lambda opset, plain: mb.banded_window_body(causal=True)),
+
             FunctionDef("CausalTokenConv", lambda opset, plain: mb.token_conv_body(causal=True))]
+    for causal in (False, True):
+        defs.append(FunctionDef(bb.window_name(causal), lambda opset, plain, c=causal: bb.window_body(c)))
+        defs.append(FunctionDef(bb.hybrid_name(causal), lambda opset, plain, c=causal: bb.hybrid_body(c)))
     for kind in mb.MAPS:
         defs.append(FunctionDef(mb.recurrent_name(kind), lambda opset, plain, k=kind: mb.recurrent_body(k)))
         for causal in (False, True):

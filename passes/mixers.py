@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from graphopt import functions, mixer_bodies
+from graphopt import banded_bodies, functions, mixer_bodies
 from graphopt.attention import is_canonical
 from graphopt.errors import InputError
 from graphopt.ir import common_passes, ir
@@ -89,29 +89,24 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
             op = "CausalPoolMixer" if node.attributes.get_int("causal", 0) else "PoolMixer"
             call = ir.node(op, [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
             done = f"{op} over the value tokens"
-        elif spec.kind == "hybrid":
-            bias = _bias_or_zero(graph, node)
-            attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0)),
-                     "window": ir.AttrInt64("window", int(weights["window"])), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
-            w = add_initializer(graph, None, weights["W"], f"hybrid_w_{node.name}")
-            gamma = add_initializer(graph, None, weights["gamma"], f"hybrid_gamma_{node.name}")
-            call = ir.node("HybridAttention", [q, kt, v, bias, w, gamma], domain=functions.DOMAIN,
-                           name=f"{node.name}_hybrid", attributes=attrs)
-            done = f"HybridAttention (window {int(weights['window'])})"
-        elif spec.kind == "window":
+        elif spec.kind in ("window", "hybrid"):
             window = int(weights["window"])
             attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0)),
                      "window": ir.AttrInt64("window", window), "sinks": ir.AttrInt64("sinks", sinks_for(node))}
+            params = []
+            if spec.kind == "hybrid":
+                params = [add_initializer(graph, None, weights["W"], f"hybrid_w_{node.name}"),
+                          add_initializer(graph, None, weights["gamma"], f"hybrid_gamma_{node.name}")]
             banded = weights.get("mask_only") and _same_length(q, kt) and mixer_state.find_caches(node) is None
-            if banded:  # only the band is computed: linear in the sequence length
+            causal = bool(node.attributes.get_int("causal", 0))
+            if banded:  # only the band is scored: linear in the sequence length
                 keymask = _keymask(graph, new, node.inputs[3] if len(node.inputs) > 3 else None)
-                op = mixer_bodies.banded_window_name(bool(node.attributes.get_int("causal", 0)))
-                call = ir.node(op, [q, kt, v, keymask], domain=functions.DOMAIN, name=f"{node.name}_window",
-                               attributes=attrs)
+                op = (banded_bodies.window_name if spec.kind == "window" else banded_bodies.hybrid_name)(causal)
+                inputs = [q, kt, v, keymask, *params]
             else:  # every score, masked (a bias with values, a KV cache, or lengths not known equal)
-                op = "WindowAttention"
-                call = ir.node(op, [q, kt, v, _bias_or_zero(graph, node)], domain=functions.DOMAIN,
-                               name=f"{node.name}_window", attributes=attrs)
+                op = "WindowAttention" if spec.kind == "window" else "HybridAttention"
+                inputs = [q, kt, v, _bias_or_zero(graph, node), *params]
+            call = ir.node(op, inputs, domain=functions.DOMAIN, name=f"{node.name}_{spec.kind}", attributes=attrs)
             done = f"{op} (window {window}, sinks {sinks_for(node)})"
         else:
             causal = bool(node.attributes.get_int("causal", 0))

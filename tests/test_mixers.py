@@ -11,7 +11,7 @@ import torch
 
 import graphopt
 import models
-from graphopt import functions, mixer_bodies, mixer_reference
+from graphopt import banded_bodies, functions, mixer_bodies, mixer_reference
 from graphopt.errors import InputError
 from graphopt.passes.mixers import MIXERS
 
@@ -237,35 +237,59 @@ def test_window_body_matches_torch():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _run_node(name, arrays, **attrs):
+    node = oh.make_node(name, list(arrays), ["Y"], domain=functions.DOMAIN, **attrs)
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
+                          [oh.make_tensor_value_info("Y", 1, None)])
+    model = graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10))
+    return graphopt.verify.run(model, arrays)["Y"]
+
+
+def _mask_bias(keymask, t, causal):
+    hidden = np.float32(np.finfo(np.float32).min)
+    bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, hidden).astype(np.float32)  # [B, 1, 1, T]
+    if causal:
+        bias = np.maximum(bias + np.where(np.arange(t)[None, :] > np.arange(t)[:, None], hidden, 0.0), hidden)
+    return bias.astype(np.float32)
+
+
+BAND_CASES = [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20)]
+
+
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("t,window", [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20)])
+@pytest.mark.parametrize("t,window", BAND_CASES)
 def test_banded_window_body_equals_the_full_one(causal, t, window):
     """Computing only the band gives the full body's output when the bias is the padding mask
     (plus the causal mask), sinks included (causal layers: 2 sinks)."""
     q, kt, v, keymask = _inputs(s=t, t=t, seed=t, padded=t > 4)
-    sinks = 2 if causal else 0
-    hidden = np.float32(np.finfo(np.float32).min)
-    bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, hidden).astype(np.float32)  # [B, 1, 1, T]
-    if causal:
-        bias = bias + np.where(np.arange(t)[None, :] > np.arange(t)[:, None], hidden, 0.0).astype(np.float32)
-        bias = np.maximum(bias, hidden)
-    attrs = {"scale": 0.3, "window": window, "sinks": sinks}
-
-    def run(name, arrays):
-        node = oh.make_node(name, list(arrays), ["Y"], domain=functions.DOMAIN, **attrs)
-        graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
-                              [oh.make_tensor_value_info("Y", 1, None)])
-        return graphopt.verify.run(graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)],
-                                                               ir_version=10)), arrays)["Y"]
-
-    full = run("WindowAttention", {"Q": q, "KT": kt, "V": v, "bias": bias})
-    banded = run(mixer_bodies.banded_window_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask})
+    attrs = {"scale": 0.3, "window": window, "sinks": 2 if causal else 0}
+    full = _run_node("WindowAttention", {"Q": q, "KT": kt, "V": v, "bias": _mask_bias(keymask, t, causal)}, **attrs)
+    banded = _run_node(banded_bodies.window_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask}, **attrs)
     real = keymask[:, 0, :, 0] > 0  # padded queries are not compared (their rows see no key)
     np.testing.assert_allclose(banded.transpose(0, 2, 1, 3)[real], full.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t,window", BAND_CASES)
+def test_banded_hybrid_body_equals_the_full_one(causal, t, window):
+    """The hybrid with only the band scored (linear attention over the rest as total minus
+    band minus sinks) gives the full hybrid body's output."""
+    q, kt, v, keymask = _inputs(s=t, t=t, seed=t, padded=t > 4)
+    w = _weights("Hedgehog")
+    gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
+    attrs = {"scale": 0.3, "window": window, "sinks": 2 if causal else 0}
+    full = _run_node("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": _mask_bias(keymask, t, causal), "W": w,
+                                         "G": gamma}, **attrs)
+    banded = _run_node(banded_bodies.hybrid_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w,
+                                                           "G": gamma}, **attrs)
+    real = keymask[:, 0, :, 0] > 0
+    assert np.isfinite(banded).all()  # padded queries too: no NaN to leak into later layers
+    np.testing.assert_allclose(banded.transpose(0, 2, 1, 3)[real], full.transpose(0, 2, 1, 3)[real], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_window_swap_computes_only_the_band_when_the_bias_is_a_mask(bert_and_gpt2, arch):
+@pytest.mark.parametrize("mixer", ["window", "hybrid"])
+def test_window_swap_computes_only_the_band_when_the_bias_is_a_mask(bert_and_gpt2, arch, mixer):
     """The calibration sees biases that only hide keys (padding, causal): the swap uses the
     banded body, and the model computes what the full-score body gives with the same windows."""
     from graphopt.mixing import swap_mixers
@@ -274,15 +298,21 @@ def test_window_swap_computes_only_the_band_when_the_bias_is_a_mask(bert_and_gpt
 
     dims = {"batch": 2, "seq": 16}
     exact = graphopt.optimize(bert_and_gpt2[arch], dims=dims).model
-    result = swap_mixers(exact, "window", steps=0, dims=dims)
-    banded = mixer_bodies.banded_window_name(arch == "gpt2")
+    result = swap_mixers(exact, mixer, steps=20, dims=dims)
+    banded = (banded_bodies.window_name if mixer == "window" else banded_bodies.hybrid_name)(arch == "gpt2")
     assert [e["as"].split(" ")[0] for e in result.report["per_layer"]] == [banded, banded]
     full = exact.clone()
     infer_shapes(full.ir)
+    weights = [{"window": e["window"], "mask_only": False} for e in result.report["per_layer"]]
+    if mixer == "hybrid":  # the fitted parameters, read back from the swapped model
+        inits = result.model.ir.graph.initializers
+        for i, node in enumerate(n for n in result.model.ir.graph if n.op_type == banded):
+            weights[i] |= {"W": inits[node.inputs[4].name].const_value.numpy(),
+                           "gamma": inits[node.inputs[5].name].const_value.numpy()}
     for i, node in enumerate(mixer_pass.attention_nodes(full.ir.graph)):
-        mixer_pass.swap(full.ir, node, mixer_pass.MixerSpec.parse("window"),
-                        {"window": result.report["per_layer"][i]["window"], "mask_only": False}, layer=i)
-    assert sum(n.op_type == "WindowAttention" for n in full.ir.graph) == 2
+        mixer_pass.swap(full.ir, node, mixer_pass.MixerSpec.parse(mixer), weights[i], layer=i)
+    full_op = "WindowAttention" if mixer == "window" else "HybridAttention"
+    assert sum(n.op_type == full_op for n in full.ir.graph) == 2
     feeds = graphopt.feeds.make_inputs(exact, dims=dims, seed=5)
     feeds["attention_mask"][1, 11:] = 0
     got, want = (graphopt.verify.run(m, feeds) for m in (result.model, full))
