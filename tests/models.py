@@ -117,7 +117,7 @@ def gpt2_with_trained_like_norms():
     return module, args, names, dynamic
 
 
-class _CachedDecoder(torch.nn.Module):
+class CachedDecoder(torch.nn.Module):
     """A transformers decoder fed past keys/values as plain tensors (2 per layer); with
     `presents`, it also returns the updated keys/values (what a decoding loop feeds back)."""
 
@@ -153,7 +153,7 @@ def export_cached_decoder(arch: str, path, exporter: str, *, seq: int = 4, past:
     pasts = [torch.randn(2, kv_heads, past, 8, generator=g) for _ in range(2 * layers)]
     ids = torch.randint(0, 128, (2, seq), generator=g)
     mask = torch.ones(2, past + seq, dtype=torch.int64)
-    args, module = (ids, mask, *pasts), _CachedDecoder(model, layers, presents)
+    args, module = (ids, mask, *pasts), CachedDecoder(model, layers, presents)
     names = ["input_ids", "attention_mask", *(f"past_{i}" for i in range(2 * layers))]
     outputs = ["last_hidden_state", *(f"present_{i}" for i in range(2 * layers) if presents)]
     if exporter == "dynamo":
