@@ -193,6 +193,8 @@ def _mixers() -> list[FunctionDef]:
             for quadratic in (False, True):
                 defs.append(FunctionDef(mb.linear_name(kind, causal, quadratic),
                                         lambda opset, plain, k=kind, c=causal, q=quadratic: mb.linear_body(k, c, q)))
+        defs.append(FunctionDef(mb.linear_name(kind, True, False, past=True),
+                                lambda opset, plain, k=kind: mb.linear_body(k, True, False, past=True)))
     return defs
 
 

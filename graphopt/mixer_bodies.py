@@ -41,8 +41,11 @@ EPS = 1e-6
 MAPS = ("Elu", "Relu", "Hedgehog", "Performer")
 
 
-def linear_name(feature_map: str, causal: bool, quadratic: bool) -> str:
-    return f"LinearAttention{feature_map.capitalize()}{'Causal' if causal else ''}{'Quadratic' if quadratic else ''}"
+def linear_name(feature_map: str, causal: bool, quadratic: bool, past: bool = False) -> str:
+    """`past`: the chunked causal form for T > S (keys before the queries enter as its initial
+    state); the plain chunked form needs S == T and skips that slicing."""
+    suffix = "Quadratic" if quadratic else "Past" if causal and past else ""
+    return f"LinearAttention{feature_map.capitalize()}{'Causal' if causal else ''}{suffix}"
 
 
 def _feature_map(kind: str, x: str, out: str) -> str:
@@ -98,8 +101,8 @@ def _features(header: str, kind: str) -> str:
 """
 
 
-def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
-    common = _features(_header(linear_name(kind, causal, quadratic), kind), kind)
+def linear_body(kind: str, causal: bool, quadratic: bool, past: bool = False) -> str:
+    common = _features(_header(linear_name(kind, causal, quadratic, past), kind), kind)
     if not causal and not quadratic:
         core = """    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
     kv = MatMul(pkt, V)
@@ -124,7 +127,8 @@ def linear_body(kind: str, causal: bool, quadratic: bool) -> str:
     Y = Div(num, dene)
 }}"""
     else:
-        core = _PREFIX_STATE + _CHUNKED + "}"
+        start = _PREFIX_STATE if past else "    pkc = Identity(pk)\n    vc = Identity(V)\n"
+        core = start + _chunked(initial_state=past) + "}"
     return common + core
 
 
@@ -146,7 +150,7 @@ def recurrent_body(kind: str) -> str:
     vc = Identity(V)
     s0 = Identity(state)
     z0 = Identity(normalizer)
-""" + _CHUNKED + """    kv_total = ReduceSum<keepdims = 0>(kv, axis2_1d)
+""" + _chunked(initial_state=True) + """    kv_total = ReduceSum<keepdims = 0>(kv, axis2_1d)
     state_out = Add(state, kv_total)
     z_total = ReduceSum<keepdims = 0>(z, axis2_1d)
     normalizer_out = Add(normalizer, z_total)
@@ -172,9 +176,18 @@ _PREFIX_STATE = """    zero1 = Constant<value = int64[1] {0}>()
     z0 = ReduceSum<keepdims = 1>(pk_pre_t, last)
 """
 
-# Causal linear attention over pq/pkc/vc [B, H, S, .] in chunks of c = min(CHUNK, S) (so one
-# decoding step is one chunk of one token): inside a chunk a masked matmul, across chunks the
-# running state s0 + sum_{earlier chunks} phi(K)^T V (CumSum), likewise the normalizer.
+def _chunked(initial_state: bool) -> str:
+    """Causal linear attention over pq/pkc/vc [B, H, S, .] in chunks of c = min(CHUNK, S) (so
+    one decoding step is one chunk of one token): inside a chunk a masked matmul, across chunks
+    the running state (s0 +) sum_{earlier chunks} phi(K)^T V (CumSum), likewise the normalizer."""
+    text = _CHUNKED
+    if not initial_state:
+        text = text.replace("    s0u = Unsqueeze(s0, axis2_1d)\n    state_run = Add(state_ex, s0u)\n",
+                            "    state_run = Identity(state_ex)\n")
+        text = text.replace("    z0u = Unsqueeze(z0, axis2_1d)\n    zs = Add(zs_ex, z0u)\n", "    zs = Identity(zs_ex)\n")
+    return text
+
+
 _CHUNKED = """    chunk_max = Constant<value = int64[1] {%d}>()
     zero1c = Constant<value = int64[1] {0}>()
     zero2 = Constant<value = int64[2] {0, 0}>()

@@ -121,7 +121,7 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
             attrs = {"scale": ir.AttrFloat32("scale", node.attributes.get_float("scale", 1.0))}
             if caches is not None and kept is None:
                 return _swap_recurrent(model, node, spec, caches, keymask, params, attrs, new, layer)
-            name = mixer_bodies.linear_name(spec.feature_map, causal, quadratic)
+            name = mixer_bodies.linear_name(spec.feature_map, causal, quadratic, past=not _same_length(q, kt))
             call = ir.node(name, [q, kt, v, keymask, *params], domain=functions.DOMAIN, name=f"{node.name}_linear",
                            attributes=attrs)
             done = name + (f" (keeps its KV cache: {kept})" if kept else "")

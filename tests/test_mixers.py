@@ -68,9 +68,10 @@ def test_linear_bodies_match_torch(kind, causal, quadratic):
 def test_chunked_causal_equals_parallel_causal(t):
     q, kt, v, keymask = _inputs(s=t, t=t, seed=t)
     arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask}
-    chunked = _run_function(mixer_bodies.linear_name("Elu", True, False), arrays)
     parallel = _run_function(mixer_bodies.linear_name("Elu", True, True), arrays)
-    np.testing.assert_allclose(chunked, parallel, rtol=1e-5, atol=1e-6)
+    for past in (False, True):  # with no keys before the queries, the Past form is the plain one
+        chunked = _run_function(mixer_bodies.linear_name("Elu", True, False, past=past), arrays)
+        np.testing.assert_allclose(chunked, parallel, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -378,7 +379,7 @@ def test_chunked_causal_with_past_keys_equals_quadratic(kind, s):
     q, kt, v, keymask = _inputs(s=s, t=s + 9, seed=s)
     w = _weights(kind)
     arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask} | ({"W": w} if w is not None else {})
-    chunked = _run_function(mixer_bodies.linear_name(kind, True, False), arrays)
+    chunked = _run_function(mixer_bodies.linear_name(kind, True, False, past=True), arrays)
     quadratic = _run_function(mixer_bodies.linear_name(kind, True, True), arrays)
     np.testing.assert_allclose(chunked, quadratic, rtol=1e-4, atol=1e-5)
 
