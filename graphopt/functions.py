@@ -9,6 +9,7 @@ Backends may swap a call for a faster kernel. Rules emit calls; `ensure`
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import onnx.parser
@@ -174,9 +175,22 @@ class FunctionDef:
 
 
 def _mixers() -> list[FunctionDef]:
-    """Token mixers (issue 6): float32 bodies written for opset >= 18 (graphopt/mixer_bodies.py)."""
+    """Token mixers (issue 6): float32 bodies written for opset 18 (graphopt/mixer_bodies.py),
+    models of opset 13-17 get ReduceMax's axes as an attribute."""
     from graphopt import banded_bodies as bb, mixer_bodies as mb
 
+    defs = _mixer_defs(bb, mb)
+    return [FunctionDef(d.name, lambda opset, plain, body=d.body: _reduce_max_for(opset, body(opset, plain))) for d in defs]
+
+
+def _reduce_max_for(opset: int, text: str) -> str:
+    """ReduceMax took its axes as an attribute before opset 18 (the bodies reduce the last axis)."""
+    if opset >= 18:
+        return text
+    return re.sub(r"ReduceMax<keepdims = 1>\((\w+), \w+\)", r"ReduceMax<keepdims = 1, axes = [-1]>(\1)", text)
+
+
+def _mixer_defs(bb, mb) -> list[FunctionDef]:
     defs = [FunctionDef("PoolMixer", lambda opset, plain: mb.pool_body()),
             FunctionDef("CausalPoolMixer", lambda opset, plain: mb.pool_body(causal=True)),
             FunctionDef("WindowAttention", lambda opset, plain: mb.window_body()),

@@ -269,12 +269,19 @@ def token_conv_body(causal: bool) -> str:
 
 
 def pool_body(causal: bool = False) -> str:
-    """Y = AvgPool(V) - V over the token axis: tokens i-1..i+1, or i-2..i for causal layers."""
+    """Y = AvgPool(V) - V over the token axis: tokens i-1..i+1, or i-2..i for causal layers;
+    the last S rows (the queries: with a KV cache, V also holds the past tokens)."""
     name, pads = ("CausalPoolMixer", "[2, 0, 0, 0]") if causal else ("PoolMixer", "[1, 0, 1, 0]")
     return f"""
-{name} (V) => (Y) {{
+{name} (Q, V) => (Y) {{
     pooled = AveragePool<kernel_shape = [3, 1], pads = {pads}, strides = [1, 1], count_include_pad = 0>(V)
-    Y = Sub(pooled, V)
+    mixed = Sub(pooled, V)
+    t_len = Shape<start = -2, end = -1>(V)
+    s_len = Shape<start = -2, end = -1>(Q)
+    first = Sub(t_len, s_len)
+    int_max = Constant<value = int64[1] {{9223372036854775807}}>()
+    axis2 = Constant<value = int64[1] {{2}}>()
+    Y = Slice(mixed, first, int_max, axis2)
 }}"""
 
 

@@ -64,7 +64,13 @@ def softmax_attention(q, kt, v, bias, scale: float) -> torch.Tensor:
     return torch.softmax(scores, dim=-1) @ v
 
 
-def pool(v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def pool(v: torch.Tensor, causal: bool = False, queries: int | None = None) -> torch.Tensor:
+    """PoolFormer over the value tokens; the last `queries` rows (default: all)."""
+    out = _pool(v, causal)
+    return out if queries is None else out[..., out.shape[-2] - queries:, :]
+
+
+def _pool(v: torch.Tensor, causal: bool) -> torch.Tensor:
     if causal:  # tokens i-2..i: pad two in front, average what is real
         padded = torch.nn.functional.pad(v, (0, 0, 2, 0))
         ones = torch.nn.functional.pad(torch.ones_like(v[..., :1]), (0, 0, 2, 0))

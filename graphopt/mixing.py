@@ -169,7 +169,7 @@ def _mixer_output(spec, node, q, kt, v, bias, w):
     from graphopt import mixer_reference as ref
 
     if spec.kind == "pool":
-        return ref.pool(v, causal=bool(node.attributes.get_int("causal", 0)))
+        return ref.pool(v, causal=bool(node.attributes.get_int("causal", 0)), queries=q.shape[-2])
     if spec.kind == "drop":
         return torch.zeros_like(q[..., : v.shape[-1]])
     if spec.kind == "hybrid":

@@ -87,7 +87,7 @@ def swap(model: ir.Model, node: ir.Node, spec: MixerSpec, weights=None, *, quadr
         q, kt, v = node.inputs[:3]
         if spec.kind == "pool":
             op = "CausalPoolMixer" if node.attributes.get_int("causal", 0) else "PoolMixer"
-            call = ir.node(op, [v], domain=functions.DOMAIN, name=f"{node.name}_pool")
+            call = ir.node(op, [q, v], domain=functions.DOMAIN, name=f"{node.name}_pool")
             done = f"{op} over the value tokens"
         elif spec.kind in ("window", "hybrid"):
             window = int(weights["window"])

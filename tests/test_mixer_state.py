@@ -12,6 +12,7 @@ import models
 from graphopt.ir import ir
 from graphopt.mixing import swap_mixers
 from graphopt.passes import mixer_state
+from graphopt.passes.mixers import MIXERS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -152,3 +153,19 @@ def test_a_decoder_without_cache_keeps_the_parallel_form(decoders):
     result = swap_mixers(plain, "linear:elu", steps=0, dims={"batch": 2, "seq": 16})
     assert "decode" not in result.report
     assert not any(n.op_type.endswith("Recurrent") for n in result.model.ir.graph)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_every_mixer_on_a_cached_decoder_runs(decoders, mixer):
+    """Layers that read a KV cache: the linear mixers carry states (relu+dwc keeps the cache),
+    the others run over past + new keys; every swapped model runs and keeps the output shape."""
+    cached, _ = decoders["llama"]
+    result = swap_mixers(cached, mixer, steps=5, dims=CACHED_DIMS)
+    feeds = graphopt.feeds.make_inputs(result.model, dims=CACHED_DIMS)
+    if mixer_state.PAST_LENGTH in feeds:
+        feeds[mixer_state.PAST_LENGTH] = np.array([CACHED_DIMS["past"]], np.int64)
+    out = graphopt.verify.run(result.model, feeds)
+    assert out["last_hidden_state"].shape == (2, CACHED_DIMS["seq"], 32)
+    assert all(np.isfinite(v).all() for v in out.values())
+    recurrent = mixer.startswith("linear:") and mixer != "linear:relu+dwc"
+    assert ("decode" in result.report) == recurrent

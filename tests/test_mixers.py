@@ -77,12 +77,17 @@ def test_chunked_causal_equals_parallel_causal(t):
 @pytest.mark.parametrize("causal", [False, True])
 def test_pool_body_matches_torch(causal):
     v = np.random.default_rng(0).standard_normal((2, 3, 9, 4)).astype(np.float32)
-    got = _run_function("CausalPoolMixer" if causal else "PoolMixer", {"V": v}, scale=None)
+    q = np.zeros((2, 3, 9, 4), np.float32)  # only its length matters
+    name = "CausalPoolMixer" if causal else "PoolMixer"
+    got = _run_function(name, {"Q": q, "V": v}, scale=None)
     np.testing.assert_allclose(got, mixer_reference.pool(torch.as_tensor(v), causal).numpy(), rtol=1e-5, atol=1e-6)
+    # with a KV cache the values hold 6 past tokens too: the rows of the 3 queries come out
+    tail = _run_function(name, {"Q": q[:, :, :3], "V": v}, scale=None)
+    np.testing.assert_allclose(tail, got[:, :, 6:], rtol=1e-6)
     if causal:  # no future token reaches an output
         v2 = v.copy()
         v2[:, :, 5:] += 1.0
-        np.testing.assert_allclose(_run_function("CausalPoolMixer", {"V": v2}, scale=None)[:, :, :5], got[:, :, :5])
+        np.testing.assert_allclose(_run_function(name, {"Q": q, "V": v2}, scale=None)[:, :, :5], got[:, :, :5])
 
 
 def test_performer_features_approximate_softmax_attention():
