@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    console = Console()
+    console = Console(emoji=False)  # mixer names such as linear:hedgehog are not emoji codes
     positions = [int(p) for p in args.positions.split(",")]
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

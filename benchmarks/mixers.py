@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    console = Console()
+    console = Console(emoji=False)  # mixer names such as linear:hedgehog are not emoji codes
     lengths = [int(x) for x in args.lengths.split(",")]
     results: dict[str, dict[int, float]] = {}
     memory: dict[str, dict[int, float]] = {}

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    console = Console()
+    console = Console(emoji=False)  # mixer names such as linear:hedgehog are not emoji codes
     module, tokenizer = load_minilm()
     calib_texts, held_texts = sentences.split()
     calib, held = batches(tokenizer, calib_texts), batches(tokenizer, held_texts)

@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    console = Console()
+    console = Console(emoji=False)  # mixer names such as linear:hedgehog are not emoji codes
     steps = args.train_steps or {"vit": 600, "charlm": 500}[args.task]
     with console.status(f"training the {args.task} model for {steps} steps"):
         model, calib, held, metric, metric_name, _ = (vit_task if args.task == "vit" else charlm_task)(steps)

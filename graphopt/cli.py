@@ -27,9 +27,9 @@ from graphopt.passes.mixers import MIXERS
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # "linear:hedgehog" is not an emoji code
 EXPLAIN_LINES = 20  # near misses printed per pass; the JSON report keeps every one
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
