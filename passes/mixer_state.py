@@ -15,7 +15,8 @@ the sequence, and one decoding step costs the same at any position.
 Preconditions (a layer that breaks one keeps its KV cache, and the report says which):
 1. K^T and V of the attention op are computed from Concat(past, new) nodes whose first input
    is a graph input, through layout ops only (Transpose, Reshape, Expand, Unsqueeze, Squeeze,
-   Identity, Cast); every other op in between computes shapes (int64, or bool tests on them).
+   Identity, Cast), none reshaping to a constant that holds the cache length (static-shape
+   exports); every other op in between computes shapes (int64, or bool tests on them).
 2. Outside that path a Concat output is read only by Shape nodes and as a graph output, and a
    past input only by its Concat and Shape nodes (models read the past length for positions
    and masks).
@@ -33,7 +34,7 @@ import numpy as np
 
 from graphopt.errors import InputError
 from graphopt.ir import common_passes, ir
-from graphopt.passes._weights import add_initializer
+from graphopt.passes._weights import add_initializer, const_array
 
 LAYOUT = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity", "Cast"})
 PAST_LENGTH = "past_length"
@@ -84,9 +85,14 @@ def why_not(node: ir.Node, caches: tuple[Cache, Cache]) -> str | None:
     for cache in caches:
         cone = _cone(cache)
         inside = set(map(id, cone)) | {id(node)}
+        total = cache.concat.outputs[0].shape[cache.axis] if cache.concat.outputs[0].shape is not None else None
         for n in cone:
             if n.op_type not in LAYOUT and not all(_is_shape_arithmetic(o) for o in n.outputs):
                 return f"precondition 1: '{n.name}' ({n.op_type}) between '{cache.past.name}' and the attention op"
+            fixed = const_array(n.inputs[1]) if n.op_type in ("Reshape", "Expand") and len(n.inputs) > 1 else None
+            if fixed is not None and isinstance(total, int) and total in fixed.tolist():
+                return (f"precondition 1: '{n.name}' ({n.op_type}) has the cache length {total} as a constant "
+                        "(a static-shape export: export with a dynamic past length)")
         for reader, _ in cache.concat.outputs[0].uses():
             if id(reader) not in inside and reader.op_type != "Shape":
                 return f"precondition 2: '{reader.name}' ({reader.op_type}) reads the concatenated '{cache.past.name}'"
