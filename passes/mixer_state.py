@@ -14,9 +14,10 @@ the sequence, and one decoding step costs the same at any position.
 
 Preconditions (a layer that breaks one keeps its KV cache, and the report says which):
 1. K^T and V of the attention op are computed from Concat(past, new) nodes whose first input
-   is a graph input, through layout ops only (Transpose, Reshape, Expand, Unsqueeze, Squeeze,
-   Identity, Cast), none reshaping to a constant that holds the cache length (static-shape
-   exports); every other op in between computes shapes (int64, or bool tests on them).
+   is a graph input and whose output is a graph output (the cache, rank >= 3), through layout
+   ops only (Transpose, Reshape, Expand, Unsqueeze, Squeeze, Identity, Cast), none reshaping to
+   a constant that holds the cache length (static-shape exports); every other op in between
+   computes shapes (int64, or bool tests on them).
 2. Outside that path a Concat output is read only by Shape nodes and as a graph output, and a
    past input only by its Concat and Shape nodes (models read the past length for positions
    and masks).
@@ -68,9 +69,10 @@ def _cache_of(value: ir.Value) -> Cache | None:
         node = v.producer()
         if node is None or node.domain != "":
             return None
-        if node.op_type == "Concat":
+        if node.op_type == "Concat":  # a KV cache: Concat(past input, new) returned as a present output
             past = node.inputs[0]
-            if len(node.inputs) != 2 or not past.is_graph_input() or past.is_initializer() or past.shape is None:
+            if len(node.inputs) != 2 or not past.is_graph_input() or past.is_initializer() or past.shape is None \
+                    or len(past.shape) < 3 or not node.outputs[0].is_graph_output():
                 return None
             axis = node.attributes.get_int("axis", 0)
             return Cache(node, axis % len(past.shape), target, past, node.inputs[1])
