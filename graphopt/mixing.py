@@ -39,6 +39,12 @@ Feeds = Mapping[str, np.ndarray]
 class MixResult:
     model: Model
     report: dict[str, Any]
+    convert: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # original feeds -> the swapped model's
+
+    def feeds_for(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """The swapped model's inputs for the original's `feeds`: the same, except that where a
+        KV cache became a state, the state of the fed past replaces it."""
+        return dict(feeds) if self.convert is None else self.convert(feeds)
 
 
 def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
@@ -106,7 +112,12 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     decode = _decode_report(model, swapped)
     if decode:
         report["decode"] = decode
-    return MixResult(swapped, report)
+    convert = None
+    if decode:
+        def convert(feeds: Feeds) -> dict[str, np.ndarray]:
+            single = _Measure(spec, nodes, weights, [feeds], capture(work, [feeds], nodes), None)
+            return single.feeds(swapped, 0)
+    return MixResult(swapped, report, convert)
 
 
 def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) -> list[dict[str, list[np.ndarray]]]:

@@ -79,6 +79,9 @@ def optimize(
                             dims=dims)
         work.ir = mixed.model.ir
         fidelity_report = mixed.report
+        if feeds is not None:  # a KV cache that became a state changes the inputs
+            feeds = mixed.feeds_for(feeds)
+            checked = feeds if validate else None
         worst = min((v["mean_cosine"] for v in mixed.report["end_to_end"].values()), default=1.0)
         result.records.append(PassRecord("swap-mixers", "approximate", {"SwapMixer": len(mixed.report["layers_swapped"])},
                                          time.perf_counter() - start, "applied" if mixed.report["layers_swapped"] else "no-op",

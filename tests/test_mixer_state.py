@@ -187,3 +187,14 @@ def test_static_shape_dynamo_exports(tmp, arch):
                    for e in entries)
         assert "decode" not in result.report
     assert next(iter(result.report["end_to_end"].values()))["mean_cosine"] > 0.9
+
+
+def test_lowering_after_a_state_swap_gets_the_state_inputs(tmp):
+    """optimize(preset="mixers", target="ort-cpu") on a cached decoder: the measured lowering
+    runs the swapped model on the inputs converted to states (what feeds_for returns)."""
+    path = models.export_cached_decoder("gpt2", tmp / "m.onnx", "legacy", presents=True)
+    result = graphopt.optimize(path, preset="mixers", mixer="linear:elu", calib_steps=0, dims=CACHED_DIMS,
+                               target="ort-cpu", use_cache=False)
+    assert "decode" in result.report.fidelity and result.report.lowering is not None
+    names = {v.name for v in result.model.ir.graph.inputs}
+    assert {"past_state.0", mixer_state.PAST_LENGTH} <= names and "past_0" not in names
