@@ -85,22 +85,9 @@ def _performer_norm() -> str:
     inv_sqrt_m = Reciprocal(sqrt_m)"""
 
 
-ELEMENTWISE = ("Elu", "Relu")  # maps applied per entry: phi(K)^T = phi(K^T)
-
-
-def _features(header: str, kind: str, transposed_keys: bool = False) -> str:
-    """The signature line, then pq = phi(Q) and the key features: pk = phi(K) * keymask, or with
-    `transposed_keys` pkt = pk^T (for elementwise maps computed on K^T directly: no transpose,
-    13% of a chunked causal layer at 4096 tokens)."""
+def _features(header: str, kind: str) -> str:
+    """The signature line, then pq = phi(Q) and pk = phi(K) * keymask: what every linear form shares."""
     extra = _performer_norm() if kind == "Performer" else ""
-    if transposed_keys and kind in ELEMENTWISE:
-        keys = f"""{_feature_map(kind, "KT", "pkt0")}
-    keymask_t = Transpose<perm = [0, 1, 3, 2]>(keymask)
-    pkt = Mul(pkt0, keymask_t)"""
-    else:
-        keys = f"""K = Transpose<perm = [0, 1, 3, 2]>(KT)
-    {_feature_map(kind, "K", "pk0")}
-    pk = Mul(pk0, keymask)""" + ("\n    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)" if transposed_keys else "")
     return f"""
 {header} {{
     {_CONSTANTS}
@@ -108,16 +95,17 @@ def _features(header: str, kind: str, transposed_keys: bool = False) -> str:
     axis2_1d = Constant<value = int64[1] {{2}}>()
     {extra}
     {_feature_map(kind, "Q", "pq")}
-    {keys}
+    K = Transpose<perm = [0, 1, 3, 2]>(KT)
+    {_feature_map(kind, "K", "pk0")}
+    pk = Mul(pk0, keymask)
 """
 
 
 def linear_body(kind: str, causal: bool, quadratic: bool, past: bool = False) -> str:
-    chunked_t = causal and not quadratic and not past and kind in ELEMENTWISE  # chunks cut from pk^T
-    transposed = not causal or quadratic or chunked_t
-    common = _features(_header(linear_name(kind, causal, quadratic, past), kind), kind, transposed)
+    common = _features(_header(linear_name(kind, causal, quadratic, past), kind), kind)
     if not causal and not quadratic:
-        core = """    kv = MatMul(pkt, V)
+        core = """    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    kv = MatMul(pkt, V)
     num = MatMul(pq, kv)
     ks = ReduceSum<keepdims = 1>(pkt, last)
     den = MatMul(pq, ks)
@@ -130,7 +118,8 @@ def linear_body(kind: str, causal: bool, quadratic: bool, past: bool = False) ->
     offset = Sub(t_len, s_len)
     offset0 = Squeeze(offset)
     a = Trilu<upper = 0>(a0, offset0)""" if causal else "    a = Identity(a0)"
-        core = f"""    a0 = MatMul(pq, pkt)
+        core = f"""    pkt = Transpose<perm = [0, 1, 3, 2]>(pk)
+    a0 = MatMul(pq, pkt)
 {mask}
     num = MatMul(a, V)
     den = ReduceSum<keepdims = 1>(a, last)
@@ -138,9 +127,8 @@ def linear_body(kind: str, causal: bool, quadratic: bool, past: bool = False) ->
     Y = Div(num, dene)
 }}"""
     else:
-        start = _PREFIX_STATE if past else "    vc = Identity(V)\n" if chunked_t else \
-            "    pkc = Identity(pk)\n    vc = Identity(V)\n"
-        core = start + _chunked(initial_state=past, transposed_keys=chunked_t) + "}"
+        start = _PREFIX_STATE if past else "    pkc = Identity(pk)\n    vc = Identity(V)\n"
+        core = start + _chunked(initial_state=past) + "}"
     return common + core
 
 
@@ -188,30 +176,22 @@ _PREFIX_STATE = """    zero1 = Constant<value = int64[1] {0}>()
     z0 = ReduceSum<keepdims = 1>(pk_pre_t, last)
 """
 
-def _chunked(initial_state: bool, transposed_keys: bool = False) -> str:
+def _chunked(initial_state: bool) -> str:
     """Causal linear attention over pq/pkc/vc [B, H, S, .] in chunks of c = min(CHUNK, S) (so
     one decoding step is one chunk of one token): inside a chunk a masked matmul, across chunks
-    the running state (s0 +) sum_{earlier chunks} phi(K)^T V (CumSum), likewise the normalizer."""
-    text = _CHUNKED
-    if transposed_keys:  # k5t [B, H, N, F, c] cut from pkt [B, H, F, S]
-        text = text.replace("    kp = Pad(pkc, pads8)\n", "    pads_t = Concat<axis = 0>(zero2, zero1c, zero1c, zero2, zero1c, pad)\n"
-                            "    kpt = Pad(pkt, pads_t)\n")
-        text = text.replace("    k5 = Reshape(kp, shape_f)\n", "    shape_t = Concat<axis = 0>(lead, f_dim, minus1, chunk)\n"
-                            "    k5r = Reshape(kpt, shape_t)\n")
-        text = text.replace("    k5t = Transpose<perm = [0, 1, 2, 4, 3]>(k5)\n", "    k5t = Transpose<perm = [0, 1, 3, 2, 4]>(k5r)\n")
-    if not initial_state:
-        text = text.replace("    s0u = Unsqueeze(s0, axis2_1d)\n    state_run = Add(state_ex, s0u)\n",
-                            "    state_run = Identity(state_ex)\n")
-        text = text.replace("    z0u = Unsqueeze(z0, axis2_1d)\n    zs = Add(zs_ex, z0u)\n", "    zs = Identity(zs_ex)\n")
-    return text
-
-
-_CHUNKED = """    chunk_max = Constant<value = int64[1] {%d}>()
-    zero1c = Constant<value = int64[1] {0}>()
-    zero2 = Constant<value = int64[2] {0, 0}>()
-    minus1 = Constant<value = int64[1] {-1}>()
-    axis2 = Constant<value = int64 {2}>()
-    s_len = Shape<start = -2, end = -1>(vc)
+    the running state (s0 +) sum_{earlier chunks} phi(K)^T V (CumSum), likewise the normalizer
+    (z0 +); s0, z0 the `initial_state`."""
+    if initial_state:
+        state = "    s0u = Unsqueeze(s0, axis2_1d)\n    state_run = Add(state_ex, s0u)\n"
+        normalizer = "    z0u = Unsqueeze(z0, axis2_1d)\n    zs = Add(zs_ex, z0u)\n"
+    else:
+        state, normalizer = "    state_run = Identity(state_ex)\n", "    zs = Identity(zs_ex)\n"
+    return f"""    chunk_max = Constant<value = int64[1] {{{CHUNK}}}>()
+    zero1c = Constant<value = int64[1] {{0}}>()
+    zero2 = Constant<value = int64[2] {{0, 0}}>()
+    minus1 = Constant<value = int64[1] {{-1}}>()
+    axis2 = Constant<value = int64 {{2}}>()
+    s_len = Shape<start = -2, end = -1>(pkc)
     chunk = Min(chunk_max, s_len)
     rem = Mod(s_len, chunk)
     short = Sub(chunk, rem)
@@ -231,17 +211,13 @@ _CHUNKED = """    chunk_max = Constant<value = int64[1] {%d}>()
     k5t = Transpose<perm = [0, 1, 2, 4, 3]>(k5)
     kv = MatMul(k5t, v5)
     state_ex = CumSum<exclusive = 1>(kv, axis2)
-    s0u = Unsqueeze(s0, axis2_1d)
-    state_run = Add(state_ex, s0u)
-    inter = MatMul(q5, state_run)
+{state}    inter = MatMul(q5, state_run)
     a0 = MatMul(q5, k5t)
     a = Trilu<upper = 0>(a0)
     intra = MatMul(a, v5)
     z = ReduceSum<keepdims = 1>(k5t, last)
     zs_ex = CumSum<exclusive = 1>(z, axis2)
-    z0u = Unsqueeze(z0, axis2_1d)
-    zs = Add(zs_ex, z0u)
-    den_inter = MatMul(q5, zs)
+{normalizer}    den_inter = MatMul(q5, zs)
     den_intra = ReduceSum<keepdims = 1>(a, last)
     num = Add(inter, intra)
     den0 = Add(den_inter, den_intra)
@@ -250,7 +226,7 @@ _CHUNKED = """    chunk_max = Constant<value = int64[1] {%d}>()
     flat = Concat<axis = 0>(lead, minus1, dv_dim)
     yp = Reshape(y5, flat)
     Y = Slice(yp, zero1c, s_len, axis2_1d)
-""" % CHUNK
+"""
 
 
 def token_conv_body(causal: bool) -> str:

@@ -76,9 +76,10 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         if spec.feature_map == "Hedgehog":
             w = fit_hedgehog(fit_caps[i], node, w, steps, seed)
         elif spec.kind == "window":
-            w = {"window": choose_window(fit_caps[i], node), "mask_only": _mask_only(fit_caps[i]) and _mask_only(held_caps[i])}
+            w = {"window": choose_window(fit_caps[i], node)}
         elif spec.kind == "hybrid":
             w = fit_hybrid(fit_caps[i], node, choose_window(fit_caps[i], node, HYBRID_COVERAGE), steps, seed)
+        if spec.kind in ("window", "hybrid"):
             w["mask_only"] = _mask_only(fit_caps[i]) and _mask_only(held_caps[i])
         if spec.dwc:
             w = fit_token_conv(spec, fit_caps[i], node, mixers.initial_conv(node), steps, seed)

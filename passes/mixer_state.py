@@ -166,16 +166,14 @@ def state_outputs(graph: ir.Graph, call: ir.Node, layer: int, state: ir.Value, n
         graph.outputs.append(out)
 
 
-def release(model: ir.Model, caches: tuple[Cache, Cache]) -> list[str]:
+def release(model: ir.Model, caches: tuple[Cache, Cache]) -> None:
     """After the attention op no longer reads them: drop the present outputs, give the past
-    length to whoever reads it, remove the past inputs. Returns the removed names."""
+    length to whoever reads it, remove the past inputs."""
     graph = model.graph
-    removed = []
     for cache in caches:
         present = cache.concat.outputs[0]
         if present.is_graph_output():
             graph.outputs.remove(present)
-            removed.append(present.name)
     common_passes.RemoveUnusedNodesPass()(model)
     for cache in caches:
         if cache.concat.graph is not None:  # still read: by Shape nodes (precondition 2)
@@ -188,8 +186,6 @@ def release(model: ir.Model, caches: tuple[Cache, Cache]) -> list[str]:
     for cache in caches:
         if not cache.past.uses() and cache.past in graph.inputs:
             graph.inputs.remove(cache.past)
-            removed.append(cache.past.name)
-    return removed
 
 
 def _replace_shape(graph: ir.Graph, shape_node: ir.Node, cache: Cache, *, with_new: bool) -> None:
@@ -248,30 +244,30 @@ def _past_length(graph: ir.Graph) -> ir.Value:
     return value
 
 
-def finish(model: ir.Model) -> str | None:
+def finish(model: ir.Model) -> None:
     """Once every layer is converted: when a kept layer still reads its KV cache, the past
-    length comes from that cache's shape and the `past_length` input goes away. Returns where
-    the past length comes from (None: nothing reads it)."""
+    length comes from that cache's shape and the `past_length` input goes away."""
     graph = model.graph
     length = next((v for v in graph.inputs if v.name == PAST_LENGTH), None)
     if length is None:
-        return None
-    kept = next((c for c in (_kept_cache(v) for v in graph.inputs if v is not length) if c is not None), None)
-    if kept is None:
-        return f"input '{PAST_LENGTH}'"
-    shape = ir.node("Shape", [kept.past], attributes={"start": kept.axis, "end": kept.axis + 1},
-                    name=f"{PAST_LENGTH}_from_{kept.past.name}")
+        return
+    for past in graph.inputs:
+        axis = _cache_axis(past) if past is not length else None
+        if axis is not None:
+            break
+    else:
+        return
+    shape = ir.node("Shape", [past], attributes={"start": axis, "end": axis + 1}, name=f"{PAST_LENGTH}_from_{past.name}")
     shape.outputs[0].dtype = ir.DataType.INT64
     graph.insert_before(graph.node(0), shape)
     length.replace_all_uses_with(shape.outputs[0])
     graph.inputs.remove(length)
-    return f"the length of '{kept.past.name}'"
 
 
-def _kept_cache(value: ir.Value) -> Cache | None:
+def _cache_axis(value: ir.Value) -> int | None:
+    """The concatenation axis when `value` is a kept layer's KV cache input (Concat(value, new))."""
     for reader, index in value.uses():
         if reader.op_type == "Concat" and reader.domain == "" and index == 0 and len(reader.inputs) == 2 \
                 and value.shape is not None:
-            return Cache(reader, reader.attributes.get_int("axis", 0) % len(value.shape), reader.outputs[0], value,
-                         reader.inputs[1])
+            return reader.attributes.get_int("axis", 0) % len(value.shape)
     return None

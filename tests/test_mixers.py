@@ -18,10 +18,10 @@ from graphopt.passes.mixers import MIXERS
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _run_function(name: str, arrays: dict[str, np.ndarray], scale: float | None = 0.3) -> np.ndarray:
-    """Call graphopt function `name` on `arrays` in onnxruntime."""
+def _run_function(name: str, arrays: dict[str, np.ndarray], scale: float | None = 0.3, **attrs) -> np.ndarray:
+    """Call graphopt function `name` on `arrays` in onnxruntime (attributes: scale unless None, `attrs`)."""
     inputs = list(arrays)
-    attrs = {"scale": scale} if scale is not None else {}
+    attrs = ({"scale": scale} if scale is not None else {}) | attrs
     node = oh.make_node(name, inputs, ["Y"], domain=functions.DOMAIN, **attrs)
     graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(v.shape)) for k, v in arrays.items()],
                           [oh.make_tensor_value_info("Y", 1, None)])
@@ -167,15 +167,11 @@ def test_token_conv_body_matches_torch(causal, s):
 def minilm_sentences():
     """MiniLM-L6 (real weights) through the exact preset, 32 calibration and 32 held-out sentences."""
     import sentences
+    from mixer_fidelity import batches
 
     module, tokenizer = models.minilm()
     calib_texts, held_texts = sentences.split()
-
-    def batch(texts):
-        enc = tokenizer(texts, padding=True, return_tensors="np")
-        return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-
-    calib, held = batch(calib_texts[:32]), batch(held_texts[:32])
+    calib, held = (batches(tokenizer, texts[:32], size=32)[0] for texts in (calib_texts, held_texts))
     model = graphopt.load(module, example_inputs=tuple(torch.as_tensor(calib[k]) for k in ("input_ids", "attention_mask")),
                           dynamic_shapes=models.DYNAMIC)
     return graphopt.optimize(model, inputs=calib).model, calib, held
@@ -234,21 +230,9 @@ def test_bad_mixer_requests(bert_and_gpt2):
 def test_window_body_matches_torch():
     q, kt, v, keymask = _inputs(s=10, t=10)
     bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, -3.4e38).astype(np.float32)  # [2, 1, 1, 10]
-    node = oh.make_node("WindowAttention", ["Q", "KT", "V", "B"], ["Y"], domain=functions.DOMAIN, scale=0.3, window=2, sinks=1)
-    arrays = {"Q": q, "KT": kt, "V": v, "B": bias}
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
-                          [oh.make_tensor_value_info("Y", 1, None)])
-    got = graphopt.verify.run(graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)), arrays)["Y"]
+    got = _run_function("WindowAttention", {"Q": q, "KT": kt, "V": v, "B": bias}, window=2, sinks=1)
     want = mixer_reference.window_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
-def _run_node(name, arrays, **attrs):
-    node = oh.make_node(name, list(arrays), ["Y"], domain=functions.DOMAIN, **attrs)
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
-                          [oh.make_tensor_value_info("Y", 1, None)])
-    model = graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10))
-    return graphopt.verify.run(model, arrays)["Y"]
 
 
 def _mask_bias(keymask, t, causal):
@@ -269,8 +253,8 @@ def test_banded_window_body_equals_the_full_one(causal, t, window):
     (plus the causal mask), sinks included (causal layers: 2 sinks)."""
     q, kt, v, keymask = _inputs(s=t, t=t, seed=t, padded=t > 4)
     attrs = {"scale": 0.3, "window": window, "sinks": 2 if causal else 0}
-    full = _run_node("WindowAttention", {"Q": q, "KT": kt, "V": v, "bias": _mask_bias(keymask, t, causal)}, **attrs)
-    banded = _run_node(banded_bodies.window_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask}, **attrs)
+    full = _run_function("WindowAttention", {"Q": q, "KT": kt, "V": v, "bias": _mask_bias(keymask, t, causal)}, **attrs)
+    banded = _run_function(banded_bodies.window_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask}, **attrs)
     real = keymask[:, 0, :, 0] > 0  # padded queries are not compared (their rows see no key)
     np.testing.assert_allclose(banded.transpose(0, 2, 1, 3)[real], full.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-6)
 
@@ -284,9 +268,9 @@ def test_banded_hybrid_body_equals_the_full_one(causal, t, window):
     w = _weights("Hedgehog")
     gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
     attrs = {"scale": 0.3, "window": window, "sinks": 2 if causal else 0}
-    full = _run_node("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": _mask_bias(keymask, t, causal), "W": w,
+    full = _run_function("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": _mask_bias(keymask, t, causal), "W": w,
                                          "G": gamma}, **attrs)
-    banded = _run_node(banded_bodies.hybrid_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w,
+    banded = _run_function(banded_bodies.hybrid_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w,
                                                            "G": gamma}, **attrs)
     real = keymask[:, 0, :, 0] > 0
     assert np.isfinite(banded).all()  # padded queries too: no NaN to leak into later layers
@@ -421,12 +405,7 @@ def test_hybrid_body_matches_torch():
     bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, -3.4e38).astype(np.float32)
     w = _weights("Hedgehog")
     gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
-    node = oh.make_node("HybridAttention", ["Q", "KT", "V", "B", "W", "G"], ["Y"], domain=functions.DOMAIN, scale=0.3,
-                        window=2, sinks=1)
-    arrays = {"Q": q, "KT": kt, "V": v, "B": bias, "W": w, "G": gamma}
-    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(k, 1, list(a.shape)) for k, a in arrays.items()],
-                          [oh.make_tensor_value_info("Y", 1, None)])
-    got = graphopt.verify.run(graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)), arrays)["Y"]
+    got = _run_function("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": bias, "W": w, "G": gamma}, window=2, sinks=1)
     want = mixer_reference.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1, torch.as_tensor(w),
                                             torch.as_tensor(gamma)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
