@@ -31,6 +31,7 @@ from graphopt import exporters, registry, timing
 from graphopt.backends.ort import CPU, session
 from graphopt.errors import BackendError, InputError
 from graphopt.ir import ir
+from graphopt.steps import Lowering, LoweringStep, Stage
 
 TARGETS = {"ort-cpu": CPU, "ort-cuda": "CUDAExecutionProvider"}
 DISABLED_KEY = "graphopt.ort.disabled_optimizers"
@@ -211,3 +212,18 @@ def _write_cache(path: Path, selection: Selection) -> None:
         tmp.replace(path)
     except OSError:
         pass  # a read-only home still gets a selection, just not a cached one
+
+
+class OrtLowering(LoweringStep):
+    """Per op kind, the lowering measured fastest on the stage's inputs and provider (cached)."""
+
+    def choose(self, stage: Stage) -> Lowering:
+        if stage.feeds is None:
+            raise InputError(f"target '{self.target}' needs inputs to measure the candidates on")
+        selection = select(stage.model.ir, stage.feeds, self.target, use_cache=self.options.use_cache)
+        return Lowering([registry.get(name) for name in selection.passes], selection.to_dict(),
+                        lambda model: apply_metadata(model.ir, selection))
+
+
+for _target in TARGETS:
+    registry.register_target(_target, OrtLowering)

@@ -21,7 +21,6 @@ from rich.table import Table
 import graphopt
 from graphopt import benchmark as bench_mod
 from graphopt import exporters, presets, registry
-from graphopt.backends.ort_select import TARGETS
 from graphopt.benchmark import ANCHORS
 from graphopt.passes.mixers import MIXERS
 from graphopt.errors import GraphoptError, InputError
@@ -81,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--explain", action="store_true", help="show why rules did not fire")
     s.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
-    s.add_argument("--target", choices=TARGETS, help="lower for this onnxruntime provider, choosing per op kind the "
+    s.add_argument("--target", choices=registry.targets(), help="lower for this onnxruntime provider, choosing per op kind the "
                    "lowering measured fastest on the inputs (choice and timings in the report)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=MIXERS, help="with --preset mixers: the token mixer that replaces attention")
@@ -123,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", parents=[common], help="time graphopt's output against the original and the anchors")
     s.add_argument("model")
-    s.add_argument("--target", choices=TARGETS, default="ort-cpu")
+    s.add_argument("--target", choices=registry.targets(), default="ort-cpu")
     s.add_argument("--against", type=_csv, default=list(ANCHORS), help=f"comma-separated, from {','.join(ANCHORS)}")
     s.add_argument("--optimized", help="an already optimized model to time as graphopt's contender (else optimize here)")
     s.add_argument("--tvm", help="a compiled TVM artifact (graphopt compile) to time as one more contender")

@@ -49,10 +49,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "cleanup": _CLEANUP,
     "exact": _EXACT,  # the default
     # Approximate: the exact preset (which makes the canonical attention ops), then the
-    # calibrated mixer swap (graphopt/mixing.py), configured by optimize(mixer=...).
+    # calibrated mixer swap (graphopt/passes/mixers/), configured by optimize(mixer=...).
     "mixers": _EXACT,
 }
-APPROXIMATE = {"mixers"}  # presets whose result is measured by fidelity, not validated as equal
+# Presets that end in an approximate step, and the optimize() option that configures it.
+APPROXIMATE = {"mixers": "mixer"}
 
 DEFAULT = "exact"
 

@@ -1,14 +1,23 @@
-"""Passes register here by kebab-case name."""
+"""Registries the plan reads: passes by kebab-case name, approximate steps by the option that
+asks for them (`mixer`, `precision`), lowering steps by target. Families register themselves
+when their package is imported; the core never imports a family by name."""
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Callable
+from typing import Any
 
 from graphopt.errors import InputError
 from graphopt.rewrite import Pass
 
 _PASSES: dict[str, type[Pass]] = {}
+_APPROXIMATE: dict[str, Callable[..., Any]] = {}  # option -> factory(value, options) -> ApproximateStep
+_TARGETS: dict[str, Callable[..., Any]] = {}  # target -> factory(target, options) -> LoweringStep
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+# Built-in families: importing each registers its passes, approximate steps and targets.
+_FAMILIES = ("graphopt.passes", "graphopt.backends.ort_select")
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -25,17 +34,47 @@ def unregister(name: str) -> None:
     _PASSES.pop(name, None)
 
 
-def _ensure_builtin() -> None:
-    import graphopt.passes  # noqa: F401  (registers the built-in pass families)
+def register_approximate(option: str, factory: Callable[..., Any]) -> None:
+    """`factory(value, options)` builds the approximate step that `optimize(option=value)` asks for."""
+    _APPROXIMATE[option] = factory
+
+
+def register_target(target: str, factory: Callable[..., Any]) -> None:
+    """`factory(target, options)` builds the lowering step for `optimize(target=target)`."""
+    _TARGETS[target] = factory
+
+
+def ensure_builtin() -> None:
+    for family in _FAMILIES:
+        importlib.import_module(family)
 
 
 def get(name: str) -> Pass:
-    _ensure_builtin()
+    ensure_builtin()
     if name not in _PASSES:
         raise InputError(f"unknown pass '{name}'", hint=f"known passes: {', '.join(sorted(_PASSES))} (see `graphopt passes`)")
     return _PASSES[name]()
 
 
 def available() -> list[type[Pass]]:
-    _ensure_builtin()
-    return [ _PASSES[n] for n in sorted(_PASSES)]
+    ensure_builtin()
+    return [_PASSES[n] for n in sorted(_PASSES)]
+
+
+def approximate_step(option: str) -> Callable[..., Any]:
+    ensure_builtin()
+    if option not in _APPROXIMATE:
+        raise InputError(f"no approximate step answers '{option}'", hint=f"known: {', '.join(sorted(_APPROXIMATE))}")
+    return _APPROXIMATE[option]
+
+
+def targets() -> list[str]:
+    ensure_builtin()
+    return list(_TARGETS)
+
+
+def lowering_step(target: str) -> Callable[..., Any]:
+    ensure_builtin()
+    if target not in _TARGETS:
+        raise InputError(f"unknown target '{target}'", hint=f"known targets: {', '.join(_TARGETS)}")
+    return _TARGETS[target]

@@ -1,8 +1,14 @@
-"""What a run did: per-pass rewrites, time, numeric checks, final validation.
+"""What a run did: one record per plan step (graphopt/steps.py), the final validation, the model
+before and after.
 
-`Report.to_dict()` is the JSON schema pipelines read:
-{"preset", "passes": [{"name", "kind", "rewrites", "seconds", "status", "check", ...}],
- "validation": {...}, "model": {"before": {...}, "after": {...}}, "notes": [...]}
+`Report.to_dict()` is the JSON schema pipelines read (SCHEMA_VERSION 2):
+{"schema_version": 2, "preset",
+ "steps": [{"name", "kind", "rewrites", "seconds", "status", "check", "note", "near_misses",
+            "fidelity", "measurements"}],
+ "validation": {...}, "model": {"before": {...}, "after": {...}}, "notes": [...],
+ "passes": [...], "fidelity": {...} | null, "lowering": {...} | null}
+The last three are views kept for readers of version 1: "passes" is "steps" again, "fidelity"
+the first approximate step's fidelity, "lowering" the first lowering step's measurements.
 `Report.tables()` renders the same for people (rich).
 """
 
@@ -16,31 +22,45 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from graphopt.pipeline import PassRecord
+from graphopt.steps import StepKind, StepRecord
 from graphopt.verify import Validation
 
+SCHEMA_VERSION = 2
 _MODEL_KEYS = ("num_nodes", "num_params", "param_bytes", "op_counts")
 
 
 @dataclasses.dataclass
 class Report:
     preset: str | None
-    passes: list[PassRecord]
+    steps: list[StepRecord]
     validation: Validation | None
     before: dict[str, Any]
     after: dict[str, Any]
     notes: list[str] = dataclasses.field(default_factory=list)
-    lowering: dict[str, Any] | None = None  # the measured lowering selection (optimize --target)
-    fidelity: dict[str, Any] | None = None  # the mixer swap's fidelity report (preset mixers)
+
+    @property
+    def passes(self) -> list[StepRecord]:
+        """The step records (the name of version 1)."""
+        return self.steps
+
+    @property
+    def fidelity(self) -> dict[str, Any] | None:
+        """The first approximate step's fidelity report (the mixer swap's), or None."""
+        return next((s.fidelity for s in self.steps if s.kind == str(StepKind.APPROXIMATE) and s.fidelity), None)
+
+    @property
+    def lowering(self) -> dict[str, Any] | None:
+        """The first lowering step's measured selection (optimize --target), or None."""
+        return next((s.measurements for s in self.steps if s.kind == str(StepKind.LOWERING) and s.measurements), None)
 
     @property
     def total_rewrites(self) -> int:
-        return sum(p.total_rewrites for p in self.passes if p.status == "applied")
+        return sum(p.total_rewrites for p in self.steps if p.status == "applied")
 
     def rewrites(self) -> dict[str, int]:
         """{rule: count} over applied passes, the form golden tests compare."""
         counts: dict[str, int] = {}
-        for p in self.passes:
+        for p in self.steps:
             if p.status == "applied":
                 for rule, n in p.rewrites.items():
                     if n:
@@ -48,12 +68,15 @@ class Report:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
+        steps = [p.to_dict() for p in self.steps]
         return {
+            "schema_version": SCHEMA_VERSION,
             "preset": self.preset,
-            "passes": [p.to_dict() for p in self.passes],
+            "steps": steps,
             "validation": self.validation.to_dict() if self.validation else None,
             "model": {"before": {k: self.before[k] for k in _MODEL_KEYS}, "after": {k: self.after[k] for k in _MODEL_KEYS}},
             "notes": list(self.notes),
+            "passes": steps,
             "lowering": self.lowering,
             "fidelity": self.fidelity,
         }
@@ -80,13 +103,14 @@ class Report:
         from rich.console import Group
         from rich.table import Table
 
-        passes = Table(title="passes", title_justify="left")
-        for col in ("pass", "kind", "rewrites", "status", "check", "ms"):
+        passes = Table(title="steps", title_justify="left")
+        for col in ("step", "kind", "rewrites", "status", "check", "ms"):
             passes.add_column(col, justify="right" if col in ("ms",) else "left")
-        for p in self.passes:
+        for p in self.steps:
             fired = ", ".join(f"{r}={n}" for r, n in p.rewrites.items() if n) or "-"
             check = "-" if not p.check else ("ok" if p.check.get("passed") else "FAILED") + (
-                f" (max abs {p.check['max_abs_error']:.2e})" if "max_abs_error" in p.check else "")
+                f" (max abs {p.check['max_abs_error']:.2e})" if "max_abs_error" in p.check else
+                f" (cosine {p.check['min_cosine']:.4f} vs bound {p.check['bound']})" if "bound" in p.check else "")
             passes.add_row(p.name, p.kind, fired, p.status + (f": {p.note}" if p.note else ""), check, f"{p.seconds * 1e3:.1f}")
         parts: list[Any] = [passes]
         summary = Table(title="model", title_justify="left")
@@ -95,10 +119,11 @@ class Report:
         for label, d in (("before", self.before), ("after", self.after)):
             summary.add_row(label, str(d["num_nodes"]), f"{d['num_params']:,}", f"{d['param_bytes']:,}")
         parts.append(summary)
-        if self.lowering:
-            parts.append(lowering_table(self.lowering))
-        if self.fidelity:
-            parts.append(fidelity_table(self.fidelity))
+        for step in self.steps:
+            if step.measurements:
+                parts.append(lowering_table(step.measurements))
+            if step.fidelity:
+                parts.append(fidelity_table(step.fidelity))
         if self.validation:
             parts.append(validation_table(self.validation))
         parts.extend(f"note: {n}" for n in self.notes)

@@ -19,7 +19,9 @@ from graphopt.masks import HIDDEN
 from graphopt.passes import mixer_state
 from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
+from graphopt.registry import register_approximate
 from graphopt.rewrite import RULE_TAG
+from graphopt.steps import Approximation, ApproximateStep, Options
 
 RULE = "SwapMixer"
 MIXERS = ("linear:elu", "linear:relu", "linear:relu+dwc", "linear:hedgehog", "linear:performer", "window", "hybrid",
@@ -324,3 +326,25 @@ def _drop(graph: ir.Graph, node: ir.Node, new: list[ir.Node]) -> str:
     new.extend([shape, zeros])
     _replace(graph, node, zeros.outputs[0])
     return "dropped: no residual Add found; the attention output is zero"
+
+
+class SwapMixers(ApproximateStep):
+    """Swap softmax attention layers for a calibrated token mixer (graphopt/mixing.py)."""
+
+    name = "swap-mixers"
+
+    def __init__(self, mixer: str, options: Options) -> None:
+        super().__init__(options)
+        self.spec = MixerSpec.parse(mixer)  # an unknown mixer fails before any work
+
+    def approximate(self, model) -> Approximation:
+        from graphopt.mixing import swap_mixers
+
+        o = self.options
+        mixed = swap_mixers(model, self.spec.name, calib=o.calib, layers=o.layers, fidelity=o.fidelity, steps=o.calib_steps,
+                            seed=o.seed, dims=o.dims)
+        return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
+                             mixed.convert and mixed.feeds_for)
+
+
+register_approximate("mixer", SwapMixers)

@@ -130,3 +130,28 @@ def test_explain_reports_each_near_miss_once():
     text = '<ir_version: 10, opset_import: ["" : 21]>\ng (float[2, 3] x) => (float[3, 2] y) { r = Relu(x)\n y = Transpose<perm = [1, 0]>(r) }'
     lines = registry.get("eliminate-identity").near_misses(graphopt.load(onnx.parser.parse_model(text)).ir)
     assert lines == ["RemoveIdentityTranspose: a Transpose node: condition failed: perm is not the identity permutation at 'r'"]
+
+
+def test_plan_is_data_one_step_per_request():
+    """optimize builds a plan: exact passes by name, then the approximate step a request names,
+    then the lowering for the target; unknown requests fail before any work."""
+    from graphopt import plan
+
+    built = plan.build(["cse", "eliminate-dead-code"], approximate={"mixer": "linear:elu"}, target="ort-cpu")
+    assert built.names == ["cse", "eliminate-dead-code", "swap-mixers", "lower-ort-cpu"]
+    assert [str(s.kind) for s in built.steps] == ["exact", "exact", "approximate", "lowering"]
+    assert plan.build(["cse"], approximate={"mixer": None}).names == ["cse"]
+    with pytest.raises(graphopt.InputError, match="unknown target 'nope'"):
+        plan.build([], target="nope")
+    with pytest.raises(graphopt.InputError, match="unknown mixer"):
+        plan.build([], approximate={"mixer": "linear:nope"})
+
+
+def test_report_schema_v2_keeps_the_v1_views(tmp):
+    """One record shape for every step; "passes", "fidelity" and "lowering" stay readable."""
+    result = graphopt.optimize(model())
+    data = json.loads(result.report.write_json(tmp / "r.json").read_text())
+    assert data["schema_version"] == 2 and data["passes"] == data["steps"]
+    assert set(data["steps"][0]) == {"name", "kind", "rewrites", "seconds", "status", "check", "note", "near_misses",
+                                     "fidelity", "measurements"}
+    assert data["fidelity"] is None and data["lowering"] is None

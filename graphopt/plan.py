@@ -1,0 +1,81 @@
+"""A plan is an ordered list of steps (graphopt/steps.py); `build` makes one from what the user
+asked, `Plan.run` runs it. Composition is data: exact passes by name from the registry, then
+the approximate steps the request names (each registered by the option that asks for it:
+`mixer`, later `precision`), then the lowering step registered for the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt import registry
+from graphopt.errors import GraphoptError
+from graphopt.model import Model
+from graphopt.steps import ExactStep, Options, Stage, Step, StepRecord
+
+Progress = Callable[[int, int, str], None]  # (index, total, step name)
+
+
+@dataclasses.dataclass
+class PlanResult:
+    model: Model
+    records: list[StepRecord]
+    reference_outputs: dict[str, np.ndarray] | None  # the input model's outputs on the check feeds
+    final_outputs: dict[str, np.ndarray] | None
+    feeds: dict[str, np.ndarray] | None  # the check feeds, as the final model takes them
+    approximate: bool  # an approximate step ran: the final model is compared by fidelity
+    notes: list[str]
+
+
+@dataclasses.dataclass
+class Plan:
+    steps: list[Step]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def run(self, model: Model, *, feeds: Mapping[str, np.ndarray] | None = None, check: bool = True,
+            explain: bool = False, progress: Progress | None = None) -> PlanResult:
+        """Run every step on `model` in place. `feeds`: inputs for the checks (with `check`) and
+        for the lowering measurements; without them nothing is checked."""
+        notes: list[str] = []
+        reference = _reference_outputs(model, feeds, notes) if feeds is not None and check else None
+        stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain)
+        records = []
+        for index, step in enumerate(self.steps):
+            if progress:
+                progress(index, len(self.steps), step.name)
+            records.append(step.run(stage))
+        if progress:
+            progress(len(self.steps), len(self.steps), "done")
+        return PlanResult(stage.model, records, reference, stage.outputs, stage.feeds, stage.approximate, notes)
+
+
+def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = None, target: str | None = None,
+          options: Options | None = None) -> Plan:
+    """Exact (or structural) passes in order, then an approximate step per non-empty request
+    (`{"mixer": "linear:hedgehog"}`), then the lowering for `target`. Unknown names raise
+    `InputError` before any work."""
+    options = options or Options()
+    steps: list[Step] = [ExactStep(registry.get(name)) for name in pass_names]
+    for option, value in (approximate or {}).items():
+        if value:
+            steps.append(registry.approximate_step(option)(value, options))
+    if target:
+        steps.append(registry.lowering_step(target)(target, options))
+    return Plan(steps)
+
+
+def _reference_outputs(model: Model, feeds, notes: list[str]):
+    from graphopt import verify
+
+    try:
+        return verify.run(model, feeds)
+    except GraphoptError as exc:
+        notes.append(f"per-pass numeric checks are off: the input model does not run in onnxruntime ({exc})")
+        return None

@@ -1,0 +1,238 @@
+"""The step contract: every step of a plan is exact, approximate or lowering, and its kind
+decides its check.
+
+- exact (`ExactStep`, one registered pass): checked equal to the stage before on the check
+  feeds; a pass that diverges, makes the model unrunnable or raises is rolled back.
+- approximate (`ApproximateStep`: mixer swaps, reduced precision): calibrated on the user's
+  data, its fidelity measured against the user's bound (kept or reverted per layer inside the
+  step); the record carries its per-layer and end-to-end fidelity. Later exact steps are
+  checked against the approximate model, and the final validation is replaced by fidelity.
+- lowering (`LoweringStep`): candidates measured on the target, the fastest kept, then the
+  result checked equal to the stage before (rolled back if not).
+
+Every step returns one `StepRecord`, the report's one record shape. Steps read and update a
+`Stage`: the model, the check feeds and the outputs the next exact step must reproduce.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt import verify
+from graphopt.errors import GraphoptError
+from graphopt.model import Model
+from graphopt.rewrite import Pass, PassKind
+
+logger = logging.getLogger(__name__)
+
+StepKind = PassKind  # one vocabulary for passes and steps: exact, approximate, lowering
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one step did. `check`: the numeric check of its kind (equality for exact and
+    lowering, the fidelity bound for approximate); `fidelity`: an approximate step's
+    measurements; `measurements`: a lowering step's candidates and choice."""
+
+    name: str
+    kind: str
+    rewrites: dict[str, int]
+    seconds: float
+    status: str  # "applied", "no-op", "rolled-back", "failed"
+    check: dict[str, Any] | None = None
+    note: str = ""
+    near_misses: list[str] = dataclasses.field(default_factory=list)
+    fidelity: dict[str, Any] | None = None
+    measurements: dict[str, Any] | None = None
+
+    @property
+    def total_rewrites(self) -> int:
+        return sum(self.rewrites.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PassRecord = StepRecord  # the name reports used before the step contract
+
+
+@dataclasses.dataclass
+class Options:
+    """What `optimize` was asked, for the steps that need more than the model: calibration
+    data, the fidelity bound, layer selection, seeds and dims, the lowering cache."""
+
+    seed: int = 0
+    dims: Mapping[str, int] | None = None
+    fidelity: float = 0.99
+    calib: Any = None
+    calib_steps: int = 300
+    layers: str | Sequence[int] = "all"
+    use_cache: bool = True
+
+
+@dataclasses.dataclass
+class Stage:
+    """The state a plan threads through its steps. `feeds`: inputs for checks and
+    measurements (None when there are none); `outputs`: the current function's outputs on
+    `feeds`, which the next exact or lowering step must reproduce (None: checks are off)."""
+
+    model: Model
+    feeds: dict[str, np.ndarray] | None
+    outputs: dict[str, np.ndarray] | None
+    explain: bool = False
+    approximate: bool = False  # an approximate step changed the function on purpose
+
+    def run(self) -> dict[str, np.ndarray]:
+        return verify.run(self.model, self.feeds)
+
+
+class Step(abc.ABC):
+    name: str
+    kind: StepKind
+
+    @abc.abstractmethod
+    def run(self, stage: Stage) -> StepRecord:
+        """Transform `stage.model` in place (or replace it), check it by this step's kind."""
+
+
+class ExactStep(Step):
+    """One registered pass, checked equal to the stage before and rolled back if not (passes
+    of the approximate kind are kept, with their error recorded)."""
+
+    def __init__(self, p: Pass) -> None:
+        self.p, self.name, self.kind = p, p.name, p.kind
+
+    def run(self, stage: Stage) -> StepRecord:
+        model, p = stage.model, self.p
+        snapshot = model.ir.clone()
+        near_misses = p.near_misses(model.ir) if stage.explain else []
+        start = time.perf_counter()
+        try:
+            rewrites = p(model.ir)
+        except Exception as exc:  # a pass bug must not take the user's model down with it
+            logger.warning("pass %s raised %s: %s; rolled back", p.name, type(exc).__name__, exc)
+            logger.debug("traceback of pass %s", p.name, exc_info=True)
+            model.ir = snapshot
+            return StepRecord(p.name, str(p.kind), {}, time.perf_counter() - start, "failed",
+                              note=f"raised {type(exc).__name__}: {exc}; rolled back", near_misses=near_misses)
+        record = StepRecord(p.name, str(p.kind), rewrites, time.perf_counter() - start,
+                            "applied" if sum(rewrites.values()) else "no-op", near_misses=near_misses)
+        if stage.outputs is None:
+            return record
+        exact = p.kind != PassKind.APPROXIMATE
+        return check_equal(stage, record, snapshot, rollback=exact)
+
+
+def check_equal(stage: Stage, record: StepRecord, snapshot, *, rollback: bool = True) -> StepRecord:
+    """Run the stage's model on its feeds and compare with the stage before: on divergence
+    (with `rollback`) or when it no longer runs, restore `snapshot` and say why."""
+    try:
+        outputs = stage.run()
+    except GraphoptError as exc:
+        stage.model.ir = snapshot
+        record.status, record.note = "rolled-back", f"the rewritten model does not run: {exc}"
+        record.check = {"passed": False, "error": str(exc)}
+        return record
+    checks = verify.compare_outputs(stage.outputs, outputs)
+    passed = all(c.passed for c in checks)
+    record.check = {
+        "passed": passed,
+        "max_abs_error": max((c.max_abs_error for c in checks), default=0.0),
+        "min_cosine": min((c.cosine for c in checks), default=1.0),
+        "failed_outputs": [c.name for c in checks if not c.passed],
+    }
+    if not passed and rollback:
+        stage.model.ir = snapshot
+        record.status = "rolled-back"
+        record.note = f"outputs diverged beyond tolerance ({', '.join(record.check['failed_outputs'])}); rolled back"
+        logger.warning("step %s diverged; rolled back", record.name)
+        return record
+    stage.outputs = outputs
+    return record
+
+
+@dataclasses.dataclass
+class Approximation:
+    """What an approximate step made: the new model, its rewrites, its fidelity report (with
+    "end_to_end": {output: {"mean_cosine", "min_cosine", ...}}), and, when the step changed
+    the model's inputs (a KV cache became a state), how to convert the old inputs."""
+
+    model: Model
+    rewrites: dict[str, int]
+    fidelity: dict[str, Any]
+    convert: Callable[[Feeds], dict[str, np.ndarray]] | None = None
+
+
+class ApproximateStep(Step):
+    """Calibrate, change the function, measure how far it moved against `bound`."""
+
+    kind = PassKind.APPROXIMATE
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    def approximate(self, model: Model) -> Approximation:
+        """Calibrate on `self.options.calib` and return the changed model with its fidelity."""
+
+    def run(self, stage: Stage) -> StepRecord:
+        start = time.perf_counter()
+        made = self.approximate(stage.model)
+        stage.model.ir = made.model.ir
+        stage.approximate = True
+        if stage.feeds is not None and made.convert is not None:
+            stage.feeds = made.convert(stage.feeds)
+        if stage.outputs is not None:  # later steps are checked against the approximate model
+            stage.outputs = stage.run()
+        worst = min((v["mean_cosine"] for v in made.fidelity.get("end_to_end", {}).values()), default=1.0)
+        bound = self.options.fidelity
+        return StepRecord(self.name, str(self.kind), made.rewrites, time.perf_counter() - start,
+                          "applied" if sum(made.rewrites.values()) else "no-op",
+                          check={"passed": worst >= bound, "min_cosine": worst, "bound": bound}, fidelity=made.fidelity)
+
+
+@dataclasses.dataclass
+class Lowering:
+    """A lowering step's choice: the passes that write it, session settings to record in the
+    model (`annotate`), and what was measured (candidates, timings, the choice)."""
+
+    passes: Sequence[Pass]
+    measurements: dict[str, Any]
+    annotate: Callable[[Model], None] | None = None
+
+
+class LoweringStep(Step):
+    """Measure candidates on the target, keep the fastest, check the result equal."""
+
+    kind = PassKind.LOWERING
+
+    def __init__(self, target: str, options: Options) -> None:
+        self.target, self.options, self.name = target, options, f"lower-{target}"
+
+    @abc.abstractmethod
+    def choose(self, stage: Stage) -> Lowering:
+        """Measure the candidates on `stage.feeds` and return the fastest."""
+
+    def run(self, stage: Stage) -> StepRecord:
+        start = time.perf_counter()
+        snapshot = stage.model.ir.clone()
+        choice = self.choose(stage)
+        rewrites: dict[str, int] = {}
+        for p in choice.passes:
+            for rule, n in p(stage.model.ir).items():
+                rewrites[rule] = rewrites.get(rule, 0) + n
+        if choice.annotate is not None:
+            choice.annotate(stage.model)
+        record = StepRecord(self.name, str(self.kind), rewrites, time.perf_counter() - start,
+                            "applied" if sum(rewrites.values()) else "no-op", measurements=choice.measurements)
+        if stage.outputs is None:
+            return record
+        return check_equal(stage, record, snapshot)
