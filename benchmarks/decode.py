@@ -1,7 +1,7 @@
 """Decoding cost vs position (issue 6): one new token through a Llama-style decoder (random
 weights, 6 layers, hidden 512, 8 heads, intermediate 1408, RoPE) with its KV cache (the
 original: softmax attention over P past tokens) vs every layer swapped to causal linear
-attention carrying a fixed-size state instead of the cache (passes/mixer_state.py). Batch 1,
+attention carrying a fixed-size state instead of the cache (passes/mixers/state.py). Batch 1,
 ORT CPU, one process, interleaved rounds per position; medians, and the bytes each step reads
 and writes as cache or state.
 
@@ -29,8 +29,8 @@ import models  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt import timing  # noqa: E402
 from graphopt.backends import ort_select  # noqa: E402
-from graphopt.mixing import swap_mixers  # noqa: E402
-from graphopt.passes import mixer_state  # noqa: E402
+from graphopt.passes.mixers import swap_mixers  # noqa: E402
+from graphopt.passes.mixers import state as mixer_state  # noqa: E402
 
 LAYERS, HEADS, HEAD = 6, 8, 64
 DIMS = {"batch": 1, "seq": 4, "past": 28, "total": 32}

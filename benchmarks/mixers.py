@@ -35,7 +35,7 @@ import models  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt import timing  # noqa: E402
 from graphopt.backends import ort_select  # noqa: E402
-from graphopt.mixing import swap_mixers  # noqa: E402
+from graphopt.passes.mixers import swap_mixers  # noqa: E402
 
 MIXERS = ("linear:elu", "linear:relu", "linear:relu+dwc", "linear:hedgehog", "linear:performer", "window", "hybrid", "pool")
 

@@ -25,7 +25,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt.mixing import swap_mixers  # noqa: E402
+from graphopt.passes.mixers import swap_mixers  # noqa: E402
 from graphopt.passes.mixers import MIXERS  # noqa: E402
 from minilm_demo import load_minilm  # noqa: E402
 import sentences  # noqa: E402

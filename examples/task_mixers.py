@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import graphopt
-from graphopt.mixing import swap_mixers
+from graphopt.passes.mixers import swap_mixers
 from graphopt.passes.mixers import MIXERS
 
 

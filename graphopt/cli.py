@@ -22,7 +22,6 @@ import graphopt
 from graphopt import benchmark as bench_mod
 from graphopt import exporters, presets, registry
 from graphopt.benchmark import ANCHORS
-from graphopt.passes.mixers import MIXERS
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
@@ -83,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", choices=registry.targets(), help="lower for this onnxruntime provider, choosing per op kind the "
                    "lowering measured fastest on the inputs (choice and timings in the report)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
-    s.add_argument("--mixer", choices=MIXERS, help="with --preset mixers: the token mixer that replaces attention")
+    s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
     s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
     s.add_argument("--fidelity", type=float, default=0.99, help="with --layers auto: keep the end-to-end cosine above this")
     s.add_argument("--calib", help="with --preset mixers: calibration inputs (.npz; rows split half fit, half held out)")

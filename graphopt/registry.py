@@ -4,20 +4,20 @@ when their package is imported; the core never imports a family by name."""
 
 from __future__ import annotations
 
-import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from graphopt import families
 from graphopt.errors import InputError
 from graphopt.rewrite import Pass
 
 _PASSES: dict[str, type[Pass]] = {}
 _APPROXIMATE: dict[str, Callable[..., Any]] = {}  # option -> factory(value, options) -> ApproximateStep
+_CHOICES: dict[str, Callable[[], Sequence[str]]] = {}  # option -> the values it takes (for --help and errors)
 _TARGETS: dict[str, Callable[..., Any]] = {}  # target -> factory(target, options) -> LoweringStep
+_ANALYSES: dict[str, Callable[..., Any]] = {}  # name -> fn(ir.Graph) -> list of dicts (`inspect`)
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-# Built-in families: importing each registers its passes, approximate steps and targets.
-_FAMILIES = ("graphopt.passes", "graphopt.backends.ort_select")
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -34,9 +34,16 @@ def unregister(name: str) -> None:
     _PASSES.pop(name, None)
 
 
-def register_approximate(option: str, factory: Callable[..., Any]) -> None:
-    """`factory(value, options)` builds the approximate step that `optimize(option=value)` asks for."""
-    _APPROXIMATE[option] = factory
+def register_approximate(option: str, factory: Callable[..., Any], choices: Callable[[], Sequence[str]] = tuple) -> None:
+    """`factory(value, options)` builds the approximate step that `optimize(option=value)` asks
+    for; `choices()` lists the values it takes."""
+    _APPROXIMATE[option], _CHOICES[option] = factory, choices
+
+
+def choices(option: str) -> tuple[str, ...]:
+    """The values approximate option `option` takes (e.g. the mixer names)."""
+    approximate_step(option)
+    return tuple(_CHOICES[option]())
 
 
 def register_target(target: str, factory: Callable[..., Any]) -> None:
@@ -44,9 +51,18 @@ def register_target(target: str, factory: Callable[..., Any]) -> None:
     _TARGETS[target] = factory
 
 
+def register_analysis(name: str, fn: Callable[..., Any]) -> None:
+    """`fn(graph)` lists what a family finds in a graph (`inspect` shows it under `name`)."""
+    _ANALYSES[name] = fn
+
+
+def analysis(name: str) -> Callable[..., Any]:
+    ensure_builtin()
+    return _ANALYSES[name]
+
+
 def ensure_builtin() -> None:
-    for family in _FAMILIES:
-        importlib.import_module(family)
+    families.load()
 
 
 def get(name: str) -> Pass:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from graphopt import ops
+from graphopt import ops, registry
 from graphopt.ir import ir
 from graphopt.model import Model
+from graphopt.shapes import infer_shapes
 
 
 def count_nodes(model: ir.Model) -> int:
@@ -38,12 +39,10 @@ def summarize(model: Model, *, attention: bool = False) -> dict[str, Any]:
 
 
 def attention_layers(model: Model) -> list[dict[str, Any]]:
-    from graphopt.attention import find_attention
-    from graphopt.shapes import infer_shapes
-
+    """The attention layers the attention family finds (on a copy with shapes inferred)."""
     work = model.ir.clone()
     infer_shapes(work)
-    return [site.to_dict() for site in find_attention(work.graph)]
+    return registry.analysis("attention")(work.graph)
 
 
 def _value_info(v: ir.Value) -> dict[str, Any]:

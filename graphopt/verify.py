@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from graphopt import exporters, feeds as feeds_mod, importers
 from graphopt.backends import ort as ort_backend
-from graphopt.ir import common_passes, ir
 from graphopt.model import Model
 
 # (rtol, atol) per dtype: fp32 is tight enough that a wrong rewrite cannot hide.
@@ -83,24 +82,6 @@ def run(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs of `model` on `feeds`, by output name (ORT CPU, no ORT graph optimizations)."""
     with exporters.ort_loadable(model) as loadable:
         return ort_backend.session(loadable).run(feeds)
-
-
-def expose(model: Model | ir.Model, names: Iterable[str], *, only: bool = False) -> Model:
-    """A copy of `model` that also returns the named intermediate values as outputs (with
-    `only`, returns just them, pruned to what computes them). Untyped values are float32."""
-    work = (model.ir if isinstance(model, Model) else model).clone()
-    by_name = {v.name: v for node in work.graph for v in node.outputs} | {v.name: v for v in work.graph.inputs}
-    wanted = [by_name[n] for n in dict.fromkeys(names) if n in by_name]
-    for value in wanted:
-        if value.type is None:
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-    if only:
-        work.graph.outputs.clear()
-        work.graph.outputs.extend(wanted)
-        common_passes.RemoveUnusedNodesPass()(work)
-    else:
-        work.graph.outputs.extend(v for v in wanted if not v.is_graph_output())
-    return Model(work)
 
 
 def resolve_inputs(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt import functions, ops
-from graphopt.attention import is_canonical
+from graphopt.library.attention import is_canonical
 from graphopt.ir import MatchResult, common_passes, ir, pattern
 from graphopt.passes._checks import scalar
 from graphopt.passes._edits import replace_value

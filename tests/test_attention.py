@@ -13,7 +13,7 @@ import torch
 
 import graphopt
 import models
-from graphopt import functions
+from graphopt.library.attention import is_canonical
 from rule_testing import apply, assert_equivalent, assert_explained, build, header
 
 B, H, S, D = 2, 4, 8, 16
@@ -31,7 +31,7 @@ agraph ({QKV}{inputs}) => ({outputs}) {{
 
 
 def _canonical(model) -> list:
-    return [n for n in model.graph if n.domain == functions.DOMAIN and n.op_type in functions.ATTENTION_OPS]
+    return [n for n in model.graph if is_canonical(n)]
 
 
 def _check(text: str, feeds=None, **expect):

@@ -1,4 +1,4 @@
-"""Decoding with causal linear attention (passes/mixer_state.py): a swapped layer's KV cache
+"""Decoding with causal linear attention (passes/mixers/state.py): a swapped layer's KV cache
 becomes a fixed-size state. Model level: a prefill then token-by-token decoding of the swapped
 cached decoder equals the swapped parallel (no cache) model; and the preconditions."""
 
@@ -10,9 +10,8 @@ import pytest
 import graphopt
 import models
 from graphopt.ir import ir
-from graphopt.mixing import swap_mixers
-from graphopt.passes import mixer_state
-from graphopt.passes.mixers import MIXERS
+from graphopt.passes.mixers import MIXERS, swap_mixers
+from graphopt.passes.mixers import state as mixer_state
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

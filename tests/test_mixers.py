@@ -11,7 +11,8 @@ import torch
 
 import graphopt
 import models
-from graphopt import banded_bodies, functions, mixer_bodies, mixer_reference
+from graphopt import functions
+from graphopt.passes.mixers import dwc, edit, hybrid, linear, pool, transfer, window as window_mixer
 from graphopt.errors import InputError
 from graphopt.passes.mixers import MIXERS
 
@@ -50,7 +51,7 @@ def _weights(kind: str, d: int = 4):
     return None
 
 
-@pytest.mark.parametrize("kind", mixer_bodies.MAPS)
+@pytest.mark.parametrize("kind", linear.MAPS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("quadratic", [False, True])
 def test_linear_bodies_match_torch(kind, causal, quadratic):
@@ -58,8 +59,8 @@ def test_linear_bodies_match_torch(kind, causal, quadratic):
     q, kt, v, keymask = _inputs(s=t, t=t)
     w = _weights(kind)
     arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask} | ({"W": w} if w is not None else {})
-    got = _run_function(mixer_bodies.linear_name(kind, causal, quadratic), arrays)
-    want = mixer_reference.linear_attention(kind, *map(torch.as_tensor, (q, kt, v, keymask)), 0.3,
+    got = _run_function(linear.linear_name(kind, causal, quadratic), arrays)
+    want = linear.linear_attention(kind, *map(torch.as_tensor, (q, kt, v, keymask)), 0.3,
                                             None if w is None else torch.as_tensor(w), causal).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -68,9 +69,9 @@ def test_linear_bodies_match_torch(kind, causal, quadratic):
 def test_chunked_causal_equals_parallel_causal(t):
     q, kt, v, keymask = _inputs(s=t, t=t, seed=t)
     arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask}
-    parallel = _run_function(mixer_bodies.linear_name("Elu", True, True), arrays)
+    parallel = _run_function(linear.linear_name("Elu", True, True), arrays)
     for past in (False, True):  # with no keys before the queries, the Past form is the plain one
-        chunked = _run_function(mixer_bodies.linear_name("Elu", True, False, past=past), arrays)
+        chunked = _run_function(linear.linear_name("Elu", True, False, past=past), arrays)
         np.testing.assert_allclose(chunked, parallel, rtol=1e-5, atol=1e-6)
 
 
@@ -80,7 +81,7 @@ def test_pool_body_matches_torch(causal):
     q = np.zeros((2, 3, 9, 4), np.float32)  # only its length matters
     name = "CausalPoolMixer" if causal else "PoolMixer"
     got = _run_function(name, {"Q": q, "V": v}, scale=None)
-    np.testing.assert_allclose(got, mixer_reference.pool(torch.as_tensor(v), causal).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, pool.pool(torch.as_tensor(v), causal).numpy(), rtol=1e-5, atol=1e-6)
     # with a KV cache the values hold 6 past tokens too: the rows of the 3 queries come out
     tail = _run_function(name, {"Q": q[:, :, :3], "V": v}, scale=None)
     np.testing.assert_allclose(tail, got[:, :, 6:], rtol=1e-6)
@@ -96,8 +97,8 @@ def test_performer_features_approximate_softmax_attention():
     q, kt, v, _ = (torch.as_tensor(a) for a in _inputs(padded=False))
     w = torch.as_tensor(np.random.default_rng(0).standard_normal((4, 40000)).astype(np.float32))
     ones = torch.ones(1, 1, 1, 1)
-    approx = mixer_reference.linear_attention("Performer", q, kt, v, ones, 0.3, w)
-    exact = mixer_reference.softmax_attention(q, kt, v, None, 0.3)
+    approx = linear.linear_attention("Performer", q, kt, v, ones, 0.3, w)
+    exact = transfer.softmax_attention(q, kt, v, None, 0.3)
     assert float((approx - exact).norm() / exact.norm()) < 0.05
 
 
@@ -129,7 +130,7 @@ def test_swap_every_mixer_on_bert_runs_in_ort(bert_and_gpt2, mixer):
 
 def test_drop_bypasses_the_residual_add(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
-    from graphopt.mixing import swap_mixers
+    from graphopt.passes.mixers import swap_mixers
 
     result = swap_mixers(exact, "drop", layers=[0], steps=0, dims={"batch": 2, "seq": 16})
     ops = [n.op_type for n in result.model.graph]
@@ -149,10 +150,10 @@ def test_causal_layers_get_causal_mixers(bert_and_gpt2):
 def test_token_conv_body_matches_torch(causal, s):
     """SLAB's depthwise-conv branch: padded keys zeroed, the last S rows when T > S."""
     q, kt, v, keymask = _inputs(s=s, t=12)
-    w = np.random.default_rng(2).standard_normal((2, mixer_bodies.CONV_KERNEL, 4)).astype(np.float32)
+    w = np.random.default_rng(2).standard_normal((2, dwc.CONV_KERNEL, 4)).astype(np.float32)
     got = _run_function("CausalTokenConv" if causal else "TokenConv", {"Q": q, "V": v, "keymask": keymask, "W": w},
                         scale=None)
-    want = mixer_reference.token_conv(*map(torch.as_tensor, (q, v, keymask, w)), causal).numpy()
+    want = dwc.token_conv(*map(torch.as_tensor, (q, v, keymask, w)), causal).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # by hand: one output position
     vm = v * keymask
@@ -182,7 +183,7 @@ def test_dwc_branch_lowers_the_error_of_relu_linear_attention(minilm_sentences):
     MiniLM activations: every layer's held-out error drops, and the sentence embeddings move
     closer to the original's. (On random weights and tokens there is nothing to fit: the
     kernel then fits noise and the held-out error rises a little.)"""
-    from graphopt.mixing import swap_mixers
+    from graphopt.passes.mixers import swap_mixers
 
     exact, calib, held = minilm_sentences
     plain = swap_mixers(exact, "linear:relu", calib=[calib], holdout=[held], steps=0).report
@@ -198,7 +199,7 @@ def test_dwc_branch_lowers_the_error_of_relu_linear_attention(minilm_sentences):
 
 def test_hedgehog_fit_reduces_the_layer_error(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 4, "seq": 16}).model
-    from graphopt.mixing import swap_mixers
+    from graphopt.passes.mixers import swap_mixers
 
     calib = graphopt.feeds.make_inputs(exact, dims={"batch": 8, "seq": 16})
     untrained = swap_mixers(exact, "linear:hedgehog", calib=calib, steps=0).report
@@ -209,7 +210,7 @@ def test_hedgehog_fit_reduces_the_layer_error(bert_and_gpt2):
 
 def test_auto_layers_respect_the_fidelity_threshold(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 4, "seq": 16}).model
-    from graphopt.mixing import swap_mixers
+    from graphopt.passes.mixers import swap_mixers
 
     calib = graphopt.feeds.make_inputs(exact, dims={"batch": 8, "seq": 16})
     strict = swap_mixers(exact, "linear:relu", calib=calib, layers="auto", fidelity=0.9999999, steps=0).report
@@ -231,7 +232,7 @@ def test_window_body_matches_torch():
     q, kt, v, keymask = _inputs(s=10, t=10)
     bias = np.where(keymask.transpose(0, 1, 3, 2) > 0, 0.0, -3.4e38).astype(np.float32)  # [2, 1, 1, 10]
     got = _run_function("WindowAttention", {"Q": q, "KT": kt, "V": v, "B": bias}, window=2, sinks=1)
-    want = mixer_reference.window_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1).numpy()
+    want = window_mixer.window_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -254,7 +255,7 @@ def test_banded_window_body_equals_the_full_one(causal, t, window):
     q, kt, v, keymask = _inputs(s=t, t=t, seed=t, padded=t > 4)
     attrs = {"scale": 0.3, "window": window, "sinks": 2 if causal else 0}
     full = _run_function("WindowAttention", {"Q": q, "KT": kt, "V": v, "bias": _mask_bias(keymask, t, causal)}, **attrs)
-    banded = _run_function(banded_bodies.window_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask}, **attrs)
+    banded = _run_function(window_mixer.banded_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask}, **attrs)
     real = keymask[:, 0, :, 0] > 0  # padded queries are not compared (their rows see no key)
     np.testing.assert_allclose(banded.transpose(0, 2, 1, 3)[real], full.transpose(0, 2, 1, 3)[real], rtol=1e-5, atol=1e-6)
 
@@ -270,7 +271,7 @@ def test_banded_hybrid_body_equals_the_full_one(causal, t, window):
     attrs = {"scale": 0.3, "window": window, "sinks": 2 if causal else 0}
     full = _run_function("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": _mask_bias(keymask, t, causal), "W": w,
                                          "G": gamma}, **attrs)
-    banded = _run_function(banded_bodies.hybrid_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w,
+    banded = _run_function(hybrid.banded_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w,
                                                            "G": gamma}, **attrs)
     real = keymask[:, 0, :, 0] > 0
     assert np.isfinite(banded).all()  # padded queries too: no NaN to leak into later layers
@@ -282,14 +283,14 @@ def test_banded_hybrid_body_equals_the_full_one(causal, t, window):
 def test_window_swap_computes_only_the_band_when_the_bias_is_a_mask(bert_and_gpt2, arch, mixer):
     """The calibration sees biases that only hide keys (padding, causal): the swap uses the
     banded body, and the model computes what the full-score body gives with the same windows."""
-    from graphopt.mixing import swap_mixers
+    from graphopt.passes.mixers import swap_mixers
     from graphopt.passes import mixers as mixer_pass
     from graphopt.shapes import infer_shapes
 
     dims = {"batch": 2, "seq": 16}
     exact = graphopt.optimize(bert_and_gpt2[arch], dims=dims).model
     result = swap_mixers(exact, mixer, steps=20, dims=dims)
-    banded = (banded_bodies.window_name if mixer == "window" else banded_bodies.hybrid_name)(arch == "gpt2")
+    banded = (window_mixer.banded_name if mixer == "window" else hybrid.banded_name)(arch == "gpt2")
     assert [e["as"].split(" ")[0] for e in result.report["per_layer"]] == [banded, banded]
     full = exact.clone()
     infer_shapes(full.ir)
@@ -320,7 +321,7 @@ def test_window_sizes_come_from_calibration(bert_and_gpt2):
 
 def test_drop_ranks_layers_by_residual_redundancy(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
-    from graphopt.mixing import swap_mixers
+    from graphopt.passes.mixers import swap_mixers
 
     report = swap_mixers(exact, "drop", layers="best:1", steps=0, dims={"batch": 2, "seq": 16}).report
     scores = [e["redundancy"] for e in report["per_layer"]]
@@ -328,7 +329,7 @@ def test_drop_ranks_layers_by_residual_redundancy(bert_and_gpt2):
     assert report["layers_swapped"] == [int(np.argmax(scores))]  # the most redundant layer goes first
 
 
-@pytest.mark.parametrize("kind", mixer_bodies.MAPS)
+@pytest.mark.parametrize("kind", linear.MAPS)
 def test_recurrent_steps_equal_the_parallel_causal_form(kind):
     """A prefill of 5 tokens then decoding token by token with the fixed-size state gives the
     parallel causal output; so does one prefill of all 70 (two chunks, one padded)."""
@@ -336,9 +337,9 @@ def test_recurrent_steps_equal_the_parallel_causal_form(kind):
     q, kt, v, keymask = _inputs(s=t, t=t)
     w = _weights(kind)
     extra = {"W": w} if w is not None else {}
-    parallel = _run_function(mixer_bodies.linear_name(kind, True, True), {"Q": q, "KT": kt, "V": v, "keymask": keymask} | extra)
+    parallel = _run_function(linear.linear_name(kind, True, True), {"Q": q, "KT": kt, "V": v, "keymask": keymask} | extra)
     f = {"Elu": 4, "Relu": 4, "Hedgehog": 8, "Performer": 16}[kind]
-    node = oh.make_node(mixer_bodies.recurrent_name(kind), ["Q", "KT", "V", "keymask", "state", "normalizer", *extra],
+    node = oh.make_node(linear.recurrent_name(kind), ["Q", "KT", "V", "keymask", "state", "normalizer", *extra],
                         ["Y", "S", "Z"], domain=functions.DOMAIN, scale=0.3)
     shapes = {"Q": [2, 2, "s", 4], "KT": [2, 2, 4, "s"], "V": [2, 2, "s", 4], "keymask": [2, 1, "s", 1],
               "state": [2, 2, f, 4], "normalizer": [2, 2, f, 1]} | {k: list(a.shape) for k, a in extra.items()}
@@ -368,8 +369,8 @@ def test_chunked_causal_with_past_keys_equals_quadratic(kind, s):
     q, kt, v, keymask = _inputs(s=s, t=s + 9, seed=s)
     w = _weights(kind)
     arrays = {"Q": q, "KT": kt, "V": v, "keymask": keymask} | ({"W": w} if w is not None else {})
-    chunked = _run_function(mixer_bodies.linear_name(kind, True, False, past=True), arrays)
-    quadratic = _run_function(mixer_bodies.linear_name(kind, True, True), arrays)
+    chunked = _run_function(linear.linear_name(kind, True, False, past=True), arrays)
+    quadratic = _run_function(linear.linear_name(kind, True, True), arrays)
     np.testing.assert_allclose(chunked, quadratic, rtol=1e-4, atol=1e-5)
 
 
@@ -386,9 +387,9 @@ def test_keymask_pushdown_equals_slicing_the_full_bias(arch, tmp):
     node = mixer_pass.attention_nodes(work.ir.graph)[0]
     outputs = []
     for pushdown in (False, True):
-        new = []
-        mask = mixer_pass._keymask(work.ir.graph, new, node.inputs[3], pushdown=pushdown)
-        work.ir.graph.insert_before(node, new)
+        builder = edit.Builder(work.ir, node)
+        mask = edit.keymask(builder, pushdown=pushdown)
+        work.ir.graph.insert_before(node, builder.nodes)
         mask.name, mask.type = f"keymask_{pushdown}", graphopt.ir.ir.TensorType(graphopt.ir.ir.DataType.FLOAT)
         work.ir.graph.outputs.append(mask)
         outputs.append(mask.name)
@@ -406,11 +407,11 @@ def test_hybrid_body_matches_torch():
     w = _weights("Hedgehog")
     gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
     got = _run_function("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": bias, "W": w, "G": gamma}, window=2, sinks=1)
-    want = mixer_reference.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1, torch.as_tensor(w),
+    want = hybrid.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1, torch.as_tensor(w),
                                             torch.as_tensor(gamma)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # with the window covering every key, the hybrid is softmax attention
-    wide = mixer_reference.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 100, 0, torch.as_tensor(w),
+    wide = hybrid.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 100, 0, torch.as_tensor(w),
                                             torch.as_tensor(gamma))
-    torch.testing.assert_close(wide, mixer_reference.softmax_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3),
+    torch.testing.assert_close(wide, transfer.softmax_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3),
                                rtol=1e-4, atol=1e-5)

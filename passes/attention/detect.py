@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from graphopt import functions
 from graphopt.ir import ir
+from graphopt.library.attention import is_canonical
 
 _SCORE_SIDE = frozenset({"Add", "Mul", "Div", "Where", "Cast", "Sub"})  # between scores and Softmax
 _PROB_SIDE = frozenset({"Where", "Cast", "Dropout", "Identity", "IsNaN"})  # between Softmax and P @ V
@@ -57,10 +57,6 @@ class AttentionSite:
         return {"node": self.name, "canonical": self.canonical is not None, "heads": self.heads,
                 "kv_heads": self.kv_heads, "head_size": self.head_size, "mask": self.mask, "scaled": self.scaled,
                 "rope": self.rope, "causal": self.causal}
-
-
-def is_canonical(node: ir.Node) -> bool:
-    return node.domain == functions.DOMAIN and node.op_type in functions.ATTENTION_OPS
 
 
 def find_attention(graph: ir.Graph) -> list[AttentionSite]:

@@ -1,8 +1,8 @@
 """fuse-attention: each decomposed scaled-dot-product attention becomes one canonical op.
 
 The canonical op (graphopt::Attention / graphopt::MaskedAttention, defined with their
-reference bodies in graphopt/functions.py) is what the lowerings, the mixers and
-`graphopt inspect` read. Detection is graphopt/attention.py; this pass checks that a
+reference bodies in graphopt/library/attention.py) is what the lowerings, the mixers and
+`graphopt inspect` read. Detection is passes/attention/detect.py; this pass checks that a
 detected site can be replaced exactly and replaces it.
 """
 
@@ -13,9 +13,10 @@ import dataclasses
 import numpy as np
 
 from graphopt import functions
-from graphopt.attention import AttentionSite, find_attention, scores_before
+from graphopt.library.attention import ATTENTION, MASKED_ATTENTION
+from graphopt.passes.attention.detect import AttentionSite, find_attention, scores_before
 from graphopt.ir import common_passes, ir
-from graphopt.masks import classify_causal
+from graphopt.passes.attention.masks import classify_causal
 from graphopt.passes._checks import scalar
 from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
@@ -54,7 +55,7 @@ class FuseAttention(Pass):
         whole (a fully masked query), and so is the same row of Y.
     Preconditions:
         1. Softmax over the last axis of a MatMul of two activations (the scores), read by a
-           MatMul with V (found by graphopt.attention).
+           MatMul with V (found by passes/attention/detect.py).
         2. Between the scores and Softmax only: Mul/Div by scalar constants, before any mask;
            Add of a tensor not computed from the scores; Where(m, scores, scalar fill) either
            way round; Cast to the type it already has.
@@ -221,7 +222,7 @@ def _replace(graph: ir.Graph, plan: _Plan) -> ir.Node:
         "rope": ir.AttrInt64("rope", int(site.rope)),
         "mask": ir.AttrString("mask", plan.mask),
     }
-    op_type = functions.MASKED_ATTENTION if bias is not None else functions.ATTENTION
+    op_type = MASKED_ATTENTION if bias is not None else ATTENTION
     inputs = [plan.q, _direct_kt(new, plan.kt), plan.v] + ([bias] if bias is not None else [])
     attention = ir.node(op_type, inputs, attributes=attrs, domain=functions.DOMAIN, name=f"{site.softmax.name}_attention")
     new.append(attention)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt import calibration, feeds, verify
 from graphopt.errors import GraphoptError
 from graphopt.ir import ir
 
@@ -21,9 +22,7 @@ def classify_causal(model: ir.Model, biases: list[ir.Value], *, seq: int = 6, pa
     """{bias value name: causal?} for additive attention biases of shape [.., S, T].
     A bias the probe cannot evaluate is reported as not causal (the canonical op keeps
     the bias either way; `causal` only tells lowerings and mixers what it holds)."""
-    from graphopt import feeds, verify
-
-    probe = verify.expose(model, [b.name for b in biases], only=True)
+    probe = calibration.expose(model, [b.name for b in biases], only=True)
     if not probe.graph.outputs:
         return {}
     try:

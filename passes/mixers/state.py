@@ -1,4 +1,5 @@
 """Decoding with causal linear attention: a swapped layer's KV cache becomes a fixed-size state.
+(The recurrent body itself, LinearAttention{Map}Recurrent, is in passes/mixers/linear.py.)
 
 A decoder exported with its KV cache computes, per layer, K = Concat(past_k, k_new) and
 V = Concat(past_v, v_new) from graph inputs past_*, and returns the Concat outputs as its
@@ -35,7 +36,9 @@ import numpy as np
 
 from graphopt.errors import InputError
 from graphopt.ir import common_passes, ir
+from graphopt.passes._edits import replace_value
 from graphopt.passes._weights import add_initializer, const_array
+from graphopt.passes.mixers import edit
 
 LAYOUT = frozenset({"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity", "Cast"})
 PAST_LENGTH = "past_length"
@@ -271,3 +274,35 @@ def _cache_axis(value: ir.Value) -> int | None:
                 and value.shape is not None:
             return reader.attributes.get_int("axis", 0) % len(value.shape)
     return None
+
+
+def swap_recurrent(b: edit.Builder, spec, caches: tuple[Cache, Cache], keymask: ir.Value, params: list[ir.Value],
+                   function: str, layer: int | None) -> str:
+    """Causal linear attention reading a KV cache: the cache becomes a state, and `function` (the
+    recurrent form of the layer's feature map) reads the new tokens only."""
+    node, graph = b.node, b.graph
+    if layer is None:
+        raise ValueError("swapping a layer that reads a KV cache needs its layer index (it names the state)")
+    kt_new = clone_for_new_tokens(caches[0], b.nodes)
+    v_new = clone_for_new_tokens(caches[1], b.nodes)
+    heads = node.attributes.get_int("q_num_heads", 0)
+    size = node.attributes.get_int("head_size", 0)
+    if not heads or not size:
+        raise InputError(f"attention '{node.name}' has unknown heads or head size; its recurrent state needs them")
+    dv = node.inputs[2].shape[-1] if node.inputs[2].shape is not None else size
+    dv = dv if isinstance(dv, int) else size
+    features = {"Hedgehog": 2 * size, "Performer": params[0].shape[-1] if params else 0}.get(spec.feature_map, size)
+    batch = caches[0].past.shape[0]
+    state, normalizer = state_inputs(graph, layer, batch, heads, features, dv)
+    # the key mask of the new tokens: the last S of the mask over past + new keys
+    start = b.add("Neg", [b.add("Shape", [v_new], start=-2, end=-1)])
+    end = b.constant(np.array([np.iinfo(np.int64).max], np.int64), "mask_end")
+    axis = b.constant(np.array([2], np.int64), "mask_token_axis")
+    keymask_new = b.add("Slice", [keymask, start, end, axis])
+    outputs = b.call(function, [node.inputs[0], kt_new, v_new, keymask_new, state, normalizer, *params],
+                     suffix="recurrent", num_outputs=3, **edit.scale_attr(node))
+    replace_value(graph, node.outputs[0], outputs[0])
+    state_outputs(graph, outputs[0].producer(), layer, state, normalizer)
+    b.install(None)
+    release(b.model, caches)
+    return f"{function} (KV cache -> {state.name}, {normalizer.name})"

@@ -1,0 +1,43 @@
+"""Canonical attention: one op for every exported form of scaled-dot-product attention.
+
+Inputs are Q [.., S, D], KT = K^T [.., D, T] (K transposed, as every exporter feeds the scores
+MatMul: rank-generic, and a lowering composes the transpose it needs), V [.., T, Dv] and, for
+MaskedAttention, an additive bias broadcastable to [.., S, T] (boolean masks become
+Where(mask, 0, fill) outside the op). Grouped-query K/V arrive already repeated to the query
+heads; `kv_num_heads` records the count before the repeat. Attributes other than `scale`
+describe the layer for lowerings and mixers: q_num_heads, kv_num_heads, head_size
+(0 = unknown), causal (1 = the bias hides future keys), rope (1 = Q and K are rotated before
+the op), mask ("none", "additive", "boolean").
+"""
+
+from __future__ import annotations
+
+from graphopt.functions import DOMAIN, FLOAT, INT, STRING, define
+from graphopt.ir import ir
+
+ATTENTION = "Attention"
+MASKED_ATTENTION = "MaskedAttention"
+ATTENTION_OPS = (ATTENTION, MASKED_ATTENTION)
+ATTRIBUTE_TYPES = (("scale", FLOAT), ("q_num_heads", INT), ("kv_num_heads", INT), ("head_size", INT), ("causal", INT),
+                   ("rope", INT), ("mask", STRING))
+ATTENTION_ATTRIBUTES = tuple(name for name, _ in ATTRIBUTE_TYPES)
+
+
+def is_canonical(node: ir.Node) -> bool:
+    return node.domain == DOMAIN and node.op_type in ATTENTION_OPS
+
+
+def _scores(op, c, q, kt):
+    return op.Mul(op.MatMul(q, kt), c.like(c.attr("scale"), q))
+
+
+@define(ATTENTION, ["Q", "KT", "V"], attributes=ATTRIBUTE_TYPES)
+def attention(op, c, q, kt, v):
+    """Y = softmax(scale Q K^T) V."""
+    return op.MatMul(op.Softmax(_scores(op, c, q, kt), axis=-1), v)
+
+
+@define(MASKED_ATTENTION, ["Q", "KT", "V", "bias"], attributes=ATTRIBUTE_TYPES)
+def masked_attention(op, c, q, kt, v, bias):
+    """Y = softmax(scale Q K^T + bias) V."""
+    return op.MatMul(op.Softmax(op.Add(_scores(op, c, q, kt), bias), axis=-1), v)

@@ -1,0 +1,121 @@
+"""What a mixer request names (`MixerSpec`) and the kinds that answer it.
+
+A kind is one module of this package (linear, window, hybrid, pool, drop) holding its ONNX
+bodies, its torch reference, its fit and its graph edit; it registers a `MixerKind` here with
+the mixer names it answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import InputError
+from graphopt.ir import ir
+from graphopt.library.attention import is_canonical
+
+SINKS = 4  # causal layers keep the first tokens visible in window attention (attention sinks)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    kind: str  # "linear", "window", "hybrid", "pool", "drop"
+    feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
+    dwc: bool = False  # SLAB's depthwise convolution branch on V, added to the linear attention
+
+    @classmethod
+    def parse(cls, text: str) -> MixerSpec:
+        if text not in names():
+            raise InputError(f"unknown mixer '{text}'", hint=f"choose from {', '.join(names())}")
+        kind, _, fmap = text.partition(":")
+        fmap, _, branch = fmap.partition("+")
+        return cls(kind, fmap.capitalize() or None, branch == "dwc")
+
+    @property
+    def name(self) -> str:
+        base = f"{self.kind}:{self.feature_map.lower()}" if self.feature_map else self.kind
+        return base + ("+dwc" if self.dwc else "")
+
+    @property
+    def has_weights(self) -> bool:
+        return self.feature_map in ("Hedgehog", "Performer")
+
+
+class MixerKind:
+    """One kind of token mixer. Calibration calls `fit` per layer on the captured softmax
+    attention (q, kt, v, bias, y per batch), `output` (the torch reference) to measure it on
+    held-out batches, then `swap` to edit the graph."""
+
+    kind: str
+    names: tuple[str, ...]
+
+    def fit(self, spec: MixerSpec, node: ir.Node, layer: int, fit: dict, held: dict, steps: int, seed: int) -> Any:
+        """The layer's parameters (None when the kind has none)."""
+        return None
+
+    def fitted(self, spec: MixerSpec) -> bool:
+        """Whether `fit` runs optimizer steps (the report's calibration steps)."""
+        return False
+
+    def output(self, spec: MixerSpec, node: ir.Node, q, kt, v, bias, w):
+        """The mixer's output on captured inputs (torch), for its held-out error."""
+        raise NotImplementedError
+
+    def describe(self, spec: MixerSpec, node: ir.Node, w) -> dict[str, Any]:
+        """Per-layer report fields beyond the error (window sizes, mixing factors)."""
+        return {}
+
+    def swap(self, model: ir.Model, node: ir.Node, spec: MixerSpec, w, *, quadratic: bool, layer: int) -> str:
+        """Replace canonical attention op `node` by this mixer; returns what was done."""
+        raise NotImplementedError
+
+
+KINDS: dict[str, MixerKind] = {}
+_NAMES: list[str] = []
+
+
+def register(kind: MixerKind) -> MixerKind:
+    KINDS[kind.kind] = kind
+    _NAMES.extend(n for n in kind.names if n not in _NAMES)
+    return kind
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_NAMES)
+
+
+def kind_of(spec: MixerSpec) -> MixerKind:
+    return KINDS[spec.kind]
+
+
+def attention_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """Canonical attention ops in graph order: layer i is the i-th."""
+    return [n for n in graph if is_canonical(n)]
+
+
+def sinks_for(node: ir.Node) -> int:
+    return SINKS if node.attributes.get_int("causal", 0) else 0
+
+
+def scale_of(node: ir.Node) -> float:
+    return node.attributes.get_float("scale", 1.0)
+
+
+def is_causal(node: ir.Node) -> bool:
+    return bool(node.attributes.get_int("causal", 0))
+
+
+def heads_and_size(node: ir.Node, needed_by: str) -> tuple[int, int]:
+    """(query heads, head size) of a canonical op, or an error naming what needs them."""
+    heads, size = node.attributes.get_int("q_num_heads", 0), node.attributes.get_int("head_size", 0)
+    if not heads or not size:
+        raise InputError(f"attention '{node.name}' has unknown heads or head size; {needed_by} needs them")
+    return heads, size
+
+
+def per_head_identity(node: ir.Node, needed_by: str) -> np.ndarray:
+    """[H, D, D] identities: the feature-map weights a fit starts from."""
+    heads, size = heads_and_size(node, needed_by)
+    return np.tile(np.eye(size, dtype=np.float32), (heads, 1, 1))

@@ -1,0 +1,210 @@
+"""The mixer swap as an approximate step: calibrate, fit, select, swap, measure.
+
+    result = swap_mixers(model, "linear:hedgehog", calib="calib.npz", layers="auto", fidelity=0.99)
+
+1. Calibration data (graphopt/calibration.py): the user's, split into fit and held-out
+   batches, or, with a loud warning, generated inputs.
+2. Capture: the model runs in onnxruntime with every canonical attention op's Q, K^T, V, bias
+   and output exposed.
+3. Fit: per layer, the kind's parameters (Hedgehog maps, windows, mixing factors, conv
+   kernels) against the captured softmax output (attention transfer, torch, `steps` steps).
+4. Select: `layers` = "all", indices, "best:N" or "auto": layers ranked by their held-out
+   error (redundancy for drop), swapped greedily while the end-to-end cosine stays >= `fidelity`.
+5. Report: per layer relative error and cosine on held-out data; end to end: output cosine,
+   max error, KL divergence for logit outputs; what was kept and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graphopt import calibration, verify
+from graphopt.errors import InputError
+from graphopt.ir import ir
+from graphopt.model import Model
+from graphopt.passes.mixers import drop, linear, spec as specs, state
+from graphopt.passes.mixers.edit import RULE
+from graphopt.passes.mixers.fidelity import Measure, layer_error
+from graphopt.registry import register_approximate
+from graphopt.shapes import infer_shapes
+from graphopt.steps import ApproximateStep, Approximation, Options
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class MixResult:
+    model: Model
+    report: dict[str, Any]
+    convert: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # original feeds -> the swapped model's
+
+    def feeds_for(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """The swapped model's inputs for the original's `feeds`: the same, except that where a
+        KV cache became a state, the state of the fed past replaces it."""
+        return dict(feeds) if self.convert is None else self.convert(feeds)
+
+
+def swap(model: ir.Model, node: ir.Node, spec: specs.MixerSpec, weights=None, *, quadratic: bool = False,
+         layer: int | None = None) -> str:
+    """Replace one canonical attention op by `spec`'s mixer; returns what was done. `weights`:
+    what the kind's fit returned. A causal linear mixer on a layer that reads a KV cache
+    carries a state instead (named after `layer`)."""
+    return specs.kind_of(spec).swap(model, node, spec, weights, quadratic=quadratic, layer=layer)
+
+
+def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) -> list[dict[str, list[np.ndarray]]]:
+    """Per canonical op: lists (one entry per batch) of q, kt, v, bias (or None) and y."""
+    wanted = [[v.name if v is not None else None for v in (*node.inputs, node.outputs[0])] for node in nodes]
+    results = calibration.run_exposed(model, [n for row in wanted for n in row if n], batches)
+    caps = []
+    for row in wanted:
+        keys = ("q", "kt", "v", "bias", "y") if len(row) == 5 else ("q", "kt", "v", "y")
+        entry = {k: [r[n] for r in results] for k, n in zip(keys, row)}
+        entry.setdefault("bias", [None] * len(results))
+        caps.append(entry)
+    return caps
+
+
+def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
+                fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
+                progress: Callable[[str], None] | None = None, seq: int | None = None) -> MixResult:
+    """`layers`: "all", "auto", "best:N" (the N layers with the lowest held-out error) or
+    indices. `holdout`: explicit held-out batches (else half of `calib` is held out).
+    `seq`: the sequence length the model will run at, which picks each linear mixer's
+    evaluation order (default: the calibration data's)."""
+    spec = specs.MixerSpec.parse(mixer)
+    kind = specs.kind_of(spec)
+    work = model.clone()
+    infer_shapes(work.ir)
+    nodes = specs.attention_nodes(work.ir.graph)
+    if not nodes:
+        raise InputError("no canonical attention ops to swap", hint="run the exact preset (fuse-attention) first")
+    data = calibration.split(work, calib, holdout=holdout, seed=seed, dims=dims)
+    say = progress or (lambda _msg: None)
+    say("capturing attention inputs and outputs")
+    fit_caps, held_caps = capture(work, data.fit, nodes), capture(work, data.held, nodes)
+    per_layer = []
+    weights: dict[int, Any] = {}
+    for i, node in enumerate(nodes):
+        say(f"layer {i + 1}/{len(nodes)}: {'fitting' if kind.fitted(spec) else 'measuring'}")
+        w = weights[i] = kind.fit(spec, node, i, fit_caps[i], held_caps[i], steps, seed)
+        per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
+                          **kind.describe(spec, node, w)})
+    if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
+        for entry, score in zip(per_layer, drop.redundancy(work, data.held, nodes)):
+            entry["redundancy"] = score
+    references = [verify.run(work, f) for f in data.held]  # the original's held-out outputs, run once
+    measure = Measure(spec, nodes, weights, data.held, held_caps, references)
+    seq = seq or calibration.seq_hint(data.held)
+    chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, measure, seq)
+    done: dict[int, str] = {}
+    swapped = _apply(work, nodes, spec, weights, chosen, seq, done)
+    end_to_end = measure(swapped)
+    for entry in per_layer:
+        entry["swapped"] = entry["index"] in chosen
+        if entry["index"] in done:
+            entry["as"] = done[entry["index"]]
+        if not entry["swapped"]:
+            entry["kept_because"] = selection_note.get(entry["index"], "not selected (--layers)")
+    report = {
+        "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
+        "per_layer": per_layer, "end_to_end": end_to_end,
+        "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0},
+        "selection": {"layers": layers if isinstance(layers, str) else list(layers), "fidelity_threshold": fidelity},
+    }
+    decode = _decode_report(model, swapped)
+    convert = None
+    if decode:
+        report["decode"] = decode
+
+        def convert(feeds: Feeds) -> dict[str, np.ndarray]:
+            single = Measure(spec, nodes, weights, [feeds], capture(work, [feeds], nodes), None)
+            return single.feeds(swapped, 0)
+    return MixResult(swapped, report, convert)
+
+
+def _decode_report(original: Model, swapped: Model) -> dict[str, Any] | None:
+    """What a decoding loop must feed and read now that KV caches became states."""
+    before = {v.name for v in original.ir.graph.inputs} | {v.name for v in original.ir.graph.outputs}
+    after_in = [v.name for v in swapped.ir.graph.inputs]
+    after_out = [v.name for v in swapped.ir.graph.outputs]
+    if not any(n.startswith(state.STATE) for n in after_in):
+        return None
+    return {
+        "state_inputs": [n for n in after_in if n not in before],
+        "state_outputs": [n for n in after_out if n not in before],
+        "removed": sorted(before - set(after_in) - set(after_out)),
+        "how": (f"start with zero states ({state.PAST_LENGTH} 0); after each call feed present_state.i / "
+                f"present_normalizer.i back as past_state.i / past_normalizer.i"
+                + (f" and add the new tokens to {state.PAST_LENGTH}" if state.PAST_LENGTH in after_in else "")),
+    }
+
+
+def _apply(model: Model, nodes, spec, weights, chosen: set[int], seq: int, done: dict | None = None) -> Model:
+    """A copy of `model` with layers `chosen` swapped; `done` collects what each swap did."""
+    work = model.clone()
+    by_name = {n.name: n for n in specs.attention_nodes(work.ir.graph)}
+    for i in sorted(chosen):
+        node = by_name[nodes[i].name]
+        what = swap(work.ir, node, spec, weights.get(i), quadratic=linear.quadratic(spec, node, seq), layer=i)
+        if done is not None:
+            done[i] = what
+    state.finish(work.ir)
+    return work
+
+
+def _rank_key(entry: dict[str, Any]) -> float:
+    """Most swappable first: the most redundant layers for drop, else the lowest held-out error."""
+    if entry.get("redundancy") is not None:
+        return -entry["redundancy"]
+    return entry["rel_error"]
+
+
+def _select(model, nodes, spec, weights, per_layer, layers, fidelity, measure, seq):
+    if layers == "all":
+        return set(range(len(nodes))), {}
+    order = sorted(range(len(nodes)), key=lambda i: _rank_key(per_layer[i]))
+    if isinstance(layers, str) and layers.startswith("best:"):
+        n = int(layers.split(":", 1)[1])
+        return set(order[:n]), {i: f"not among the {n} most swappable layers (held-out error, or redundancy for drop)"
+                                for i in order[n:]}
+    if layers != "auto":
+        chosen = set(int(i) for i in layers)
+        bad = sorted(i for i in chosen if not 0 <= i < len(nodes))
+        if bad:
+            raise InputError(f"--layers names {bad}, but the model has attention layers 0..{len(nodes) - 1}")
+        return chosen, {}
+    chosen: set[int] = set()
+    notes = {}
+    for i in order:
+        fid = measure(_apply(model, nodes, spec, weights, chosen | {i}, seq))
+        worst = min(v["mean_cosine"] for v in fid.values())
+        if worst >= fidelity:
+            chosen.add(i)
+        else:
+            notes[i] = f"swapping it too brings the end-to-end mean cosine to {worst:.4f} < {fidelity}"
+    return chosen, notes
+
+
+class SwapMixers(ApproximateStep):
+    """Swap softmax attention layers for a calibrated token mixer."""
+
+    name = "swap-mixers"
+
+    def __init__(self, mixer: str, options: Options) -> None:
+        super().__init__(options)
+        self.spec = specs.MixerSpec.parse(mixer)  # an unknown mixer fails before any work
+
+    def approximate(self, model: Model) -> Approximation:
+        o = self.options
+        mixed = swap_mixers(model, self.spec.name, calib=o.calib, layers=o.layers, fidelity=o.fidelity, steps=o.calib_steps,
+                            seed=o.seed, dims=o.dims)
+        return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
+                             mixed.convert and mixed.feeds_for)
+
+
+register_approximate("mixer", SwapMixers, choices=specs.names)
