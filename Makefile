@@ -22,14 +22,14 @@ $(VENV)/.installed-%: $(VENV)/.created pyproject.toml
 
 comma := ,
 
-demo: $(VENV)/.installed-torch+models
+demo: $(VENV)/.installed-torch+models+openvino
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/minilm_demo.py --out demo_out
 
-test: $(VENV)/.installed-torch+models+dev+tvm
+test: $(VENV)/.installed-torch+models+dev+tvm+openvino
 	$(VENV)/bin/ruff check graphopt passes backends tests benchmarks examples
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-torch+models+dev
+bench: $(VENV)/.installed-torch+models+dev+openvino
 	$(PY) benchmarks/big_model.py
 
 clean:

@@ -100,7 +100,7 @@ def select(model: ir.Model, feeds: Mapping[str, np.ndarray], target: str = "ort-
            use_cache: bool = True) -> Selection:
     """Time the candidates of each op kind on `feeds` and return the fastest per kind."""
     provider = provider_for(target)
-    path = _cache_dir() / f"{_cache_key(model, feeds, provider)}.json"
+    path = cache_dir() / f"{_cache_key(model, feeds, provider)}.json"
     if use_cache and path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -181,15 +181,22 @@ def _build(model: ir.Model, candidates: list[Candidate], provider: str, feeds: M
         return f"onnxruntime cannot run it: {exc}"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt") / "ort-select"
+def cache_dir(name: str = "ort-select") -> Path:
+    """Where measured choices are cached (GRAPHOPT_CACHE_DIR, default ~/.cache/graphopt)."""
+    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt") / name
 
 
 def _cache_key(model: ir.Model, feeds: Mapping[str, np.ndarray], provider: str) -> str:
+    return cache_key(model, feeds, f"v{CACHE_VERSION}|{provider}|onnxruntime {ort.__version__}|"
+                     + repr({kind: [c.name for c in cs] for kind, cs in CANDIDATES.items()}))
+
+
+def cache_key(model: ir.Model, feeds: Mapping[str, np.ndarray], salt: str) -> str:
+    """A key for a measured choice: the model's structure (not its weights), the input shapes
+    and dtypes, and `salt` (the runtime versions, the machine, the candidates)."""
     h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}|{provider}|onnxruntime {ort.__version__}|".encode())
+    h.update(salt.encode())
     h.update(repr(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items())).encode())
-    h.update(repr({kind: [c.name for c in cs] for kind, cs in CANDIDATES.items()}).encode())
     for graph in model.graphs():
         for node in graph:
             attrs = sorted((k, _attr_repr(a)) for k, a in node.attributes.items())

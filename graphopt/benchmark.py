@@ -5,6 +5,12 @@ Contenders (each an onnxruntime session on the same provider, ORT_ENABLE_ALL):
     original       the model as given
     ort-optimizer  onnxruntime.transformers.optimizer.optimize_model (model_type "bert")
     onnxscript     onnxscript.rewriter.ort_fusions.optimize_for_ort
+and, when asked for (--against openvino,openvino-f32):
+    openvino       OpenVINO's default on the original model (its own precision choice: bf16 on
+                   CPUs with AVX512-BF16 or AMX)
+    openvino-f32   OpenVINO on the original with the f32 precision hint
+With target "cpu", graphopt's contender runs where `optimize(target="cpu")` chose (onnxruntime
+or OpenVINO, with its precision hint).
 A contender that fails to build or to run is reported with its error, not dropped
 silently. Every contender's outputs are compared with the original's before timing.
 Timing is interleaved (one call of each per round); medians and ratios are reported.
@@ -23,7 +29,8 @@ from graphopt import exporters, importers, timing, verify
 from graphopt.errors import InputError, first_line
 from graphopt.model import Model
 
-ANCHORS = ("original", "ort-optimizer", "onnxscript")
+ANCHORS = ("original", "ort-optimizer", "onnxscript")  # the default contenders
+OPTIONAL = ("openvino", "openvino-f32")  # timed when named in `against`
 
 
 @dataclasses.dataclass
@@ -59,26 +66,30 @@ class BenchResult:
 
 def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHORS, inputs: Any = None,
           dims: Mapping[str, int] | None = None, rounds: int = 30, preset: str | None = None,
-          optimized: Any = None, tvm_artifact: str | None = None) -> BenchResult:
+          optimized: Any = None, tvm_artifact: str | None = None, precision: str | None = None,
+          fidelity: float = 0.99) -> BenchResult:
     """Time graphopt's output for `target` against `against`. `optimized`: an already
     optimized model to use as the graphopt contender (else `optimize` runs here);
-    `tvm_artifact`: a compiled TVM artifact timed as one more contender ("tvm")."""
+    `tvm_artifact`: a compiled TVM artifact timed as one more contender ("tvm").
+    `precision`, `fidelity`: what graphopt's optimize may use (target "cpu")."""
     from graphopt.backends import ort_select
 
-    unknown = sorted(set(against) - set(ANCHORS))
+    unknown = sorted(set(against) - set(ANCHORS) - set(OPTIONAL))
     if unknown:
-        raise InputError(f"unknown contender(s) {', '.join(unknown)}", hint=f"choose from {', '.join(ANCHORS)}")
-    provider = ort_select.provider_for(target)
+        raise InputError(f"unknown contender(s) {', '.join(unknown)}", hint=f"choose from {', '.join(ANCHORS + OPTIONAL)}")
+    provider = ort_select.CPU if target == "cpu" else ort_select.provider_for(target)
     source = importers.load(model)
     feeds, _ = verify.resolve_inputs(source, inputs, dims=dims)
     builders: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
-        "graphopt": lambda: _graphopt(source, optimized, feeds, target, preset, provider),
+        "graphopt": lambda: _graphopt(source, optimized, feeds, target, preset, provider, precision, fidelity),
         "original": lambda: (ort_select.session_for(_bytes(source), provider, disabled=()), {}),
         "ort-optimizer": lambda: _ort_optimizer(source, provider),
         "onnxscript": lambda: _onnxscript(source, provider),
         "tvm": lambda: (_tvm_executable(tvm_artifact), {"artifact": str(tvm_artifact)}),
+        "openvino": lambda: _openvino(source, None),
+        "openvino-f32": lambda: _openvino(source, "f32"),
     }
-    names = ["graphopt", *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS if a in against]]
+    names = ["graphopt", *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS + OPTIONAL if a in against]]
     if "original" not in names:
         names.append("original")  # the reference for errors and ratios
     contenders, sessions, reference = [], {}, None
@@ -121,17 +132,28 @@ def _bytes(model: Model) -> bytes:
     return exporters.to_proto(model).SerializeToString()
 
 
-def _graphopt(source: Model, optimized: Any, feeds, target: str, preset: str | None, provider: str):
-    from graphopt.backends import ort_select
+def _graphopt(source: Model, optimized: Any, feeds, target: str, preset: str | None, provider: str,
+              precision: str | None, fidelity: float):
+    from graphopt.backends import cpu, ort_select
     from graphopt.optimizer import optimize
 
     if optimized is None:
-        result = optimize(source, inputs=feeds, target=target, **({"preset": preset} if preset else {}))
+        result = optimize(source, inputs=feeds, target=target, precision=precision, fidelity=fidelity,
+                          **({"preset": preset} if preset else {}))
         model, detail = result.model, {"lowering": result.report.lowering, "rewrites": result.report.rewrites()}
     else:
         model, detail = importers.load(optimized), {}
+    if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":
+        precision = model.ir.metadata_props.get(cpu.PRECISION_KEY)
+        return _openvino(model, precision)[0], detail | {"runtime": f"openvino {precision}"}
     data = _bytes(model)
     return ort_select.session_for(data, provider), detail
+
+
+def _openvino(model: Model, precision: str | None):
+    from graphopt.backends import openvino
+
+    return openvino.compile(model, precision=precision), {"precision": precision or openvino.default_precision()}
 
 
 def _ort_optimizer(source: Model, provider: str):
@@ -172,4 +194,4 @@ def format_rows(result: BenchResult) -> list[tuple[str, ...]]:
     return rows
 
 
-__all__ = ["ANCHORS", "BenchResult", "Contender", "bench", "format_rows"]
+__all__ = ["ANCHORS", "OPTIONAL", "BenchResult", "Contender", "bench", "format_rows"]

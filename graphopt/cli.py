@@ -19,9 +19,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import graphopt
-from graphopt import benchmark as bench_mod
+from graphopt import benchmark as bench_mod, machine
 from graphopt import exporters, presets, registry
-from graphopt.benchmark import ANCHORS
+from graphopt.benchmark import ANCHORS, OPTIONAL
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
 
@@ -79,12 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--explain", action="store_true", help="show why rules did not fire")
     s.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
-    s.add_argument("--target", choices=registry.targets(), help="lower for this onnxruntime provider, choosing per op kind the "
-                   "lowering measured fastest on the inputs (choice and timings in the report)")
+    s.add_argument("--target", choices=registry.targets(), help="ort-cpu/ort-cuda: the onnxruntime lowering measured fastest "
+                   "per op kind; cpu: the runtime measured fastest on this machine (onnxruntime or OpenVINO; portable output)")
+    s.add_argument("--portable", action="store_true", help="standard ONNX only: graphopt functions inlined (any ONNX consumer "
+                   "loads it; contrib ops only with an ort target)")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], help="with --target cpu: reduced precision "
+                   "allowed where the CPU has it, kept only within --fidelity (default: fp32 only)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
     s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
-    s.add_argument("--fidelity", type=float, default=0.99, help="with --layers auto: keep the end-to-end cosine above this")
+    s.add_argument("--fidelity", type=float, default=0.99, help="the end-to-end cosine bound: for --layers auto, and for "
+                   "a reduced --precision")
     s.add_argument("--calib", help="with --preset mixers: calibration inputs (.npz; rows split half fit, half held out)")
     s.add_argument("--calib-steps", type=int, default=300, help="optimizer steps per layer when fitting a mixer")
     s.set_defaults(func=cmd_optimize)
@@ -98,11 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser("compile", parents=[common], help="compile a model to a TVM artifact (optionally tuned)")
+    s = sub.add_parser("compile", parents=[common], help="compile a model to a TVM artifact (optionally tuned) or OpenVINO IR")
     s.add_argument("model")
-    s.add_argument("-o", "--output", required=True, help="the artifact, e.g. model.so (its signature goes to model.so.json)")
-    s.add_argument("--backend", choices=["tvm"], default="tvm")
-    s.add_argument("--target", choices=["llvm", "cuda"], default="llvm")
+    s.add_argument("-o", "--output", required=True, help="the artifact: model.so for TVM (its signature goes to "
+                   "model.so.json), model.xml (+ model.bin) for OpenVINO")
+    s.add_argument("--backend", choices=["tvm", "openvino"], default="tvm")
+    s.add_argument("--target", choices=["llvm", "cuda"], default="llvm", help="TVM's target")
+    s.add_argument("--precision", choices=["f32", "bf16", "f16", "default"], default="f32",
+                   help="OpenVINO's inference precision hint (default: f32; 'default': OpenVINO's own choice on this CPU)")
+    s.add_argument("--threads", type=int, help="OpenVINO inference threads (default: every core)")
     s.add_argument("--arch", help="CUDA architecture for --target cuda (default sm_90)")
     s.add_argument("--shapes", help="input sizes, e.g. input_ids=1x128,attention_mask=1x128 (needed for symbolic dims)")
     s.add_argument("--preset", default=presets.DEFAULT, help="graphopt passes to run before compiling ('none' to skip)")
@@ -113,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
     s.set_defaults(func=cmd_compile)
 
-    s = sub.add_parser("run", parents=[common], help="run an .onnx model (onnxruntime) or a compiled artifact (TVM)")
+    s = sub.add_parser("run", parents=[common], help="run an .onnx model (onnxruntime, or OpenVINO when graphopt's --target "
+                       "cpu chose it), an OpenVINO .xml or a TVM artifact")
     s.add_argument("model")
     s.add_argument("--inputs", required=True, help=".npz with one array per input")
     s.add_argument("-o", "--output", required=True, help=".npz of the outputs, by output name")
@@ -122,7 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", parents=[common], help="time graphopt's output against the original and the anchors")
     s.add_argument("model")
     s.add_argument("--target", choices=registry.targets(), default="ort-cpu")
-    s.add_argument("--against", type=_csv, default=list(ANCHORS), help=f"comma-separated, from {','.join(ANCHORS)}")
+    s.add_argument("--against", type=_csv, default=list(ANCHORS),
+                   help=f"comma-separated, from {','.join(ANCHORS + OPTIONAL)} (default {','.join(ANCHORS)})")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], help="with --target cpu: what graphopt may use")
+    s.add_argument("--fidelity", type=float, default=0.99, help="with --precision: the cosine bound graphopt keeps")
     s.add_argument("--optimized", help="an already optimized model to time as graphopt's contender (else optimize here)")
     s.add_argument("--tvm", help="a compiled TVM artifact (graphopt compile) to time as one more contender")
     s.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds (after 3 warm-up rounds)")
@@ -207,7 +220,7 @@ def cmd_optimize(args) -> int:
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
                                    mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
-                                   calib_steps=args.calib_steps)
+                                   calib_steps=args.calib_steps, portable=args.portable, precision=args.precision)
     report = result.report
     out.print(report.tables())
     if args.explain:
@@ -256,6 +269,8 @@ def cmd_compile(args) -> int:
             _fail("error: the optimized model failed validation; nothing was compiled")
             return 3
         model = result.model
+    if args.backend == "openvino":
+        return _compile_openvino(model, output, shapes, args)
     db = Path(args.tuning_db) if args.tuning_db else output.with_name(output.name + ".tuning")
     if args.tune:
         try:
@@ -278,6 +293,18 @@ def cmd_compile(args) -> int:
         tuned += f"; TVM could not search {len(compiled.untuned_kernels)} kernel(s), left at default schedules: " + \
             ", ".join(compiled.untuned_kernels)
     out.print(f"wrote {output} and {output.name}{tvm_backend.META_SUFFIX} for {compiled.signature.target}{tuned}", markup=False)
+    return 0
+
+
+def _compile_openvino(model, output: Path, shapes, args) -> int:
+    from graphopt.backends import openvino
+
+    precision = None if args.precision == "default" else args.precision
+    with _spinner(f"compiling for OpenVINO CPU ({args.precision})"):
+        compiled = openvino.compile(model, precision=precision, threads=args.threads, shapes=shapes)
+        openvino.save(compiled, output)
+    out.print(f"wrote {output} and {output.with_suffix('.bin').name} (OpenVINO {openvino.version().split('-')[0]}, "
+              f"precision {args.precision})", markup=False)
     return 0
 
 
@@ -312,7 +339,18 @@ def cmd_run(args) -> int:
     if path.suffix == ".onnx":
         model = graphopt.load(path)
         inputs = feeds_mod.load_inputs(args.inputs, model)
-        outputs = graphopt.verify.run(model, inputs)
+        from graphopt.backends import cpu
+
+        if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":  # graphopt's --target cpu chose it
+            from graphopt.backends import openvino
+
+            outputs = openvino.compile(model, precision=model.ir.metadata_props.get(cpu.PRECISION_KEY)).run(inputs)
+        else:
+            outputs = graphopt.verify.run(model, inputs)
+    elif path.suffix == ".xml":
+        from graphopt.backends import openvino
+
+        outputs = openvino.load(path).run(feeds_mod.read_npz(args.inputs))
     else:
         from graphopt.backends import tvm as tvm_backend
 
@@ -326,7 +364,8 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     with _spinner(f"optimizing {args.model} for {args.target}, then timing every contender"):
         result = bench_mod.bench(args.model, target=args.target, against=args.against, inputs=args.inputs, dims=args.dims,
-                                 rounds=args.rounds, optimized=args.optimized, tvm_artifact=args.tvm)
+                                 rounds=args.rounds, optimized=args.optimized, tvm_artifact=args.tvm,
+                                 precision=args.precision, fidelity=args.fidelity)
     if args.json:
         out.print(json.dumps(result.to_dict(), indent=2, default=str), markup=False)
         return 0
@@ -339,7 +378,9 @@ def cmd_bench(args) -> int:
     out.print(table)
     lowering = next((c.detail.get("lowering") for c in result.contenders if c.name == "graphopt"), None)
     if lowering:
-        out.print(f"graphopt lowering: {lowering['choices']}", markup=False)
+        chosen = lowering.get("choices") or lowering.get("chosen")
+        out.print(f"graphopt lowering: {chosen}", markup=False)
+    out.print(machine.line(), markup=False)
     out.print(f"graphopt vs best anchor: {result.graphopt_vs_best_anchor}x")
     return 0
 

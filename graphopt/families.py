@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN = ("graphopt.library", "graphopt.passes", "graphopt.backends.ort_select")
+BUILTIN = ("graphopt.library", "graphopt.passes", "graphopt.backends.ort_select", "graphopt.backends.cpu")
 
 
 def load() -> None:

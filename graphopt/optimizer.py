@@ -13,6 +13,9 @@ from graphopt.plan import Progress
 from graphopt.report import Report
 from graphopt.steps import Options
 
+PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
+PRECISIONS = (None, "fp32", "bf16", "fp16", "auto")
+
 
 @dataclasses.dataclass
 class OptimizeResult:
@@ -43,6 +46,8 @@ def optimize(
     fidelity: float = 0.99,
     calib: Any = None,
     calib_steps: int = 300,
+    portable: bool = False,
+    precision: str | None = None,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
@@ -52,6 +57,10 @@ def optimize(
     target: "ort-cpu" or "ort-cuda": after the passes, lower for that onnxruntime provider,
     choosing per op kind the lowering measured fastest on these inputs (cached on disk
     unless `use_cache` is False); the choice and its timings are in `report.lowering`.
+    "cpu": the runtime measured fastest on this machine (onnxruntime or OpenVINO; below fp32
+    only with `precision` "bf16" / "fp16" / "auto" and within `fidelity`); its output is portable.
+    portable: write standard ONNX only (graphopt functions inlined; contrib ops appear only for
+    the ORT targets), loadable by any ONNX consumer.
     mixer (approximate; preset "mixers" asks for one): after the exact passes, swap attention
     layers for `mixer` (see `graphopt passes`) on `layers` ("all", "auto", "best:N" or
     indices), calibrated on `calib` (.npz, arrays, batches or a callable; generated with a
@@ -66,9 +75,12 @@ def optimize(
     requests = {"mixer": mixer}
     if required and not requests.get(required):
         raise InputError(f"preset '{preset}' needs a {required}", hint="pass --mixer, e.g. --mixer linear:hedgehog")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(p for p in PRECISIONS if p)}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_steps=calib_steps, layers=layers,
-                      use_cache=use_cache)
-    plan = plan_mod.build(names, approximate=requests, target=target, options=options)
+                      use_cache=use_cache, precision=precision)
+    plan = plan_mod.build(names, approximate=requests, target=target, options=options,
+                          finish=[PORTABLE] if portable else [])
     feeds = source_desc = None
     if validate or target:
         feeds, source_desc = verify.resolve_inputs(work, inputs, seed=seed, dims=dims)

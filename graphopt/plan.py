@@ -57,10 +57,10 @@ class Plan:
 
 
 def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = None, target: str | None = None,
-          options: Options | None = None) -> Plan:
+          options: Options | None = None, finish: Sequence[str] = ()) -> Plan:
     """Exact (or structural) passes in order, then an approximate step per non-empty request
-    (`{"mixer": "linear:hedgehog"}`), then the lowering for `target`. Unknown names raise
-    `InputError` before any work."""
+    (`{"mixer": "linear:hedgehog"}`), then the lowering for `target`, then the `finish` passes
+    (make-portable). Unknown names raise `InputError` before any work."""
     options = options or Options()
     steps: list[Step] = [ExactStep(registry.get(name)) for name in pass_names]
     for option, value in (approximate or {}).items():
@@ -68,6 +68,7 @@ def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = 
             steps.append(registry.approximate_step(option)(value, options))
     if target:
         steps.append(registry.lowering_step(target)(target, options))
+    steps.extend(ExactStep(registry.get(name)) for name in finish)
     return Plan(steps)
 
 

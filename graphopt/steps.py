@@ -76,6 +76,7 @@ class Options:
     calib_steps: int = 300
     layers: str | Sequence[int] = "all"
     use_cache: bool = True
+    precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import pytest
 
 import graphopt
 from graphopt import verify
+from openvino_check import assert_matches_in_openvino
 
 ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = sorted(p.stem for p in ZOO.glob("light_*.onnx"))
@@ -46,3 +47,4 @@ def test_light_model(name, tmp):
     feeds = {v["name"]: np.ones(v["shape"], np.float32) for v in graphopt.inspect(model)["inputs"]}
     got = next(iter(verify.run(graphopt.load(out), feeds).values()))
     np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-5)
+    assert_matches_in_openvino(result.model, feeds)  # portable output (issue 12)

@@ -14,6 +14,7 @@ import pytest
 
 import graphopt
 import models
+from openvino_check import assert_matches_in_openvino
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -41,6 +42,8 @@ def test_exact_preset_on_export(key, tmp):
     assert [(a["canonical"], a["heads"], a["kv_heads"], a["head_size"], a["rope"], a["scaled"], a["causal"]) for a in canonical] == \
         [(True, 4, kv, 8, kv == 2, False, decoder)] * 2
     assert all(a["mask"] == ("none" if arch == "vit" and exporter == "legacy" else "additive") for a in canonical)
+    # Portable output (issue 12): the same model, graphopt functions inlined, runs in OpenVINO.
+    assert_matches_in_openvino(result.model, graphopt.feeds.make_inputs(result.model, dims={"batch": 2, "seq": 16}))
 
 
 def test_exact_preset_on_minilm_real_weights():
@@ -53,3 +56,4 @@ def test_exact_preset_on_minilm_real_weights():
     assert {k: v for k, v in result.report.rewrites().items() if k not in CLEANUP} == GOLDEN["minilm-real"]
     assert [(a["heads"], a["kv_heads"], a["head_size"]) for a in graphopt.summary.attention_layers(model)] == [(12, 12, 32)] * 6
     assert [(a["canonical"], a["heads"], a["causal"]) for a in graphopt.summary.attention_layers(result.model)] == [(True, 12, False)] * 6
+    assert_matches_in_openvino(result.model, feeds)

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import convnets
 import graphopt
+from openvino_check import assert_matches_in_openvino
 from rule_testing import apply, assert_equivalent, assert_explained, build, ops_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -219,6 +220,7 @@ def test_reparam_models(arch, exporter, tmp):
     assert counts == GOLDEN[arch, exporter]
     assert result.report.validation.passed and all(p.status != "rolled-back" for p in result.report.passes)
     assert ops_of(result.model) == {"Conv": CONVS_AFTER[arch], "Relu": CONVS_AFTER[arch], "ReduceMean": 1, "Gemm": 1}
+    assert_matches_in_openvino(result.model, graphopt.feeds.make_inputs(result.model, dims={"batch": 2}))  # issue 12
 
 
 @settings(max_examples=20, deadline=None)

@@ -1,0 +1,156 @@
+"""`--target cpu`: the runtime measured fastest on this machine, for this model and these inputs.
+
+Candidates, each built, checked against onnxruntime fp32 on the stage's inputs, and timed in one
+process, interleaved:
+    ort             onnxruntime, a default session (what a user gets loading the file)
+    ort-lowered     graphopt's measured ORT lowering (backends/ort_select.py), timed in a default
+                    session too: the output needs no session options to be as fast as measured
+    openvino-f32    OpenVINO, portable ONNX, INFERENCE_PRECISION_HINT f32
+and, only when the user allows reduced precision (`precision` bf16 / f16 / auto) and OpenVINO
+reports the capability on this CPU:
+    openvino-bf16   OpenVINO with the bf16 hint (AVX512-BF16 / AMX)
+    openvino-f16    OpenVINO with the f16 hint
+A reduced-precision candidate is kept only if its fidelity (the lowest cosine of any output,
+per row, to ORT fp32) meets the bound. The fastest kept candidate wins: an ORT win writes its
+lowering; an OpenVINO win writes portable ONNX (graphopt functions inlined) with the runtime and
+precision hint in the model's metadata (RUNTIME_KEY, PRECISION_KEY), which `graphopt run`,
+`graphopt bench` and `graphopt compile --backend openvino` read. The choice is cached per
+machine, model structure, input shapes and runtime versions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from graphopt import exporters, machine, registry, timing, verify
+from graphopt.errors import GraphoptError, first_line
+from graphopt.model import Model
+from graphopt.steps import Lowering, LoweringStep, Stage
+from graphopt.backends import ort_select
+
+RUNTIME_KEY = "graphopt.runtime"  # "onnxruntime" or "openvino"
+PRECISION_KEY = "graphopt.openvino.precision"
+REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
+CACHE_VERSION = 1
+
+
+def _cosine(reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float:
+    """The lowest per-row cosine over the float outputs (rows: the leading axis)."""
+    worst = 1.0
+    for name, a in reference.items():
+        if name not in got or a.dtype.kind != "f":
+            continue
+        x = np.atleast_2d(a.astype(np.float64)).reshape(max(a.shape[0], 1) if a.ndim else 1, -1)
+        y = np.atleast_2d(np.asarray(got[name], np.float64)).reshape(x.shape)
+        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-30)
+        worst = min(worst, float(cos.min()))
+    return worst
+
+
+class CpuLowering(LoweringStep):
+    """The fastest runtime on this CPU (ORT or OpenVINO, precision only if allowed and bounded)."""
+
+    def choose(self, stage: Stage) -> Lowering:
+        feeds = stage.feeds
+        if feeds is None:
+            raise GraphoptError(f"target '{self.target}' needs inputs to measure the candidates on")
+        precisions = REDUCED.get(self.options.precision or "", ())
+        key = ort_select.cache_key(stage.model.ir, feeds, self._salt(precisions))
+        path = ort_select.cache_dir("cpu-select") / f"{key}.json"
+        if self.options.use_cache and path.is_file():
+            try:
+                measured = json.loads(path.read_text())
+                return self._lowering(stage, measured | {"cached": True})
+            except (ValueError, KeyError):
+                pass  # a damaged entry is measured again
+        measured = self._measure(stage.model, feeds, precisions)
+        if self.options.use_cache:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".tmp").write_text(json.dumps(measured, indent=1))
+                path.with_suffix(".tmp").replace(path)
+            except OSError:
+                pass
+        return self._lowering(stage, measured | {"cached": False})
+
+    def _salt(self, precisions) -> str:
+        import onnxruntime
+
+        from graphopt.backends import openvino
+
+        return (f"cpu v{CACHE_VERSION}|{machine.line()}|onnxruntime {onnxruntime.__version__}|openvino {openvino.version()}|"
+                f"{precisions}|bound {self.options.fidelity}")
+
+    def _measure(self, model: Model, feeds, precisions) -> dict[str, Any]:
+        from graphopt.backends import openvino
+
+        reference = verify.run(model, feeds)
+        ort_lowering = ort_select.select(model.ir, feeds, "ort-cpu", use_cache=self.options.use_cache)
+        builders = {
+            "ort": lambda: ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=()),
+            # timed as a user runs it: a default session, no transformers disabled
+            "ort-lowered": lambda: ort_select.session_for(_lowered(model, ort_lowering.passes), disabled=()),
+            "openvino-f32": lambda: openvino.compile(model, precision="f32"),
+        }
+        skipped = {}
+        for precision in precisions:
+            if openvino.supports(precision):
+                builders[f"openvino-{precision}"] = lambda p=precision: openvino.compile(model, precision=p)
+            else:
+                skipped[f"openvino-{precision}"] = f"OpenVINO reports no {openvino.CAPABILITY[precision]} on this CPU"
+        candidates: dict[str, dict[str, Any]] = {}
+        runners = {}
+        for name, build in builders.items():
+            try:
+                runner = build()
+                fidelity = _cosine(reference, runner.run(feeds))
+            except Exception as exc:  # a candidate that cannot run is reported, not fatal
+                candidates[name] = {"error": first_line(exc, 200)}
+                continue
+            candidates[name] = {"min_cosine": round(fidelity, 6)}
+            exact = name in ("ort", "ort-lowered", "openvino-f32")
+            if not exact and fidelity < self.options.fidelity:
+                candidates[name]["rejected"] = f"min cosine {fidelity:.5f} < bound {self.options.fidelity}"
+                continue
+            runners[name] = runner
+        medians = timing.medians(timing.interleaved({n: (lambda r=r: r.run(feeds)) for n, r in runners.items()},
+                                                    rounds=15))
+        for name, seconds in medians.items():
+            candidates[name]["median_ms"] = round(seconds * 1e3, 3)
+        chosen = min(medians, key=medians.get)
+        return {"target": self.target, "machine": machine.describe(), "chosen": chosen, "candidates": candidates,
+                "skipped": skipped, "ort_lowering": ort_lowering.to_dict(),
+                "precision_allowed": list(precisions), "fidelity_bound": self.options.fidelity,
+                "versions": {"openvino": openvino.version()}}
+
+    def _lowering(self, stage: Stage, measured: dict[str, Any]) -> Lowering:
+        chosen = measured["chosen"]
+        if chosen.startswith("openvino"):
+            precision = chosen.split("-", 1)[1]
+
+            def annotate(model: Model) -> None:
+                model.ir.metadata_props[RUNTIME_KEY] = "openvino"
+                model.ir.metadata_props[PRECISION_KEY] = precision
+            return Lowering([registry.get("make-portable")], measured, annotate)
+        selection = measured["ort_lowering"]
+        passes = ort_select.Selection(**{k: selection[k] for k in ("target", "provider", "choices", "timings_ms",
+                                                                   "skipped")})
+
+        def annotate_ort(model: Model) -> None:
+            model.ir.metadata_props[RUNTIME_KEY] = "onnxruntime"  # measured in a default session: no hints needed
+        lowering = passes.passes if chosen == "ort-lowered" else []
+        return Lowering([registry.get(n) for n in [*lowering, "make-portable"]], measured, annotate_ort)
+
+
+def _lowered(model: Model, passes) -> bytes:
+    work = model.clone()
+    for name in passes:
+        registry.get(name)(work.ir)
+    return exporters.to_proto(work).SerializeToString()
+
+
+registry.register_target("cpu", CpuLowering)
