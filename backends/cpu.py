@@ -21,10 +21,7 @@ machine, model structure, input shapes and runtime versions.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from graphopt import exporters, machine, registry, timing, verify
 from graphopt.errors import GraphoptError, first_line
@@ -36,19 +33,6 @@ RUNTIME_KEY = "graphopt.runtime"  # "onnxruntime" or "openvino"
 PRECISION_KEY = "graphopt.openvino.precision"
 REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
 CACHE_VERSION = 1
-
-
-def _cosine(reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float:
-    """The lowest per-row cosine over the float outputs (rows: the leading axis)."""
-    worst = 1.0
-    for name, a in reference.items():
-        if name not in got or a.dtype.kind != "f":
-            continue
-        x = np.atleast_2d(a.astype(np.float64)).reshape(max(a.shape[0], 1) if a.ndim else 1, -1)
-        y = np.atleast_2d(np.asarray(got[name], np.float64)).reshape(x.shape)
-        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-30)
-        worst = min(worst, float(cos.min()))
-    return worst
 
 
 class CpuLowering(LoweringStep):
@@ -107,7 +91,7 @@ class CpuLowering(LoweringStep):
         for name, build in builders.items():
             try:
                 runner = build()
-                fidelity = _cosine(reference, runner.run(feeds))
+                fidelity = verify.min_cosine(reference, runner.run(feeds))
             except Exception as exc:  # a candidate that cannot run is reported, not fatal
                 candidates[name] = {"error": first_line(exc, 200)}
                 continue

@@ -56,7 +56,7 @@ def supports(precision: str) -> bool:
 
 def default_precision() -> str:
     """The inference precision OpenVINO picks on this CPU when none is asked for."""
-    return str(_ov().Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    return _ov().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", "f16"
 
 
 def portable(model: Model) -> Model:

@@ -39,6 +39,7 @@ class Contender:
     median_ms: float | None = None
     speedup: float | None = None  # original median / this median
     max_abs_error: float | None = None  # against the original's outputs
+    min_cosine: float | None = None  # the lowest per-row cosine to the original's float outputs
     error: str | None = None
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -69,7 +70,8 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
           optimized: Any = None, tvm_artifact: str | None = None, precision: str | None = None,
           fidelity: float = 0.99) -> BenchResult:
     """Time graphopt's output for `target` against `against`. `optimized`: an already
-    optimized model to use as the graphopt contender (else `optimize` runs here);
+    optimized model to use as the graphopt contender (else `optimize` runs here), or a mapping
+    {contender name: model} to time several;
     `tvm_artifact`: a compiled TVM artifact timed as one more contender ("tvm").
     `precision`, `fidelity`: what graphopt's optimize may use (target "cpu")."""
     from graphopt.backends import ort_select
@@ -81,7 +83,9 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
     source = importers.load(model)
     feeds, _ = verify.resolve_inputs(source, inputs, dims=dims)
     builders: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
-        "graphopt": lambda: _graphopt(source, optimized, feeds, target, preset, provider, precision, fidelity),
+        **({name: (lambda m=m: _graphopt(source, m, feeds, target, preset, provider, precision, fidelity))
+            for name, m in optimized.items()} if isinstance(optimized, Mapping) else
+           {"graphopt": lambda: _graphopt(source, optimized, feeds, target, preset, provider, precision, fidelity)}),
         "original": lambda: (ort_select.session_for(_bytes(source), provider, disabled=()), {}),
         "ort-optimizer": lambda: _ort_optimizer(source, provider),
         "onnxscript": lambda: _onnxscript(source, provider),
@@ -89,7 +93,8 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
         "openvino": lambda: _openvino(source, None),
         "openvino-f32": lambda: _openvino(source, "f32"),
     }
-    names = ["graphopt", *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS + OPTIONAL if a in against]]
+    ours = list(optimized) if isinstance(optimized, Mapping) else ["graphopt"]
+    names = [*ours, *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS + OPTIONAL if a in against]]
     if "original" not in names:
         names.append("original")  # the reference for errors and ratios
     contenders, sessions, reference = [], {}, None
@@ -113,6 +118,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
         if outputs is not None and reference is not None:
             contender.max_abs_error = float(max((np.max(np.abs(np.asarray(reference[k], np.float64) - np.asarray(v, np.float64)))
                                                  for k, v in outputs.items() if k in reference), default=0.0))
+            contender.min_cosine = verify.min_cosine(reference, outputs)
     medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()}, rounds=rounds))
     base = medians.get("original")
     for contender in contenders:
@@ -190,7 +196,8 @@ def format_rows(result: BenchResult) -> list[tuple[str, ...]]:
             rows.append((c.name, "-", "-", "-", f"failed: {c.error}"))
         else:
             rows.append((c.name, f"{c.median_ms:.2f}", f"{c.speedup:.2f}x" if c.speedup else "-",
-                         f"{c.max_abs_error:.1e}" if c.max_abs_error is not None else "-", ""))
+                         f"{c.max_abs_error:.1e}" if c.max_abs_error is not None else "-",
+                         f"min cosine {c.min_cosine:.6f}" if c.min_cosine is not None else ""))
     return rows
 
 

@@ -156,6 +156,8 @@ def fidelity_table(fidelity: dict[str, Any]):
 def lowering_table(lowering: dict[str, Any]):
     from rich.table import Table
 
+    if "candidates" in lowering:
+        return runtime_table(lowering)
     cached = " (cached choice)" if lowering.get("cached") else ""
     table = Table(title=f"lowering for {lowering['target']} ({lowering['provider']}){cached}", title_justify="left")
     for col in ("op kind", "chosen", "median ms per candidate"):
@@ -166,6 +168,27 @@ def lowering_table(lowering: dict[str, Any]):
     for what, why in lowering["skipped"].items():
         table.add_row(what, "-", f"not timed: {why}")
     return table
+
+
+def runtime_table(lowering: dict[str, Any]):
+    """--target cpu: every runtime candidate with its latency and fidelity, the choice marked."""
+    from rich.console import Group
+    from rich.table import Table
+
+    m = lowering["machine"]
+    cached = " (cached choice)" if lowering.get("cached") else ""
+    table = Table(title=f"runtime for {lowering['target']} on {m['cpu']} ({', '.join(m['flags']) or 'no avx512/amx'}){cached}",
+                  title_justify="left")
+    for col in ("candidate", "median ms", "min cosine", "note"):
+        table.add_column(col)
+    for name, c in lowering["candidates"].items():
+        note = "chosen" if name == lowering["chosen"] else c.get("rejected") or c.get("error") or ""
+        table.add_row(name, f"{c['median_ms']:.2f}" if "median_ms" in c else "-",
+                      f"{c['min_cosine']:.6f}" if "min_cosine" in c else "-", note)
+    for name, why in lowering.get("skipped", {}).items():
+        table.add_row(name, "-", "-", f"not tried: {why}")
+    allowed = ", ".join(lowering["precision_allowed"]) or "fp32 only"
+    return Group(table, f"reduced precision allowed: {allowed} (bound: min cosine >= {lowering['fidelity_bound']})")
 
 
 def validation_table(validation: Validation):

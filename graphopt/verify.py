@@ -119,6 +119,20 @@ def validate(
     return Validation(checks, {k: list(v.shape) for k, v in feeds.items()}, source, seed if inputs is None else None)
 
 
+def min_cosine(reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float:
+    """The lowest per-row cosine (rows: the leading axis) over the float outputs both have."""
+    worst = 1.0
+    for name, ref in reference.items():
+        ref = np.asarray(ref)
+        if name not in got or ref.dtype.kind != "f" or ref.size == 0:
+            continue
+        a = ref.astype(np.float64).reshape(ref.shape[0] if ref.ndim else 1, -1)
+        b = np.asarray(got[name], np.float64).reshape(a.shape)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+        worst = min(worst, round(float(cos.min()), 6))
+    return worst
+
+
 def compare_outputs(
     reference: Mapping[str, Any], candidate: Mapping[str, Any], *, rtol: float | None = None, atol: float | None = None
 ) -> list[OutputCheck]:
