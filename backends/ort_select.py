@@ -8,10 +8,11 @@ report. Results are cached on disk (GRAPHOPT_CACHE_DIR, default ~/.cache/graphop
 by the model's structure (not its weights), the input shapes, the provider and the
 onnxruntime version; a cached choice is re-applied without timing.
 
-A candidate is a list of lowering passes plus onnxruntime graph transformers to disable
-in the session (the plain-norm candidate must keep ORT from fusing the norms itself);
-the disabled transformers travel with the model in its metadata (DISABLED_KEY), and
-graphopt's own runners (`graphopt bench`, `session_for`) apply them.
+A candidate is a list of lowering passes, optionally plus onnxruntime graph transformers to
+disable in the session; disabled transformers travel with the model in its metadata
+(DISABLED_KEY) and graphopt's own runners (`graphopt bench`, `session_for`) apply them, but a
+default session does not, so no built-in candidate uses them: the plain-norm candidate writes
+its Add as Sum instead, which ORT's SkipLayerNormFusion does not match.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         Candidate("onnx-attention", ("lower-attention-onnx",)),
     ),
     "skip-norm": (
-        Candidate("plain", disabled=("SkipLayerNormFusion",)),
+        # Add + norm kept plain by writing the Add as Sum, which ORT's SkipLayerNormFusion does not
+        # match: no session option needed (a disabled transformer would be lost in a default session).
+        Candidate("plain", ("lower-norm-input-sum",)),
         Candidate("contrib-skip-norm", ("lower-skip-norm",)),
     ),
 }

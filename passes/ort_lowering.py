@@ -353,3 +353,42 @@ class LowerSkipNorm(RulePass):
     kind = PassKind.LOWERING
     requires_shapes = True
     rules = (SkipNorm,)
+
+
+class NormInputAsSum(Rule):
+    """norm(Add(a, b)) -> norm(Sum(a, b)): the same sum, written so that onnxruntime's
+    Skip*LayerNormFusion does not match it.
+
+    Math: Sum(a, b) = Add(a, b) (Sum is variadic Add, with the same broadcasting). Why: on some
+    CPUs onnxruntime's fused SkipLayerNormalization kernel is several times slower than the
+    plain Add + LayerNormalization it replaces, and a session fuses it unless told not to; the
+    Sum form stays plain in a default session, with no session option to carry.
+    Preconditions:
+        1. The Add feeds a LayerNormalization or RMSNormalization (standard or graphopt's).
+    """
+
+    variants = ({"rms": False, "domain": ""}, {"rms": True, "domain": ""},
+                {"rms": False, "domain": functions.DOMAIN}, {"rms": True, "domain": functions.DOMAIN})
+
+    def pattern(self, op, a, b, scale):
+        s = op.Add(a, b)
+        args = [s, scale] + ([] if self.rms else [pattern.Var("bias")]) + ([pattern.Var("eps")] if self.domain else [])
+        norm = getattr(op, "RMSNormalization" if self.rms else "LayerNormalization")(
+            *args, _domain=self.domain, _allow_other_attributes=True, _outputs=["normed"])
+        return s, norm
+
+    def rewrite(self, op, a, b, scale, normed, bias=None, eps=None, **_):
+        norm = normed.producer()
+        total = op.Sum(a, b)
+        inputs = [total, *norm.inputs[1:]]
+        attrs = {k: v.value for k, v in norm.attributes.items()}
+        return total, getattr(op, norm.op_type)(*inputs, _domain=norm.domain, **attrs)
+
+
+@register
+class LowerNormInputSum(RulePass):
+    """Residual Add feeding a norm -> Sum: plain Add + norm kernels in a default onnxruntime session."""
+
+    name = "lower-norm-input-sum"
+    kind = PassKind.LOWERING
+    rules = (NormInputAsSum,)

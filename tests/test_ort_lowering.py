@@ -47,13 +47,43 @@ def _ops(model, domain=None):
     ("llama", "lower-attention-mha", "LowerAttentionMHA", 2),
     ("llama", "lower-attention-onnx", "LowerAttentionONNX", 2),
     ("llama", "lower-skip-norm", "SkipNorm", 4),
+    ("bert", "lower-norm-input-sum", "NormInputAsSum", 5),  # the embeddings sum too (broadcast: SkipNorm refuses it)
+    ("llama", "lower-norm-input-sum", "NormInputAsSum", 4),
 ])
 def test_lowering_counts_and_equivalence(exported, arch, name, rule, expected):
     model = exported[arch]
     work, counts = apply(name, model)
     assert counts == {rule: expected}
     assert_equivalent(model, work, dims=DIMS)
-    assert not [n for n in work.graph if n.domain == "graphopt" and "Attention" in n.op_type] or name == "lower-skip-norm"
+    assert not [n for n in work.graph if n.domain == "graphopt" and "Attention" in n.op_type] or "norm" in name
+
+
+def test_norm_input_sum_stays_plain_in_a_default_session(exported, tmp):
+    """The Sum form is what makes the plain candidate need no session option: a default
+    session fuses Add + norm into Skip*LayerNormalization, and leaves Sum + norm alone."""
+    import onnx
+
+    def fused(model):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp / "opt.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(graphopt.exporters.to_proto(model).SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+    skip = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+    assert skip & fused(exported["bert"])  # (Llama's inlined RMSNorm bodies are not fused to begin with)
+    for arch in ("bert", "llama"):
+        work, _ = apply("lower-norm-input-sum", exported[arch])
+        assert not skip & fused(work)
+
+
+def test_norm_input_sum_leaves_adds_that_feed_no_norm():
+    model = build(header(17) + """
+        g (float[2, 4, 8] a, float[2, 4, 8] b) => (float[2, 4, 8] y) {
+            y = Add(a, b)
+        }""")
+    assert apply("lower-norm-input-sum", model)[1] == {"NormInputAsSum": 0}
 
 
 def test_onnx_attention_takes_grouped_kv_heads_before_the_repeat(exported):
