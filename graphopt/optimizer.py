@@ -14,7 +14,7 @@ from graphopt.report import Report
 from graphopt.steps import Options
 
 PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
-PRECISIONS = (None, "fp32", "bf16", "fp16", "auto")
+PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "auto")
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ def optimize(
     work = source.clone()
     names = presets.resolve(preset, passes)
     required = None if passes else presets.APPROXIMATE.get(preset or presets.DEFAULT)
-    requests = {"mixer": mixer}
+    requests = {"mixer": mixer, "precision": precision}
     if required and not requests.get(required):
         raise InputError(f"preset '{preset}' needs a {required}", hint="pass --mixer, e.g. --mixer linear:hedgehog")
     if precision not in PRECISIONS:

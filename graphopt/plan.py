@@ -64,8 +64,9 @@ def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = 
     options = options or Options()
     steps: list[Step] = [ExactStep(registry.get(name)) for name in pass_names]
     for option, value in (approximate or {}).items():
-        if value:
-            steps.append(registry.approximate_step(option)(value, options))
+        step = registry.approximate_step(option)(value, options) if value else None
+        if step is not None:  # a value the lowering reads instead (precision bf16 under --target cpu)
+            steps.append(step)
     if target:
         steps.append(registry.lowering_step(target)(target, options))
     steps.extend(ExactStep(registry.get(name)) for name in finish)

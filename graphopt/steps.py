@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import verify
+from graphopt import fidelity, verify
 from graphopt.errors import GraphoptError
 from graphopt.model import Model
 from graphopt.rewrite import Pass, PassKind
@@ -193,7 +193,7 @@ class ApproximateStep(Step):
             stage.feeds = made.convert(stage.feeds)
         if stage.outputs is not None:  # later steps are checked against the approximate model
             stage.outputs = stage.run()
-        worst = min((v["mean_cosine"] for v in made.fidelity.get("end_to_end", {}).values()), default=1.0)
+        worst = fidelity.worst_mean_cosine(made.fidelity.get("end_to_end", {}))
         bound = self.options.fidelity
         return StepRecord(self.name, str(self.kind), made.rewrites, time.perf_counter() - start,
                           "applied" if sum(made.rewrites.values()) else "no-op",

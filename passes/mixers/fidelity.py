@@ -3,12 +3,12 @@ held-out batches (with the KV-cache past fed as state where a cache became one).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from graphopt import verify
+from graphopt import fidelity
 from graphopt.model import Model
 from graphopt.passes.mixers import spec as specs, state, transfer
 from graphopt.passes.mixers.linear import linear_state
@@ -33,40 +33,6 @@ def layer_error(spec: specs.MixerSpec, node, cap, w) -> dict[str, float]:
     return {"rel_error": round((num / max(den, 1e-30)) ** 0.5, 6), "cosine": round(float(np.mean(cosines)), 6)}
 
 
-def end_to_end(refs: Sequence[Mapping[str, np.ndarray]], swapped: Model, batches: Sequence[Feeds]) -> dict[str, Any]:
-    """`swapped` against the original's outputs `refs` on the same `batches`, per output: cosine
-    per row (mean and min over held-out rows), max abs error, and the KL divergence of the
-    softmax for outputs named like logits."""
-    gots = [verify.run(swapped, f) for f in batches]
-    out = {}
-    for name in refs[0]:
-        if name not in gots[0]:  # a KV cache output replaced by a state (report["decode"])
-            continue
-        cosines, worst, kls = [], 0.0, []
-        for r, g in zip(refs, gots):
-            a, b = (np.atleast_1d(x[name]).astype(np.float64) for x in (r, g))  # rows: the leading axis
-            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-            cosines.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30))
-            worst = max(worst, float(np.abs(a - b).max()))
-            if "logit" in name.lower():
-                kls.append(_kl(r[name], g[name]))
-        entry = {"mean_cosine": round(float(np.mean(cosines)), 6), "min_cosine": round(float(np.min(cosines)), 6),
-                 "max_abs_error": worst}
-        if kls:
-            entry["kl_divergence"] = float(np.mean(kls))
-        out[name] = entry
-    return out
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-
-
 class Measure:
     """End-to-end fidelity of a swapped model on the held-out batches. Where a layer's KV cache
     became a state (passes/mixers/state.py), the swapped model is fed the state of the past
@@ -78,7 +44,7 @@ class Measure:
         self.batches, self.caps, self.references = batches, caps, references
 
     def __call__(self, swapped: Model) -> dict[str, Any]:
-        return end_to_end(self.references, swapped, [self.feeds(swapped, b) for b in range(len(self.batches))])
+        return fidelity.end_to_end(self.references, swapped, [self.feeds(swapped, b) for b in range(len(self.batches))])
 
     def feeds(self, swapped: Model, b: int) -> dict[str, np.ndarray]:
         import torch

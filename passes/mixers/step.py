@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import calibration, verify
+from graphopt.fidelity import worst_mean_cosine
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -164,7 +165,7 @@ def _rank_key(entry: dict[str, Any]) -> float:
     return entry["rel_error"]
 
 
-def _select(model, nodes, spec, weights, per_layer, layers, fidelity, measure, seq):
+def _select(model, nodes, spec, weights, per_layer, layers, bound, measure, seq):
     if layers == "all":
         return set(range(len(nodes))), {}
     order = sorted(range(len(nodes)), key=lambda i: _rank_key(per_layer[i]))
@@ -181,12 +182,11 @@ def _select(model, nodes, spec, weights, per_layer, layers, fidelity, measure, s
     chosen: set[int] = set()
     notes = {}
     for i in order:
-        fid = measure(_apply(model, nodes, spec, weights, chosen | {i}, seq))
-        worst = min(v["mean_cosine"] for v in fid.values())
-        if worst >= fidelity:
+        worst = worst_mean_cosine(measure(_apply(model, nodes, spec, weights, chosen | {i}, seq)))
+        if worst >= bound:
             chosen.add(i)
         else:
-            notes[i] = f"swapping it too brings the end-to-end mean cosine to {worst:.4f} < {fidelity}"
+            notes[i] = f"swapping it too brings the end-to-end mean cosine to {worst:.4f} < {bound}"
     return chosen, notes
 
 

@@ -1,0 +1,64 @@
+"""What int8 buys each layer on this machine: the layer alone, at its calibrated input shape,
+timed in onnxruntime as float and as QDQ (interleaved, one process). Layers of one shape share
+one measurement."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx.helper as oh
+
+from graphopt import timing
+from graphopt.passes.precision.ranges import ActRange, quantize_weight
+from graphopt.passes.precision.sites import Site
+
+ROUNDS = 20
+
+
+def _layer(site: Site, x_shape, act: ActRange | None) -> bytes:
+    node, w = site.node, site.w
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    inits, nodes = [], []
+    if act is None:
+        inits.append(onnx_tensor(w, "W"))
+        weight = "W"
+        x = "x"
+    else:
+        q, scales = quantize_weight(w, site.axis)
+        inits += [onnx_tensor(q, "Wq"), onnx_tensor(scales, "ws"), onnx_tensor(np.zeros_like(scales, np.int8), "wz"),
+                  onnx_tensor(np.array(act.scale, np.float32), "xs"), onnx_tensor(np.array(act.zero_point, np.uint8), "xz")]
+        nodes += [oh.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                  oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                  oh.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"], axis=site.axis)]
+        weight, x = "Wd", "xd"
+    extra = [name for name in (i.name for i in site.node.inputs[2:] if i is not None)]
+    for i, name in enumerate(extra):
+        inits.append(onnx_tensor(np.asarray(site.node.inputs[2 + i].const_value.numpy()), f"extra{i}"))
+    nodes.append(oh.make_node(node.op_type, [x, weight, *[f"extra{i}" for i in range(len(extra))]], ["y"], **attrs))
+    graph = oh.make_graph(nodes, "layer", [oh.make_tensor_value_info("x", 1, list(x_shape))],
+                          [oh.make_tensor_value_info("y", 1, None)], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def onnx_tensor(array: np.ndarray, name: str):
+    import onnx.numpy_helper
+
+    return onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def measure(site: Site, x_shape, act: ActRange, cache: dict) -> tuple[float, float] | None:
+    """(float ms, int8 ms) of the layer alone at `x_shape`, or None when it cannot be built alone
+    (a bias or other input that is not constant)."""
+    key = (site.node.op_type, tuple(x_shape), site.w.shape, repr(sorted(site.node.attributes.keys())))
+    if key in cache:
+        return cache[key]
+    if any(i is not None and i.const_value is None for i in site.node.inputs[2:]):
+        cache[key] = None
+        return None
+    from graphopt.backends.ort_select import session_for
+
+    x = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+    sessions = {"float": session_for(_layer(site, x_shape, None), disabled=()),
+                "int8": session_for(_layer(site, x_shape, act), disabled=())}
+    medians = timing.medians(timing.interleaved({k: (lambda s=s: s.run(x)) for k, s in sessions.items()}, rounds=ROUNDS))
+    cache[key] = (medians["float"] * 1e3, medians["int8"] * 1e3)
+    return cache[key]

@@ -1,0 +1,154 @@
+"""int8 post-training quantization as an approximate step (`precision="int8"`):
+
+1. Calibration data (graphopt/calibration.py): fit and held-out batches, or generated inputs
+   with a loud warning.
+2. SmoothQuant (smooth.py), an exact re-parameterization: each norm that only linear layers
+   read hands per-channel range to their weights; validated equal before any rounding (else
+   undone, and the report says so).
+3. Per layer (sites.py: MatMul / Gemm / Conv with constant weights): the activation range by
+   the layer's own output error among min-max and percentile clips (ranges.py), its local int8
+   error, and its measured latency gain alone at its calibrated shape (gain.py). A layer whose
+   int8 form is not faster here stays in float.
+4. Selection: layers ordered by gain per error; the longest prefix whose end-to-end mean cosine
+   on the held-out batches stays >= the bound is kept in int8 (binary search over prefixes:
+   fidelity falls as layers are added). Nothing meets the bound: the model stays float, said so.
+5. Emission (qdq.py): standard QuantizeLinear / DequantizeLinear around each kept layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphopt import calibration, fidelity, verify
+from graphopt.errors import InputError
+from graphopt.ir import common_passes
+from graphopt.model import Model
+from graphopt.passes.precision import gain, qdq, ranges, smooth
+from graphopt.passes.precision.sites import Site, find_sites
+from graphopt.shapes import infer_shapes
+from graphopt.steps import ApproximateStep, Approximation, Options
+
+MAX_ROWS = 1024  # rows of each layer's input kept for the range search and local errors
+
+
+def _rows(arrays: list[np.ndarray], last: int, seed: int = 0) -> np.ndarray:
+    rows = np.concatenate([a.reshape(-1, last) for a in arrays])
+    if len(rows) > MAX_ROWS:
+        rows = rows[np.random.default_rng(seed).choice(len(rows), MAX_ROWS, replace=False)]
+    return rows.astype(np.float32)
+
+
+def _dense(site: Site) -> np.ndarray | None:
+    """W in x @ W form (MatMul, Gemm); None for Conv."""
+    if site.node.op_type == "Conv":
+        return None
+    w = site.w
+    return w.T if site.node.op_type == "Gemm" and site.node.attributes.get_int("transB", 0) else w
+
+
+def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
+    work = model.clone()
+    infer_shapes(work.ir)
+    opset = work.ir.opset_imports.get("", 0)
+    if opset < qdq.MIN_OPSET:
+        raise InputError(f"int8 needs opset >= {qdq.MIN_OPSET} (per-channel DequantizeLinear); the model has {opset}")
+    sites = find_sites(work.ir.graph)
+    if not sites:
+        raise InputError("no layer to quantize: int8 covers MatMul, Gemm and Conv with constant float32 weights")
+    data = calibration.split(work, options.calib, seed=options.seed, dims=options.dims)
+    references = [verify.run(model, f) for f in data.held]
+    report: dict[str, Any] = {"precision": "int8", "calibration": data.describe()}
+    report["smoothing"] = _smooth(work, sites, data)
+    sites = find_sites(work.ir.graph)  # the migration replaced weights (and inputs, for Mul branches)
+    captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit)
+    layers, acts = [], {}
+    gains: dict = {}
+    for site in sites:
+        xs = [r[site.x.name] for r in captured]
+        w = _dense(site)
+        if w is None:  # Conv: min-max range, error measured end to end only
+            act = ranges.candidates(np.concatenate([a.ravel() for a in xs]))[0]
+            err = None
+        else:
+            act, err = ranges.best_range(_rows(xs, w.shape[0]), w)
+        acts[site.index] = act
+        timed = gain.measure(site, xs[0].shape, act, gains)
+        entry = {"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
+                 "rel_error": None if err is None else round(err, 6),
+                 "float_ms": None if timed is None else round(timed[0], 4),
+                 "int8_ms": None if timed is None else round(timed[1], 4)}
+        layers.append(entry)
+    faster = [e for e in layers if e["int8_ms"] is not None and e["int8_ms"] < e["float_ms"]]
+    for e in layers:
+        if e not in faster:
+            e["precision"], e["kept_because"] = "float32", "its int8 form is not faster on this machine"
+    order = sorted(faster, key=lambda e: -(e["float_ms"] - e["int8_ms"]) / ((e["rel_error"] or 1e-3) + 1e-6))
+
+    def build(count: int) -> Model:
+        trial = work.clone()
+        trial_sites = {s.name: s for s in find_sites(trial.ir.graph)}
+        for e in order[:count]:
+            qdq.quantize(trial.ir.graph, trial_sites[e["node"]], acts[e["index"]])
+        common_passes.RemoveUnusedNodesPass()(trial.ir)
+        return trial
+
+    def fid(m: Model) -> dict:
+        return fidelity.end_to_end(references, m, data.held)
+
+    lo, hi, best, best_fid = 0, len(order), 0, None
+    while lo <= hi:  # the longest prefix that meets the bound
+        mid = (lo + hi) // 2
+        candidate = fid(build(mid)) if mid else None
+        if mid == 0 or fidelity.worst_mean_cosine(candidate) >= options.fidelity:
+            best, best_fid, lo = mid, candidate, mid + 1
+        else:
+            hi = mid - 1
+    final = build(best)
+    kept = {e["node"] for e in order[:best]}
+    for rank, e in enumerate(order):
+        e["precision"] = "int8" if e["node"] in kept else "float32"
+        if e["node"] not in kept:
+            e["kept_because"] = (f"outside the {best} layers (of {len(order)}, by gain per error) that keep the end-to-end "
+                                 f"mean cosine >= {options.fidelity}")
+    report["layers"] = layers
+    report["end_to_end"] = best_fid if best_fid is not None else fid(final)
+    report["selection"] = {"fidelity_bound": options.fidelity, "int8_layers": best, "layers_total": len(sites),
+                           "faster_in_int8": len(faster)}
+    if not best:
+        report["note"] = (f"no layer could go to int8 within the bound {options.fidelity}: the model stays float32"
+                          if faster else "no layer's int8 form is faster on this machine: the model stays float32")
+    return final, report
+
+
+def _smooth(work: Model, sites: list[Site], data) -> dict[str, Any]:
+    """Migrate activation range into the weights where it lowers the int8 error; validated equal."""
+    groups = smooth.groups(sites)
+    if not groups:
+        return {"activations": []}
+    before = work.clone()
+    captured = calibration.run_exposed(work, [g.x.name for g in groups], data.fit)
+    done = []
+    for g in groups:
+        rows = _rows([r[g.x.name] for r in captured], captured[0][g.x.name].shape[-1])
+        alpha, s, err = smooth.choose(rows, g)
+        how = smooth.apply(work.ir.graph, g, s) if alpha else "not migrated"
+        done.append({"activation": g.x.name, "alpha": alpha, "how": how, "readers": [r.name for r in g.readers],
+                     "readers_rel_error": round(err, 6)})
+    common_passes.RemoveUnusedNodesPass()(work.ir)
+    checks = verify.compare_outputs(verify.run(before, data.held[0]), verify.run(work, data.held[0]))
+    if not all(c.passed for c in checks):  # an exact re-parameterization that is not exact is undone
+        work.ir = before.ir
+        return {"activations": [], "undone": f"not equal after migration: {[c.name for c in checks if not c.passed]}"}
+    return {"activations": done, "validated_equal": True}
+
+
+class QuantizeInt8(ApproximateStep):
+    """int8 post-training quantization with SmoothQuant re-parameterization and per-layer fallback."""
+
+    name = "quantize-int8"
+
+    def approximate(self, model: Model) -> Approximation:
+        quantized, report = quantize(model, self.options)
+        return Approximation(quantized, {qdq.RULE: report["selection"]["int8_layers"]}, report)
