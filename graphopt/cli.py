@@ -83,14 +83,17 @@ def _parser() -> argparse.ArgumentParser:
                    "per op kind; cpu: the runtime measured fastest on this machine (onnxruntime or OpenVINO; portable output)")
     s.add_argument("--portable", action="store_true", help="standard ONNX only: graphopt functions inlined (any ONNX consumer "
                    "loads it; contrib ops only with an ort target)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], help="with --target cpu: reduced precision "
-                   "allowed where the CPU has it, kept only within --fidelity (default: fp32 only)")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], help="reduced precision allowed, kept "
+                   "only within --fidelity: int8 (auto: int8 too) quantizes linear layers calibrated on --calib, per layer "
+                   "where faster here; bf16/fp16 (auto too) are OpenVINO precision hints under --target cpu "
+                   "(default: fp32 only)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
     s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
     s.add_argument("--fidelity", type=float, default=0.99, help="the end-to-end cosine bound: for --layers auto, and for "
                    "a reduced --precision")
-    s.add_argument("--calib", help="with --preset mixers: calibration inputs (.npz; rows split half fit, half held out)")
+    s.add_argument("--calib", help="calibration inputs for the approximate steps (mixers, int8): .npz; rows split half "
+                   "fit, half held out")
     s.add_argument("--calib-steps", type=int, default=300, help="optimizer steps per layer when fitting a mixer")
     s.set_defaults(func=cmd_optimize)
 

@@ -1,0 +1,209 @@
+"""Reduced precision on this CPU: graphopt's int8 (and `--target cpu --precision auto`) against
+onnxruntime's quantizers and OpenVINO, latency and fidelity in one process.
+
+Models: MiniLM-L6 (real weights; sentence embeddings, mean-pooled and normalized) and BERT-base
+size (random weights; token states). Fidelity: mean / min cosine per row (MiniLM: per held-out
+sentence, 128 sentences the calibration never saw; BERT-base: per sequence of random tokens) to
+onnxruntime fp32 on the original. Latency: medians of interleaved rounds at batch 1 and 32,
+sequence 128, every contender in this process:
+    ort-fp32            the original, onnxruntime default session
+    ort-dynamic         onnxruntime quantize_dynamic (int8 weights, per channel)
+    ort-static          onnxruntime quantize_static (QDQ, int8 per channel, MinMax, the calibration sentences)
+    openvino            OpenVINO's default on the original (bf16 where the CPU has it)
+    nncf                NNCF quantize (model_type TRANSFORMER) then OpenVINO, when nncf imports (it is
+                        not a project dependency: install it in its own environment to include it)
+    graphopt int8 F     optimize(precision="int8", fidelity=F, target="ort-cpu"), F in 0.999, 0.995
+    graphopt cpu F      optimize(precision="auto", fidelity=F, target="cpu"): int8 layers, then the
+                        fastest runtime (onnxruntime or OpenVINO, with bf16 hints allowed)
+The CPU model and flags are printed first.
+
+    .venv/bin/python benchmarks/precision.py [--models minilm,bert-base] [--batches 1,32] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+import models  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt import machine, timing  # noqa: E402
+from graphopt.backends import cpu, openvino, ort_select  # noqa: E402
+
+BOUNDS = (0.999, 0.995)
+
+
+def text_batches(name: str, tokenizer, count: int, seed: int):
+    """(fit batches, held-out batches) of 16: real sentences for MiniLM, random tokens otherwise."""
+    if name == "minilm":
+        import sentences
+        from mixer_fidelity import batches
+
+        fit, held = sentences.split(seed)
+        return batches(tokenizer, fit[:count], 16), batches(tokenizer, held[:128], 32)
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        ids = rng.integers(0, 30522, (n, 128))
+        return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((n, 128), np.int64)}
+    return [make(16) for _ in range(count // 16)], [make(32) for _ in range(2)]
+
+
+def export(name: str, out: Path):
+    if name == "minilm":
+        module, tokenizer = models.minilm()
+    else:
+        import torch
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        from cpu import BERT_BASE
+
+        module = models.LastHidden(BertModel(BertConfig(**BERT_BASE, attn_implementation="eager")).eval())
+        tokenizer = None
+    path = models.export(module, models.token_inputs(1000, 2, 128), ["input_ids", "attention_mask"], models.DYNAMIC,
+                         out / f"{name}.onnx", "legacy")
+    return path, tokenizer
+
+
+class _Reader:
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def ort_quantizers(path: Path, fit, out: Path) -> dict[str, Path | str]:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    done: dict[str, Path | str] = {}
+    try:
+        quantize_dynamic(str(path), str(out / "dynamic.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+        done["ort-dynamic"] = out / "dynamic.onnx"
+    except Exception as exc:  # an anchor that fails is a result
+        done["ort-dynamic"] = f"failed: {exc}"
+    try:
+        quantize_static(str(path), str(out / "static.onnx"), _Reader(fit), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        done["ort-static"] = out / "static.onnx"
+    except Exception as exc:
+        done["ort-static"] = f"failed: {exc}"
+    return done
+
+
+def nncf_model(path: Path, fit):
+    try:
+        import nncf
+    except ImportError:
+        return "nncf is not installed here (not a project dependency; install it in its own environment)"
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+    quantized = nncf.quantize(model, nncf.Dataset(fit), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(fit) * 16)
+    return ov.Core().compile_model(quantized, "CPU")
+
+
+class _OV:
+    """An openvino.CompiledModel with the runner interface."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+
+    def run(self, feeds):
+        result = self.request.infer({p.get_any_name(): feeds[p.get_any_name()] for p in self.compiled.inputs})
+        return {p.get_any_name(): np.array(result[p]) for p in self.compiled.outputs}
+
+
+def runner(model):
+    """onnxruntime (default session) or OpenVINO, as graphopt's --target cpu chose."""
+    if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":
+        return openvino.compile(model, precision=model.ir.metadata_props.get(cpu.PRECISION_KEY))
+    return ort_select.session_for(graphopt.exporters.to_proto(model).SerializeToString(), disabled=())
+
+
+def cosines(reference, got) -> np.ndarray:
+    rows = []
+    for ref, out in zip(reference, got):
+        a = next(iter(ref.values())).astype(np.float64)
+        b = next(iter(out.values())).astype(np.float64)
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        rows.append((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30))
+    return np.concatenate(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm,bert-base")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calib", type=int, default=64, help="calibration sentences (fit)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    print(machine.line(), flush=True)
+    results = {"machine": machine.describe(), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for name in args.models.split(","):
+            path, tokenizer = export(name, out)
+            fit, held = text_batches(name, tokenizer, args.calib, 0)
+            source = graphopt.load(path)
+            runners = {"ort-fp32": ort_select.session_for(str(path), disabled=())}
+            notes = {}
+            for key, made in ort_quantizers(path, fit, out).items():
+                if isinstance(made, Path):
+                    runners[key] = ort_select.session_for(str(made), disabled=())
+                else:
+                    notes[key] = made
+            runners["openvino"] = openvino.compile(source, precision=None)
+            nncf = nncf_model(path, fit)
+            if isinstance(nncf, str):
+                notes["nncf"] = nncf
+            else:
+                runners["nncf"] = _OV(nncf)
+            chosen = {}
+            for bound in BOUNDS:
+                for label, kw in ((f"graphopt int8 {bound}", {"precision": "int8", "target": "ort-cpu"}),
+                                  (f"graphopt cpu {bound}", {"precision": "auto", "target": "cpu"})):
+                    result = graphopt.optimize(source, inputs=held[0], calib=fit, fidelity=bound, **kw)
+                    runners[label] = runner(result.model)
+                    sel = result.report.fidelity["selection"]
+                    chosen[label] = {"int8_layers": f"{sel['int8_layers']}/{sel['layers_total']}",
+                                     "runtime": result.report.lowering.get("chosen") if "candidates" in result.report.lowering
+                                     else "onnxruntime"}
+            reference = [runners["ort-fp32"].run(b) for b in held]
+            fidelity = {k: cosines(reference, [r.run(b) for b in held]) for k, r in runners.items()}
+            entry = {"fidelity": {k: {"mean": round(float(v.mean()), 5), "min": round(float(v.min()), 5)}
+                                  for k, v in fidelity.items()}, "chosen": chosen, "notes": notes, "latency_ms": {}}
+            for batch in (int(b) for b in args.batches.split(",")):
+                feeds = graphopt.feeds.make_inputs(source, dims={"batch": batch, "seq": 128})
+                medians = timing.medians(timing.interleaved({k: (lambda r=r: r.run(feeds)) for k, r in runners.items()},
+                                                            rounds=args.rounds, warmup=2))
+                entry["latency_ms"][f"b{batch}"] = {k: round(v * 1e3, 2) for k, v in medians.items()}
+            results["models"][name] = entry
+            print(f"\n{name}: fidelity on {sum(len(next(iter(b.values()))) for b in held)} held-out rows; {chosen}; {notes}")
+            base = {b: entry["latency_ms"][b]["ort-fp32"] for b in entry["latency_ms"]}
+            for k in runners:
+                lat = "  ".join(f"{b} {entry['latency_ms'][b][k]:8.2f} ms ({base[b] / entry['latency_ms'][b][k]:4.2f}x)"
+                                for b in entry["latency_ms"])
+                f = entry["fidelity"][k]
+                print(f"  {k:22s} {lat}  cosine mean {f['mean']:.5f} min {f['min']:.5f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
