@@ -415,3 +415,12 @@ def test_hybrid_body_matches_torch():
                                             torch.as_tensor(gamma))
     torch.testing.assert_close(wide, transfer.softmax_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_without_attention_is_refused_with_what_inspect_found(tmp):
+    """Issue 14, item 5: not "run the exact preset first" when the preset just ran."""
+    import convnets
+
+    path = convnets.export(convnets.trained(convnets.RepVGGBlock), tmp / "repvgg.onnx", "legacy")
+    with pytest.raises(InputError, match="no attention layers: nothing for a token mixer.*inspect finds none.*Conv"):
+        graphopt.optimize(path, preset="mixers", mixer="linear:elu", dims={"batch": 2})

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import calibration, verify
+from graphopt import calibration, registry, summary, verify
 from graphopt.fidelity import worst_mean_cosine
 from graphopt.errors import InputError
 from graphopt.ir import ir
@@ -30,7 +30,6 @@ from graphopt.model import Model
 from graphopt.passes.mixers import drop, linear, spec as specs, state
 from graphopt.passes.mixers.edit import RULE
 from graphopt.passes.mixers.fidelity import Measure, layer_error
-from graphopt.registry import register_approximate
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
 
@@ -83,7 +82,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     infer_shapes(work.ir)
     nodes = specs.attention_nodes(work.ir.graph)
     if not nodes:
-        raise InputError("no canonical attention ops to swap", hint="run the exact preset (fuse-attention) first")
+        raise _no_attention(work)
     data = calibration.split(work, calib, holdout=holdout, seed=seed, dims=dims)
     say = progress or (lambda _msg: None)
     say("capturing attention inputs and outputs")
@@ -126,6 +125,19 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
             single = Measure(spec, nodes, weights, [feeds], capture(work, [feeds], nodes), None)
             return single.feeds(swapped, 0)
     return MixResult(swapped, report, convert)
+
+
+def _no_attention(model: Model) -> InputError:
+    """Why there is nothing to swap: the model has no attention at all, or its attention is
+    still decomposed (fuse-attention did not run, or refused the sites)."""
+    found = registry.analysis("attention")(model.ir.graph)
+    if not found:
+        ops = ", ".join(list(summary.summarize(model)["op_counts"])[:6])
+        return InputError("the model has no attention layers: nothing for a token mixer to replace "
+                          f"(graphopt inspect finds none; its most frequent ops: {ops})")
+    return InputError(f"{len(found)} attention layer(s) found, but none is a canonical attention op",
+                      hint="run the exact preset (fuse-attention) first; `graphopt optimize --explain` says why a "
+                           "site was not fused")
 
 
 def _decode_report(original: Model, swapped: Model) -> dict[str, Any] | None:
@@ -207,4 +219,4 @@ class SwapMixers(ApproximateStep):
                              mixed.convert and mixed.feeds_for)
 
 
-register_approximate("mixer", SwapMixers, choices=specs.names)
+registry.register_approximate("mixer", SwapMixers, choices=specs.names)
