@@ -303,16 +303,9 @@ def _bias_4d(graph: ir.Graph, new: list[ir.Node], bias: ir.Value, q: ir.Value, k
     return _node(new, "Expand", [bias, target])
 
 
-class SkipNorm(Rule):
-    """norm(a + b), the sum also kept -> SkipLayerNormalization / SkipSimplifiedLayerNormalization.
-
-    Math: SkipLayerNormalization(a, b, gamma, beta) = (LayerNorm(a + b), -, -, a + b); the
-    simplified form is the same for RMSNorm (no beta). Matches the standard ops and
-    graphopt's norm functions (epsilon as a constant input).
-    Preconditions:
-        1. The norm is over the last axis with a 1-D scale (and bias), epsilon a constant.
-        2. a and b have the same rank-3 shape (onnxruntime's kernel reads [B, S, H]).
-    """
+class _AddIntoNorm(Rule):
+    """The pattern two lowerings share: norm(Add(a, b)), LayerNormalization or RMSNormalization,
+    standard or graphopt's (epsilon as a constant input)."""
 
     variants = ({"rms": False, "domain": ""}, {"rms": True, "domain": ""},
                 {"rms": False, "domain": functions.DOMAIN}, {"rms": True, "domain": functions.DOMAIN})
@@ -323,6 +316,19 @@ class SkipNorm(Rule):
         norm = getattr(op, "RMSNormalization" if self.rms else "LayerNormalization")(
             *args, _domain=self.domain, _allow_other_attributes=True, _outputs=["normed"])
         return s, norm
+
+
+class SkipNorm(_AddIntoNorm):
+    """norm(a + b), the sum also kept -> SkipLayerNormalization / SkipSimplifiedLayerNormalization.
+
+    Math: SkipLayerNormalization(a, b, gamma, beta) = (LayerNorm(a + b), -, -, a + b); the
+    simplified form is the same for RMSNorm (no beta). Matches the standard ops and
+    graphopt's norm functions (epsilon as a constant input).
+    Preconditions:
+        1. The norm is over the last axis with a 1-D scale (and bias), epsilon a constant.
+        2. a and b have the same rank-3 shape (onnxruntime's kernel reads [B, S, H]).
+    """
+
 
     def check(self, context, a, b, scale, normed, **kw):
         result = MatchResult()
@@ -355,7 +361,7 @@ class LowerSkipNorm(RulePass):
     rules = (SkipNorm,)
 
 
-class NormInputAsSum(Rule):
+class NormInputAsSum(_AddIntoNorm):
     """norm(Add(a, b)) -> norm(Sum(a, b)): the same sum, written so that onnxruntime's
     Skip*LayerNormFusion does not match it.
 
@@ -367,15 +373,6 @@ class NormInputAsSum(Rule):
         1. The Add feeds a LayerNormalization or RMSNormalization (standard or graphopt's).
     """
 
-    variants = ({"rms": False, "domain": ""}, {"rms": True, "domain": ""},
-                {"rms": False, "domain": functions.DOMAIN}, {"rms": True, "domain": functions.DOMAIN})
-
-    def pattern(self, op, a, b, scale):
-        s = op.Add(a, b)
-        args = [s, scale] + ([] if self.rms else [pattern.Var("bias")]) + ([pattern.Var("eps")] if self.domain else [])
-        norm = getattr(op, "RMSNormalization" if self.rms else "LayerNormalization")(
-            *args, _domain=self.domain, _allow_other_attributes=True, _outputs=["normed"])
-        return s, norm
 
     def rewrite(self, op, a, b, scale, normed, bias=None, eps=None, **_):
         norm = normed.producer()
