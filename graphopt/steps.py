@@ -61,8 +61,6 @@ class StepRecord:
         return dataclasses.asdict(self)
 
 
-PassRecord = StepRecord  # the name reports used before the step contract
-
 
 @dataclasses.dataclass
 class Options:
