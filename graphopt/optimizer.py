@@ -96,11 +96,18 @@ def optimize(
         validation=validation,
         before=summary.summarize(source),
         after=summary.summarize(result.model),
-        notes=result.notes + _input_notes(validate, inputs) + (
+        notes=result.notes + _input_notes(validate, inputs) + _precision_notes(precision, target) + (
             ["approximate steps ran: outputs are compared by the fidelity report, not validated as equal"]
             if result.approximate else []),
     )
     return OptimizeResult(result.model, report)
+
+
+def _precision_notes(precision: str | None, target: str | None) -> list[str]:
+    if precision in ("bf16", "fp16") and target != "cpu":
+        return [f"precision {precision} is a runtime choice (OpenVINO's hint under --target cpu); without that target "
+                "the model stays float32"]
+    return []
 
 
 def _input_notes(validate: bool, inputs: Any) -> list[str]:
