@@ -9,6 +9,8 @@ are sentence embeddings):
     onnxscript      onnxscript's optimize_for_ort
     openvino        OpenVINO's default on the original (its own precision: bf16 where the CPU has it)
     openvino-f32    OpenVINO with the f32 hint
+    graphopt ort-cpu    optimize(target="ort-cpu"): exact preset + the measured ORT lowering, run in a
+                    default session (no session options)
     graphopt cpu    optimize(target="cpu"): exact preset, then the fastest runtime, fp32 only
     graphopt cpu bf16   the same with precision="bf16", fidelity=0.999
 Models: MiniLM-L6 (real weights, sentence embeddings), BERT-base size (random weights), ViT
@@ -77,10 +79,12 @@ def main() -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 source = graphopt.load(path)
                 inputs = graphopt.feeds.make_inputs(source, dims=dims_for(name, batch))
+                ort_cpu = graphopt.optimize(source, inputs=inputs, target="ort-cpu")
                 fp32 = graphopt.optimize(source, inputs=inputs, target="cpu")
                 bf16 = graphopt.optimize(source, inputs=inputs, target="cpu", precision="bf16", fidelity=0.999)
                 result = benchmark.bench(source, target="cpu", against=ANCHORS, inputs=inputs, rounds=args.rounds,
-                                         optimized={"graphopt cpu": fp32.model, "graphopt cpu bf16": bf16.model})
+                                         optimized={"graphopt ort-cpu": ort_cpu.model, "graphopt cpu": fp32.model,
+                                                    "graphopt cpu bf16": bf16.model})
                 chosen = {"graphopt cpu": fp32.report.lowering["chosen"], "graphopt cpu bf16": bf16.report.lowering["chosen"]}
                 results["models"][f"{name} b{batch}"] = result.to_dict() | {"chosen": chosen}
                 print(f"\n{name}, batch {batch} ({', '.join(f'{k}: {v}' for k, v in result.inputs.items())}); "
