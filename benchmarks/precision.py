@@ -10,8 +10,8 @@ sequence 128, every contender in this process:
     ort-dynamic         onnxruntime quantize_dynamic (int8 weights, per channel)
     ort-static          onnxruntime quantize_static (QDQ, int8 per channel, MinMax, the calibration sentences)
     openvino            OpenVINO's default on the original (bf16 where the CPU has it)
-    nncf                NNCF quantize (model_type TRANSFORMER) then OpenVINO, when nncf imports (it is
-                        not a project dependency: install it in its own environment to include it)
+    nncf                NNCF quantize (model_type TRANSFORMER) then OpenVINO, quantized in NNCF's own
+                        environment (--nncf-python; benchmarks/nncf_anchor.py), timed here
     graphopt int8 F     optimize(precision="int8", fidelity=F, target="ort-cpu"), F in 0.999, 0.995
     graphopt cpu F      optimize(precision="auto", fidelity=F, target="cpu"): int8 layers, then the
                         fastest runtime (onnxruntime or OpenVINO, with bf16 hints allowed)
@@ -102,16 +102,21 @@ def ort_quantizers(path: Path, fit, out: Path) -> dict[str, Path | str]:
     return done
 
 
-def nncf_model(path: Path, fit):
-    try:
-        import nncf
-    except ImportError:
-        return "nncf is not installed here (not a project dependency; install it in its own environment)"
+def nncf_model(path: Path, fit, python: str | None, out: Path):
+    """NNCF + OpenVINO, quantized in NNCF's own environment (`python`), compiled here."""
+    import subprocess
+
+    if not python:
+        return "not measured: pass --nncf-python (an environment with nncf; it is not a project dependency)"
+    calib = graphopt.exporters.write_npz({f"{k}.{i}": v for i, b in enumerate(fit) for k, v in b.items()}, out / "nncf.npz")
+    target = out / f"{path.stem}.nncf.xml"
+    done = subprocess.run([python, str(Path(__file__).with_name("nncf_anchor.py")), str(path), str(calib), str(target)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     import openvino as ov
 
-    model = ov.Core().read_model(str(path))
-    quantized = nncf.quantize(model, nncf.Dataset(fit), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(fit) * 16)
-    return ov.Core().compile_model(quantized, "CPU")
+    return ov.Core().compile_model(str(target), "CPU")
 
 
 class _OV:
@@ -149,6 +154,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=64, help="calibration sentences (fit)")
+    ap.add_argument("--nncf-python", help="the python of an environment with nncf (the NNCF + OpenVINO anchor)")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -168,7 +174,7 @@ def main() -> int:
                 else:
                     notes[key] = made
             runners["openvino"] = openvino.compile(source, precision=None)
-            nncf = nncf_model(path, fit)
+            nncf = nncf_model(path, fit, args.nncf_python, out)
             if isinstance(nncf, str):
                 notes["nncf"] = nncf
             else:
