@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_args(s)
     s.add_argument("--rtol", type=float)
     s.add_argument("--atol", type=float)
+    s.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="where the candidate runs (the reference always runs in onnxruntime fp32)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_validate)
 
@@ -247,7 +249,7 @@ def cmd_optimize(args) -> int:
 def cmd_validate(args) -> int:
     with _spinner("validating"):
         result = graphopt.validate(args.reference, args.candidate, args.inputs, rtol=args.rtol, atol=args.atol,
-                                   seed=args.seed, dims=args.dims)
+                                   seed=args.seed, dims=args.dims, runtime=args.runtime)
     if args.json:
         out.print(json.dumps(result.to_dict(), indent=2), markup=False)
     else:

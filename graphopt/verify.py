@@ -25,6 +25,7 @@ import numpy as np
 
 from graphopt import exporters, feeds as feeds_mod, importers
 from graphopt.backends import ort as ort_backend
+from graphopt.errors import InputError
 from graphopt.model import Model
 
 # (rtol, atol) per dtype: fp32 is tight enough that a wrong rewrite cannot hide.
@@ -106,16 +107,27 @@ def validate(
     atol: float | None = None,
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
+    runtime: str = "onnxruntime",
 ) -> Validation:
     """Run `reference` and `candidate` on the same inputs and compare every output.
 
     reference/candidate: anything `graphopt.load` accepts. inputs: None (seeded
     generation, symbolic dims bound from `dims`, default batch=1, seq=128), an
     `.npz` path, or a dict of arrays. rtol/atol override the per-dtype defaults.
+    runtime: where the candidate runs: "onnxruntime" (like the reference), or "openvino"
+    (made portable, f32 hint): the candidate in OpenVINO against the reference in onnxruntime.
     """
     ref_model, cand_model = importers.load(reference), importers.load(candidate)
     feeds, source = resolve_inputs(ref_model, inputs, seed=seed, dims=dims)
-    checks = compare_outputs(run(ref_model, feeds), run(cand_model, feeds), rtol=rtol, atol=atol)
+    if runtime == "openvino":
+        from graphopt.backends import openvino
+
+        got = openvino.compile(cand_model, precision="f32").run(feeds)
+    elif runtime == "onnxruntime":
+        got = run(cand_model, feeds)
+    else:
+        raise InputError(f"unknown runtime '{runtime}'", hint="choose onnxruntime or openvino")
+    checks = compare_outputs(run(ref_model, feeds), got, rtol=rtol, atol=atol)
     return Validation(checks, {k: list(v.shape) for k, v in feeds.items()}, source, seed if inputs is None else None)
 
 

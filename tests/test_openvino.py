@@ -134,3 +134,13 @@ def test_cli_compile_run_and_bench_with_openvino(bert, tmp):
     assert all(c["median_ms"] and c["max_abs_error"] < 0.05 for c in contenders.values()), contenders
     bad = _cli("compile", path, "-o", tmp / "bert.onnx.bin", "--backend", "openvino")
     assert bad.returncode == 2 and "error:" in bad.stderr and ".xml" in bad.stderr
+
+
+def test_validate_in_openvino_against_ort(bert):
+    path, exact = bert
+    result = graphopt.validate(path, exact, dims={"batch": 1, "seq": 16}, runtime="openvino", rtol=1e-4, atol=1e-4)
+    assert result.passed, result.to_dict()
+    done = _cli("validate", path, path, "--runtime", "openvino", "--rtol", "1e-4", "--atol", "1e-4", "--dims", "batch=1,seq=16")
+    assert done.returncode == 0 and "PASS" in done.stdout, done.stdout + done.stderr
+    with pytest.raises(InputError, match="unknown runtime"):
+        graphopt.validate(path, exact, runtime="tvm")
