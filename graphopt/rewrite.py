@@ -79,6 +79,9 @@ class Rule(RewriteRuleClassBase):
     """
 
     commute: ClassVar[bool] = False
+    # Op types every match contains (e.g. Erf for GELU's erf form): a graph without one of them
+    # cannot match, so the rule (and its commuted variants, often hundreds) is not tried there.
+    requires_ops: ClassVar[tuple[str, ...]] = ()
     # Parameterized variants of the same identity (e.g. association orders of a
     # product); each dict becomes one onnxscript rule. Counts add up per class.
     variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
@@ -104,9 +107,11 @@ class RulePass(Pass):
 
     def run(self, model: ir.Model) -> dict[str, int]:
         counts = {rule.__name__: 0 for rule in self.rules}
+        present = _op_types(model)
+        rules = [rule for rule in self.rules if all(op in present for op in rule.requires_ops)]
         for _ in range(self.max_rounds):
             fired = 0
-            for rule in self.rules:
+            for rule in rules:
                 n = self._rule_set(rule).apply_to_model(model)
                 counts[rule.__name__] += n
                 fired += n
@@ -134,6 +139,12 @@ class RulePass(Pass):
                         best[key] = (score, _near_miss_line(rule.__name__, info))
         return [line for _, line in sorted(best.values(), key=lambda x: -x[0])]
 
+
+
+def _op_types(model: ir.Model) -> set[str]:
+    """Op types in the graph, its subgraphs and the model-local functions."""
+    found = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    return found | {n.op_type for f in model.functions.values() for n in f}
 
 
 def _near_miss_line(rule: str, info) -> str:

@@ -52,6 +52,7 @@ class FuseGelu(Rule):
 
     commute = True
     variants = ASSOCIATIONS
+    requires_ops = ("Erf",)
 
     def pattern(self, op, x):
         scaled = pattern.OrValue([op.Div(x, pattern.Var("root2")), op.Mul(x, pattern.Var("inv_root2"))])
@@ -83,6 +84,7 @@ class FuseGeluTanh(Rule):
 
     commute = True
     variants = ASSOCIATIONS
+    requires_ops = ("Tanh",)
 
     def pattern(self, op, x):
         cube = pattern.OrValue([op.Pow(x, pattern.Var("three")), op.Mul(op.Mul(x, x), x)])
@@ -113,6 +115,7 @@ class FuseSiLU(Rule):
     """
 
     commute = True
+    requires_ops = ("Sigmoid",)
 
     def pattern(self, op, x):
         return op.Mul(x, op.Sigmoid(x))
