@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt import machine  # noqa: E402
 from graphopt import benchmark as bench  # noqa: E402
 
 CASES = ("minilm-128", "minilm-512", "bert-base-128")
@@ -55,6 +56,7 @@ def _feeds(seq: int, vocab: int) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
+    print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--cases", default=",".join(CASES))

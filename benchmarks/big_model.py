@@ -23,6 +23,9 @@ import numpy as np
 import onnx
 import onnx.helper
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from graphopt import machine  # noqa: E402
+
 TENSOR_ELEMS = 8192 * 8192  # 256 MiB of float32 per initializer
 
 
@@ -66,6 +69,7 @@ print(json.dumps({"load_s": t1 - t0, "save_s": t2 - t1, "peak_rss_bytes": resour
 
 
 def main() -> int:
+    print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=3.0)
     parser.add_argument("--dir", default="/tmp/graphopt-big")

@@ -28,6 +28,7 @@ import convnets  # noqa: E402
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt import machine  # noqa: E402
 from graphopt import feeds  # noqa: E402
 
 SIZE = dict(hidden=384, layers=6, heads=6, intermediate=1536)
@@ -95,6 +96,7 @@ def session(path: Path, disabled: list[str]) -> ort.InferenceSession:
 
 
 def main() -> int:
+    print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"])
     parser.add_argument("--rounds", type=int, default=15)

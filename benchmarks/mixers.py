@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt import machine  # noqa: E402
 from graphopt import timing  # noqa: E402
 from graphopt.backends import ort_select  # noqa: E402
 from graphopt.passes.mixers import swap_mixers  # noqa: E402
@@ -101,6 +102,7 @@ def peak_rss_gib(path: Path, seq: int) -> float:
 
 
 def main() -> None:
+    print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192")
     ap.add_argument("--rounds", type=int, default=3)

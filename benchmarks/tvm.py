@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt import machine  # noqa: E402
 from graphopt import exporters, timing  # noqa: E402
 from graphopt.backends import ort_select  # noqa: E402
 from graphopt.backends import tvm as tvm_backend  # noqa: E402
@@ -58,6 +59,7 @@ def _model(kind: str, seq: int, tmp: Path):
 
 
 def main() -> None:
+    print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=256)
     ap.add_argument("--seq", type=int, default=128)
