@@ -231,8 +231,28 @@ class OrtLowering(LoweringStep):
         if stage.feeds is None:
             raise InputError(f"target '{self.target}' needs inputs to measure the candidates on")
         selection = select(stage.model.ir, stage.feeds, self.target, use_cache=self.options.use_cache)
-        return Lowering([registry.get(name) for name in selection.passes], selection.to_dict(),
-                        lambda model: apply_metadata(model.ir, selection))
+        passes = [registry.get(name) for name in selection.passes]
+        measured = selection.to_dict()
+        given = None if stage.approximate else stage.given  # after an approximate step the input is another function
+        if given is not None:
+            measured["vs_input"] = _versus_input(stage, given, passes, selection.provider)
+            if measured["vs_input"]["kept"] == "input as given":
+                return Lowering([], measured, lambda model: apply_metadata(model.ir, selection), replace=given)
+        return Lowering(passes, measured, lambda model: apply_metadata(model.ir, selection))
+
+
+def _versus_input(stage: Stage, given, passes, provider: str, rounds: int = 15) -> dict[str, Any]:
+    """The lowered stage against the plan's input as given, both in default sessions (what a user
+    runs): graphopt's output must not be the slower one."""
+    lowered = stage.model.clone()
+    for p in passes:
+        p(lowered.ir)
+    sessions = {name: session_for(exporters.to_proto(m).SerializeToString(), provider, disabled=())
+                for name, m in (("lowered", lowered), ("input as given", given))}
+    medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(stage.feeds)) for n, s in sessions.items()},
+                                                rounds=rounds))
+    return {"lowered_ms": round(medians["lowered"] * 1e3, 3), "input_ms": round(medians["input as given"] * 1e3, 3),
+            "kept": min(medians, key=medians.get)}
 
 
 for _target in TARGETS:

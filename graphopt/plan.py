@@ -45,7 +45,7 @@ class Plan:
         for the lowering measurements; without them nothing is checked."""
         notes: list[str] = []
         reference = _reference_outputs(model, feeds, notes) if feeds is not None and check else None
-        stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain)
+        stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain, given=model.clone())
         records = []
         for index, step in enumerate(self.steps):
             if progress:

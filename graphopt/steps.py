@@ -88,6 +88,7 @@ class Stage:
     outputs: dict[str, np.ndarray] | None
     explain: bool = False
     approximate: bool = False  # an approximate step changed the function on purpose
+    given: Model | None = None  # the plan's input as given (a lowering may find it faster than the rewrite)
 
     def run(self) -> dict[str, np.ndarray]:
         return verify.run(self.model, self.feeds)
@@ -206,6 +207,7 @@ class Lowering:
     passes: Sequence[Pass]
     measurements: dict[str, Any]
     annotate: Callable[[Model], None] | None = None
+    replace: Model | None = None  # measured faster than any lowering of the stage: use it instead (same function)
 
 
 class LoweringStep(Step):
@@ -225,13 +227,17 @@ class LoweringStep(Step):
         snapshot = stage.model.ir.clone()
         choice = self.choose(stage)
         rewrites: dict[str, int] = {}
+        note = ""
+        if choice.replace is not None:
+            stage.model.ir = choice.replace.clone().ir
+            rewrites, note = {"KeepInputAsGiven": 1}, "the input as given ran faster on the target than the rewritten model"
         for p in choice.passes:
             for rule, n in p(stage.model.ir).items():
                 rewrites[rule] = rewrites.get(rule, 0) + n
         if choice.annotate is not None:
             choice.annotate(stage.model)
         record = StepRecord(self.name, str(self.kind), rewrites, time.perf_counter() - start,
-                            "applied" if sum(rewrites.values()) else "no-op", measurements=choice.measurements)
+                            "applied" if sum(rewrites.values()) else "no-op", measurements=choice.measurements, note=note)
         if stage.outputs is None:
             return record
         return check_equal(stage, record, snapshot)

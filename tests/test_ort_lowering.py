@@ -210,3 +210,19 @@ def test_bench_runs_every_contender(tmp, monkeypatch):
         assert (c.median_ms is not None) != (c.error is not None), c
     assert by_name["graphopt"].max_abs_error < 1e-4 and by_name["original"].speedup == 1.0
     assert np.isfinite(result.to_dict()["contenders"][0]["median_ms"])
+
+
+def test_ort_target_is_never_slower_than_the_input_as_given(exported, tmp, monkeypatch):
+    """The lowered model is timed against the plan's input in default sessions; the faster is kept
+    (a rewrite that ORT runs slower than the raw export must not be shipped)."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp))
+    source = exported["bert"]
+    result = graphopt.optimize(source, passes=["cse"], dims=DIMS, target="ort-cpu")
+    versus = result.report.lowering["vs_input"]
+    assert versus["lowered_ms"] > 0 and versus["input_ms"] > 0
+    assert versus["kept"] == ("input as given" if versus["input_ms"] < versus["lowered_ms"] else "lowered")
+    step = result.report.steps[-1]
+    if versus["kept"] == "input as given":
+        assert step.rewrites == {"KeepInputAsGiven": 1} and "faster" in step.note
+        assert [n.op_type for n in result.model.graph] == [n.op_type for n in source.graph]
+    assert result.report.validation.passed
