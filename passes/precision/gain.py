@@ -30,9 +30,9 @@ def _layer(site: Site, x_shape, act: ActRange | None) -> bytes:
                   oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
                   oh.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"], axis=site.axis)]
         weight, x = "Wd", "xd"
-    extra = [name for name in (i.name for i in site.node.inputs[2:] if i is not None)]
-    for i, name in enumerate(extra):
-        inits.append(onnx_tensor(np.asarray(site.node.inputs[2 + i].const_value.numpy()), f"extra{i}"))
+    extra = [v for v in site.node.inputs[2:] if v is not None]  # Gemm's C, Conv's bias: constants (see measure)
+    for i, value in enumerate(extra):
+        inits.append(onnx_tensor(np.asarray(value.const_value.numpy()), f"extra{i}"))
     nodes.append(oh.make_node(node.op_type, [x, weight, *[f"extra{i}" for i in range(len(extra))]], ["y"], **attrs))
     graph = oh.make_graph(nodes, "layer", [oh.make_tensor_value_info("x", 1, list(x_shape))],
                           [oh.make_tensor_value_info("y", 1, None)], inits)
@@ -48,7 +48,8 @@ def onnx_tensor(array: np.ndarray, name: str):
 def measure(site: Site, x_shape, act: ActRange, cache: dict) -> tuple[float, float] | None:
     """(float ms, int8 ms) of the layer alone at `x_shape`, or None when it cannot be built alone
     (a bias or other input that is not constant)."""
-    key = (site.node.op_type, tuple(x_shape), site.w.shape, repr(sorted(site.node.attributes.keys())))
+    key = (site.node.op_type, tuple(x_shape), site.w.shape,
+           repr(sorted((k, repr(a.value)) for k, a in site.node.attributes.items())), len(site.node.inputs))
     if key in cache:
         return cache[key]
     if any(i is not None and i.const_value is None for i in site.node.inputs[2:]):
