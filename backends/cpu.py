@@ -73,17 +73,24 @@ class CpuLowering(LoweringStep):
         from graphopt.backends import openvino
 
         reference = verify.run(model, feeds)
+        read: list = []
+
+        def portable():  # made portable and read by OpenVINO once, compiled per precision
+            if not read:
+                read.append(openvino.read(model))
+            return read[0]
+
         ort_lowering = ort_select.select(model.ir, feeds, "ort-cpu", use_cache=self.options.use_cache)
         builders = {
             "ort": lambda: ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=()),
             # timed as a user runs it: a default session, no transformers disabled
             "ort-lowered": lambda: ort_select.session_for(_lowered(model, ort_lowering.passes), disabled=()),
-            "openvino-f32": lambda: openvino.compile(model, precision="f32"),
+            "openvino-f32": lambda: openvino.compile(portable(), precision="f32"),
         }
         skipped = {}
         for precision in precisions:
             if openvino.supports(precision):
-                builders[f"openvino-{precision}"] = lambda p=precision: openvino.compile(model, precision=p)
+                builders[f"openvino-{precision}"] = lambda p=precision: openvino.compile(portable(), precision=p)
             else:
                 skipped[f"openvino-{precision}"] = f"OpenVINO reports no {openvino.CAPABILITY[precision]} on this CPU"
         candidates: dict[str, dict[str, Any]] = {}
