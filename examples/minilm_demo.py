@@ -77,7 +77,7 @@ def main() -> int:
         model = graphopt.load(module, example_inputs=(enc["input_ids"], enc["attention_mask"]), dynamic_shapes=dynamic)
     feeds = {k: enc[k].numpy() for k in ("input_ids", "attention_mask")}
     with console.status("optimizing (preset exact, then the fastest runtime on this CPU) with checks on real sentences"):
-        result = graphopt.optimize(model, inputs=feeds, target="cpu", precision="auto", fidelity=FIDELITY)
+        result = graphopt.optimize(model, inputs=feeds, target="cpu", precision="bf16", fidelity=FIDELITY)
     console.print(result.report.tables())
 
     with torch.no_grad():

@@ -134,6 +134,8 @@ def fidelity_table(fidelity: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table
 
+    if "precision" in fidelity:
+        return precision_table(fidelity)
     table = Table(title=f"fidelity: {fidelity['mixer']} on {len(fidelity['layers_swapped'])}/{fidelity['layers_total']} "
                         f"attention layers (held-out rows: {fidelity['calibration']['held_out_rows']})", title_justify="left")
     for col in ("layer", "node", "swapped", "rel error", "cosine", "note"):
@@ -141,13 +143,46 @@ def fidelity_table(fidelity: dict[str, Any]):
     for entry in fidelity["per_layer"]:
         table.add_row(str(entry["index"]), entry["node"], "yes" if entry["swapped"] else "no", f"{entry['rel_error']:.4f}",
                       f"{entry['cosine']:.4f}", entry.get("kept_because", entry.get("as", "")))
-    lines = [f"end to end {name}: mean cosine {v['mean_cosine']:.5f}, min cosine {v['min_cosine']:.5f}, max abs error "
-             f"{v['max_abs_error']:.3e}" + (f", KL {v['kl_divergence']:.4g}" if "kl_divergence" in v else "")
-             for name, v in fidelity["end_to_end"].items()]
+    lines = _end_to_end_lines(fidelity)
     if "decode" in fidelity:
         decode = fidelity["decode"]
         lines.append(f"decoding: KV caches {', '.join(decode['removed'])} replaced by states "
                      f"{', '.join(decode['state_inputs'])} -> {', '.join(decode['state_outputs'])}; {decode['how']}")
+    if "warning" in fidelity["calibration"]:
+        lines.append(f"WARNING: {fidelity['calibration']['warning']}")
+    return Group(table, *lines)
+
+
+def _end_to_end_lines(fidelity: dict[str, Any]) -> list[str]:
+    return [f"end to end {name}: mean cosine {v['mean_cosine']:.5f}, min cosine {v['min_cosine']:.5f}, max abs error "
+            f"{v['max_abs_error']:.3e}" + (f", KL {v['kl_divergence']:.4g}" if "kl_divergence" in v else "")
+            for name, v in fidelity["end_to_end"].items()]
+
+
+def precision_table(fidelity: dict[str, Any]):
+    """An int8 step: every layer with its precision, range, error and measured float / int8 time."""
+    from rich.console import Group
+    from rich.table import Table
+
+    sel = fidelity["selection"]
+    table = Table(title=f"fidelity: {fidelity['precision']} on {sel['int8_layers']}/{sel['layers_total']} layers "
+                        f"(bound {sel['fidelity_bound']}; held-out rows: {fidelity['calibration']['held_out_rows']})",
+                  title_justify="left")
+    for col in ("layer", "node", "op", "precision", "range", "rel error", "float ms", "int8 ms", "note"):
+        table.add_column(col)
+    for e in fidelity["layers"]:
+        table.add_row(str(e["index"]), e["node"], e["op"], e["precision"], e["range"],
+                      "-" if e["rel_error"] is None else f"{e['rel_error']:.4f}",
+                      "-" if e["float_ms"] is None else f"{e['float_ms']:.3f}",
+                      "-" if e["int8_ms"] is None else f"{e['int8_ms']:.3f}", e.get("kept_because", ""))
+    smoothing = fidelity.get("smoothing", {})
+    migrated = [a for a in smoothing.get("activations", []) if a["alpha"]]
+    lines = _end_to_end_lines(fidelity)
+    lines.append(f"SmoothQuant: {len(migrated)} activation(s) migrated into the weights"
+                 + (", validated equal" if smoothing.get("validated_equal") else "")
+                 + (f"; {smoothing['undone']}" if "undone" in smoothing else ""))
+    if "note" in fidelity:
+        lines.append(fidelity["note"])
     if "warning" in fidelity["calibration"]:
         lines.append(f"WARNING: {fidelity['calibration']['warning']}")
     return Group(table, *lines)

@@ -187,3 +187,14 @@ def test_optimize_for_ort_cpu_and_bench(tmp):
         assert graphopt("bench", src, "--against", "tvm", check_rc=2).stderr.startswith("graphopt: error: unknown contender")
     finally:
         os.environ.pop("GRAPHOPT_CACHE_DIR", None)
+
+
+def test_optimize_int8_prints_every_layer_and_writes_the_report(mlp, tmp):
+    """The int8 step through the CLI: the per-layer table renders, the report has the layers."""
+    proc = graphopt("optimize", mlp, "-o", tmp / "q.onnx", "--precision", "int8", "--fidelity", "0.0",
+                    "--report", tmp / "r.json", "--dims", "N=256", check_rc=0)
+    assert "fidelity: int8 on" in proc.stdout and "WARNING: no calibration data" in proc.stdout
+    report = json.loads((tmp / "r.json").read_text())
+    layers = report["fidelity"]["layers"]
+    assert [e["op"] for e in layers] == ["MatMul", "MatMul"]
+    assert all(e["precision"] in ("int8", "float32") and e["float_ms"] > 0 for e in layers)
