@@ -67,16 +67,15 @@ def candidates(samples: np.ndarray) -> list[ActRange]:
     return out
 
 
-def local_error(x: np.ndarray, w: np.ndarray, act: ActRange, fake_w: np.ndarray) -> float:
-    """Relative error of x @ W with both quantized, against the float product (MatMul/Gemm form)."""
-    exact = x @ w
+def local_error(x: np.ndarray, exact: np.ndarray, act: ActRange, fake_w: np.ndarray) -> float:
+    """Relative error of x @ W with both quantized (`fake_w`), against the float product `exact` = x @ W."""
     approx = act.fake(x) @ fake_w
     return float(np.linalg.norm(approx - exact) / (np.linalg.norm(exact) + 1e-30))
 
 
 def best_range(x: np.ndarray, w: np.ndarray) -> tuple[ActRange, float]:
     """The candidate range with the lowest local error of x @ w (x [rows, K], w [K, N])."""
-    fake_w = fake_weight(w, 1)
-    scored = [(local_error(x, w, r, fake_w), r) for r in candidates(x)]
+    fake_w, exact = fake_weight(w, 1), x @ w  # shared by every candidate range
+    scored = [(local_error(x, exact, r, fake_w), r) for r in candidates(x)]
     err, act = min(scored, key=lambda t: t[0])
     return act, err

@@ -31,10 +31,6 @@ class Site:
     def w(self) -> np.ndarray:
         return const_array(self.weight)
 
-    def macs(self, tokens: int) -> int:
-        """Multiply-accumulates per call at `tokens` rows of x (MatMul/Gemm)."""
-        return int(tokens * self.w.size)
-
 
 def find_sites(graph: ir.Graph) -> list[Site]:
     """Every quantizable layer in graph order."""

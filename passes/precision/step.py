@@ -40,14 +40,6 @@ def _rows(arrays: list[np.ndarray], last: int, seed: int = 0) -> np.ndarray:
     return rows.astype(np.float32)
 
 
-def _dense(site: Site) -> np.ndarray | None:
-    """W in x @ W form (MatMul, Gemm); None for Conv."""
-    if site.node.op_type == "Conv":
-        return None
-    w = site.w
-    return w.T if site.node.op_type == "Gemm" and site.node.attributes.get_int("transB", 0) else w
-
-
 def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     work = model.clone()
     infer_shapes(work.ir)
@@ -67,7 +59,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     gains: dict = {}
     for site in sites:
         xs = [r[site.x.name] for r in captured]
-        w = _dense(site)
+        w = None if site.node.op_type == "Conv" else smooth.dense(site)  # x @ W form
         if w is None:  # Conv: min-max range, error measured end to end only
             act = ranges.candidates(np.concatenate([a.ravel() for a in xs]))[0]
             err = None
