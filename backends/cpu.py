@@ -10,6 +10,10 @@ and, only when the user allows reduced precision (`precision` bf16 / f16 / auto)
 reports the capability on this CPU:
     openvino-bf16   OpenVINO with the bf16 hint (AVX512-BF16 / AMX)
     openvino-f16    OpenVINO with the f16 hint
+    openvino-bf16-graph, openvino-f16-graph
+                    the graph itself converted (passes/precision/half.py: inputs, outputs and the
+                    accumulating ops float32), compiled with the f32 hint: the file computes in 16
+                    bits in any consumer, no hint needed
 A reduced-precision candidate is kept only if its fidelity (the lowest cosine of any output,
 per row, to ORT fp32) meets the bound. The fastest kept candidate wins: an ORT win writes its
 lowering; an OpenVINO win writes portable ONNX (graphopt functions inlined) with the runtime and
@@ -32,7 +36,8 @@ from graphopt.backends import ort_select
 RUNTIME_KEY = "graphopt.runtime"  # "onnxruntime" or "openvino"
 PRECISION_KEY = "graphopt.openvino.precision"
 REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
-CACHE_VERSION = 1
+GRAPH_MARGIN = 0.03  # a converted graph replaces its precision hint only when this much faster
+CACHE_VERSION = 2  # 2: the converted-graph candidates
 
 
 class CpuLowering(LoweringStep):
@@ -91,6 +96,8 @@ class CpuLowering(LoweringStep):
         for precision in precisions:
             if openvino.supports(precision):
                 builders[f"openvino-{precision}"] = lambda p=precision: openvino.compile(portable(), precision=p)
+                builders[f"openvino-{precision}-graph"] = lambda p=precision: openvino.compile(
+                    _converted(model, p), precision="f32")
             else:
                 skipped[f"openvino-{precision}"] = f"OpenVINO reports no {openvino.CAPABILITY[precision]} on this CPU"
         candidates: dict[str, dict[str, Any]] = {}
@@ -113,6 +120,9 @@ class CpuLowering(LoweringStep):
         for name, seconds in medians.items():
             candidates[name]["median_ms"] = round(seconds * 1e3, 3)
         chosen = min(medians, key=medians.get)
+        hint = chosen.removesuffix("-graph")
+        if chosen != hint and hint in medians and medians[hint] <= medians[chosen] * (1 + GRAPH_MARGIN):
+            chosen = hint  # the hint keeps the file float32 (it runs in any consumer): the graph must win clearly
         return {"target": self.target, "machine": machine.describe(), "chosen": chosen, "candidates": candidates,
                 "skipped": skipped, "ort_lowering": ort_lowering.to_dict(),
                 "precision_allowed": list(precisions), "fidelity_bound": self.options.fidelity,
@@ -121,12 +131,18 @@ class CpuLowering(LoweringStep):
     def _lowering(self, stage: Stage, measured: dict[str, Any]) -> Lowering:
         chosen = measured["chosen"]
         if chosen.startswith("openvino"):
-            precision = chosen.split("-", 1)[1]
+            precision = chosen.split("-")[1]
+            graph = chosen.endswith("-graph")
 
             def annotate(model: Model) -> None:
                 model.ir.metadata_props[RUNTIME_KEY] = "openvino"
-                model.ir.metadata_props[PRECISION_KEY] = precision
-            return Lowering([registry.get("make-portable")], measured, annotate)
+                model.ir.metadata_props[PRECISION_KEY] = "f32" if graph else precision
+            if not graph:
+                return Lowering([registry.get("make-portable")], measured, annotate)
+            fid = {"min_cosine": measured["candidates"][chosen]["min_cosine"], "bound": self.options.fidelity,
+                   "measured_in": "openvino", "conversion": chosen}
+            return Lowering([registry.get("make-portable")], measured, annotate,
+                            convert=lambda m: _converted(m, precision), fidelity=fid)
         selection = measured["ort_lowering"]
         passes = ort_select.Selection(**{k: selection[k] for k in ("target", "provider", "choices", "timings_ms",
                                                                    "skipped")})
@@ -135,6 +151,13 @@ class CpuLowering(LoweringStep):
             model.ir.metadata_props[RUNTIME_KEY] = "onnxruntime"  # measured in a default session: no hints needed
         lowering = passes.passes if chosen == "ort-lowered" else []
         return Lowering([registry.get(n) for n in [*lowering, "make-portable"]], measured, annotate_ort)
+
+
+def _converted(model: Model, precision: str) -> Model:
+    from graphopt.backends import openvino
+    from graphopt.passes.precision import half
+
+    return half.convert(openvino.portable(model), {"f16": "fp16"}.get(precision, precision))[0]
 
 
 def _lowered(model: Model, passes) -> bytes:

@@ -47,3 +47,15 @@ NONDETERMINISTIC = frozenset(
 
 def normalize_domain(domain: str) -> str:
     return ONNX_DOMAIN if domain in ONNX_DOMAIN_ALIASES else domain
+
+# Ops a bf16 / fp16 graph keeps in float32 (passes/precision/half.py): they accumulate over many
+# terms (norms, softmax, reductions), or overflow or lose range in 16 bits (exp, pow, the
+# reciprocal square root), or take float32-only inputs (Resize's scales).
+KEEP_FLOAT32 = frozenset(
+    OpId(ONNX_DOMAIN, name)
+    for name in ("Softmax", "LogSoftmax", "LayerNormalization", "RMSNormalization", "BatchNormalization",
+                 "InstanceNormalization", "GroupNormalization", "LpNormalization", "MeanVarianceNormalization",
+                 "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                 "ReduceLogSumExp", "ReduceProd", "CumSum", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Range",
+                 "Resize", "Upsample", "EyeLike", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+) | NONDETERMINISTIC

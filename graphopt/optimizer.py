@@ -78,7 +78,7 @@ def optimize(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(p for p in PRECISIONS if p)}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_steps=calib_steps, layers=layers,
-                      use_cache=use_cache, precision=precision)
+                      use_cache=use_cache, precision=precision, target=target)
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=[PORTABLE] if portable else [])
     feeds = source_desc = None
@@ -104,9 +104,8 @@ def optimize(
 
 
 def _precision_notes(precision: str | None, target: str | None) -> list[str]:
-    if precision in ("bf16", "fp16") and target != "cpu":
-        return [f"precision {precision} is a runtime choice (OpenVINO's hint under --target cpu); without that target "
-                "the model stays float32"]
+    if precision == "bf16" and target != "cpu":
+        return ["a bf16 graph runs in OpenVINO, TVM and GPU runtimes; onnxruntime's CPU provider has no bf16 kernels"]
     return []
 
 

@@ -134,8 +134,10 @@ def fidelity_table(fidelity: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table
 
-    if "precision" in fidelity:
+    if "selection" in fidelity:
         return precision_table(fidelity)
+    if "conversion" in fidelity:
+        return conversion_lines(fidelity)
     table = Table(title=f"fidelity: {fidelity['mixer']} on {len(fidelity['layers_swapped'])}/{fidelity['layers_total']} "
                         f"attention layers (held-out rows: {fidelity['calibration']['held_out_rows']})", title_justify="left")
     for col in ("layer", "node", "swapped", "rel error", "cosine", "note"):
@@ -157,6 +159,22 @@ def _end_to_end_lines(fidelity: dict[str, Any]) -> list[str]:
     return [f"end to end {name}: mean cosine {v['mean_cosine']:.5f}, min cosine {v['min_cosine']:.5f}, max abs error "
             f"{v['max_abs_error']:.3e}" + (f", KL {v['kl_divergence']:.4g}" if "kl_divergence" in v else "")
             for name, v in fidelity["end_to_end"].items()]
+
+
+def conversion_lines(fidelity: dict[str, Any]):
+    """A bf16 / fp16 graph conversion: what went to 16 bits, what stayed float32, the fidelity."""
+    from rich.console import Group
+
+    c = fidelity["conversion"]
+    kept = ", ".join(f"{op} x{n}" for op, n in c["kept_float32"].items()) or "none"
+    lines = [f"{fidelity['precision']} graph: {c['nodes_in_low_precision']} nodes in {fidelity['precision']}, "
+             f"{c['casts']} casts; kept float32: {kept}", *_end_to_end_lines(fidelity),
+             f"measured on {fidelity['measured_on']}"]
+    if "note" in fidelity:
+        lines.append(fidelity["note"])
+    if "warning" in fidelity["calibration"]:
+        lines.append(f"WARNING: {fidelity['calibration']['warning']}")
+    return Group(*lines)
 
 
 def precision_table(fidelity: dict[str, Any]):
@@ -181,6 +199,11 @@ def precision_table(fidelity: dict[str, Any]):
     lines.append(f"SmoothQuant: {len(migrated)} activation(s) migrated into the weights"
                  + (", validated equal" if smoothing.get("validated_equal") else "")
                  + (f"; {smoothing['undone']}" if "undone" in smoothing else ""))
+    corrected = fidelity.get("bias_correction", {})
+    if corrected.get("layers"):
+        lines.append(f"bias correction on {corrected['layers']} layer(s): held-out mean cosine "
+                     f"{corrected['mean_cosine_with']:.5f} with, {corrected['mean_cosine_without']:.5f} without; "
+                     + ("kept" if corrected["kept"] else "dropped"))
     if "note" in fidelity:
         lines.append(fidelity["note"])
     if "warning" in fidelity["calibration"]:

@@ -198,3 +198,12 @@ def test_optimize_int8_prints_every_layer_and_writes_the_report(mlp, tmp):
     layers = report["fidelity"]["layers"]
     assert [e["op"] for e in layers] == ["MatMul", "MatMul"]
     assert all(e["precision"] in ("int8", "float32") and e["float_ms"] > 0 for e in layers)
+
+
+def test_optimize_bf16_writes_a_bf16_graph_and_says_what_stayed_float32(mlp, tmp):
+    proc = graphopt("optimize", mlp, "-o", tmp / "h.onnx", "--precision", "bf16", "--fidelity", "0.99",
+                    "--dims", "N=256", check_rc=0)
+    assert "bf16 graph:" in proc.stdout and "onnxruntime's CPU provider has no bf16 kernels" in proc.stdout
+    saved = onnx.load(tmp / "h.onnx")
+    assert {i.type.tensor_type.elem_type for i in saved.graph.input} == {onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.BFLOAT16 in {t.data_type for t in saved.graph.initializer}

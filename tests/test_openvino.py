@@ -94,12 +94,19 @@ def test_target_cpu_measures_ort_and_openvino(bert, tmp, monkeypatch):
     result = graphopt.optimize(path, dims={"batch": 1, "seq": 16}, target="cpu", precision="bf16", fidelity=0.999)
     lowering = result.report.lowering
     assert lowering["target"] == "cpu" and lowering["machine"]["cpu"] == graphopt.machine.cpu_model()
-    expected = {"ort", "ort-lowered", "openvino-f32"} | ({"openvino-bf16"} if openvino.supports("bf16") else set())
-    assert set(lowering["candidates"]) == expected
+    bf16 = {"openvino-bf16", "openvino-bf16-graph"} if openvino.supports("bf16") else set()
+    assert set(lowering["candidates"]) == {"ort", "ort-lowered", "openvino-f32"} | bf16
     assert all("median_ms" in c and c["min_cosine"] > 0.999 for c in lowering["candidates"].values())
-    fastest = min(lowering["candidates"], key=lambda n: lowering["candidates"][n]["median_ms"])
+    times = {n: c["median_ms"] for n, c in lowering["candidates"].items()}
+    fastest = min(times, key=times.get)
+    if fastest == "openvino-bf16-graph" and times["openvino-bf16"] <= times[fastest] * (1 + cpu.GRAPH_MARGIN):
+        fastest = "openvino-bf16"  # the hint keeps the file float32: the converted graph must win clearly
     assert lowering["chosen"] == fastest
-    assert result.report.validation.passed and {n.domain for n in result.model.ir.graph} <= {"", "com.microsoft"}
+    assert {n.domain for n in result.model.ir.graph} <= {"", "com.microsoft"}
+    if fastest.endswith("-graph"):  # approximate on purpose: its fidelity was measured in OpenVINO
+        assert result.report.validation is None and next(s for s in result.report.steps if s.name == "lower-cpu").check["measured_in"] == "openvino"
+    else:
+        assert result.report.validation.passed
     runtime = result.model.ir.metadata_props[cpu.RUNTIME_KEY]
     assert runtime == ("openvino" if fastest.startswith("openvino") else "onnxruntime")
     again = graphopt.optimize(path, dims={"batch": 1, "seq": 16}, target="cpu", precision="bf16", fidelity=0.999)

@@ -2,10 +2,13 @@
 
 `sites` (what can go to int8), `ranges` (activation ranges and the int8 arithmetic), `smooth`
 (SmoothQuant as an exact re-parameterization), `gain` (each layer's measured int8 speed-up),
-`qdq` (the emitted QuantizeLinear / DequantizeLinear form), `step` (the approximate step).
-bf16 / fp16 are lowering choices (OpenVINO's precision hints under `--target cpu`).
+`qdq` (the emitted QuantizeLinear / DequantizeLinear form), `bias` (bias correction after
+rounding), `step` (the int8 approximate step); `half` (bf16 / fp16 graph conversion) and
+`half_step` (its approximate step). Under `--target cpu` bf16 / fp16 are the lowering's choice:
+OpenVINO's precision hint against the converted graph, measured (backends/cpu.py).
 """
 
+from graphopt.passes.precision.half_step import ConvertHalf
 from graphopt.passes.precision.step import QuantizeInt8
 from graphopt.registry import register_approximate
 
@@ -13,8 +16,13 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
 
 
 def _step(value: str, options):
-    """int8 (and auto) quantize; fp32 / bf16 / fp16 are read by the lowering (no graph change)."""
-    return QuantizeInt8(options) if value in ("int8", "auto") else None
+    """int8 (and auto) quantize; bf16 / fp16 convert the graph, except under `--target cpu`, whose
+    lowering measures them (hint or converted graph); fp32 changes nothing."""
+    if value in ("int8", "auto"):
+        return QuantizeInt8(options)
+    if value in ("bf16", "fp16") and options.target != "cpu":
+        return ConvertHalf(options, value)
+    return None
 
 
 register_approximate("precision", _step, choices=lambda: PRECISIONS)

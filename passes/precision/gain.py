@@ -14,7 +14,7 @@ from graphopt.passes.precision.sites import Site
 ROUNDS = 20
 
 
-def _layer(site: Site, x_shape, act: ActRange | None) -> bytes:
+def layer_model(site: Site, x_shape, act: ActRange | None) -> bytes:
     node, w = site.node, site.w
     attrs = {k: a.value for k, a in node.attributes.items()}
     inits, nodes = [], []
@@ -58,8 +58,8 @@ def measure(site: Site, x_shape, act: ActRange, cache: dict) -> tuple[float, flo
     from graphopt.backends.ort_select import session_for
 
     x = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
-    sessions = {"float": session_for(_layer(site, x_shape, None), disabled=()),
-                "int8": session_for(_layer(site, x_shape, act), disabled=())}
+    sessions = {"float": session_for(layer_model(site, x_shape, None), disabled=()),
+                "int8": session_for(layer_model(site, x_shape, act), disabled=())}
     medians = timing.medians(timing.interleaved({k: (lambda s=s: s.run(x)) for k, s in sessions.items()}, rounds=ROUNDS))
     cache[key] = (medians["float"] * 1e3, medians["int8"] * 1e3)
     return cache[key]

@@ -13,6 +13,8 @@
    on the held-out batches stays >= the bound is kept in int8 (binary search over prefixes:
    fidelity falls as layers are added). Nothing meets the bound: the model stays float, said so.
 5. Emission (qdq.py): standard QuantizeLinear / DequantizeLinear around each kept layer.
+6. Bias correction (bias.py): each kept layer's mean output error per channel on the fit data
+   goes into its bias; kept only where it raises the held-out end-to-end cosine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from graphopt import calibration, fidelity, verify
 from graphopt.errors import InputError
 from graphopt.ir import common_passes
 from graphopt.model import Model
-from graphopt.passes.precision import gain, qdq, ranges, smooth
+from graphopt.passes.precision import bias, gain, qdq, ranges, smooth
 from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
@@ -55,7 +57,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     report["smoothing"] = _smooth(work, sites, data)
     sites = find_sites(work.ir.graph)  # the migration replaced weights (and inputs, for Mul branches)
     captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit)
-    layers, acts = [], {}
+    layers, acts, shifts = [], {}, {}
     gains: dict = {}
     for site in sites:
         xs = [r[site.x.name] for r in captured]
@@ -66,11 +68,13 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         else:
             act, err = ranges.best_range(_rows(xs, w.shape[0]), w)
         acts[site.index] = act
+        shifts[site.index] = bias.shift(site, xs, act, w)
         timed = gain.measure(site, xs[0].shape, act, gains)
         entry = {"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
                  "rel_error": None if err is None else round(err, 6),
                  "float_ms": None if timed is None else round(timed[0], 4),
-                 "int8_ms": None if timed is None else round(timed[1], 4)}
+                 "int8_ms": None if timed is None else round(timed[1], 4),
+                 "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)}
         layers.append(entry)
     faster = [e for e in layers if e["int8_ms"] is not None and e["int8_ms"] < e["float_ms"]]
     for e in layers:
@@ -78,11 +82,14 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
             e["precision"], e["kept_because"] = "float32", "its int8 form is not faster on this machine"
     order = sorted(faster, key=lambda e: -(e["float_ms"] - e["int8_ms"]) / ((e["rel_error"] or 1e-3) + 1e-6))
 
-    def build(count: int) -> Model:
+    def build(count: int, corrected: bool = True) -> Model:
         trial = work.clone()
         trial_sites = {s.name: s for s in find_sites(trial.ir.graph)}
         for e in order[:count]:
-            qdq.quantize(trial.ir.graph, trial_sites[e["node"]], acts[e["index"]])
+            site = trial_sites[e["node"]]
+            qdq.quantize(trial.ir.graph, site, acts[e["index"]])
+            if corrected and shifts[e["index"]] is not None:
+                bias.correct(trial.ir.graph, site, shifts[e["index"]])
         common_passes.RemoveUnusedNodesPass()(trial.ir)
         return trial
 
@@ -98,6 +105,15 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         else:
             hi = mid - 1
     final = build(best)
+    corrected = [e["node"] for e in order[:best] if shifts[e["index"]] is not None]
+    report["bias_correction"] = {"layers": len(corrected)}
+    if corrected:  # held-out data decides whether the correction stays
+        plain = build(best, corrected=False)
+        plain_fid = fid(plain)
+        a, b = fidelity.worst_mean_cosine(best_fid), fidelity.worst_mean_cosine(plain_fid)
+        report["bias_correction"].update(mean_cosine_with=round(a, 6), mean_cosine_without=round(b, 6), kept=a >= b)
+        if a < b:
+            final, best_fid = plain, plain_fid
     kept = {e["node"] for e in order[:best]}
     for rank, e in enumerate(order):
         e["precision"] = "int8" if e["node"] in kept else "float32"
