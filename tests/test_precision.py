@@ -26,13 +26,17 @@ DIMS = {"batch": 2, "seq": 16}
 
 
 def _fused(model) -> list[str]:
+    return [n.op_type for n in _fused_ops(model)]
+
+
+def _fused_ops(model):
     options = ort.SessionOptions()
     with tempfile.TemporaryDirectory() as tmp:
         options.optimized_model_filepath = str(Path(tmp) / "o.onnx")
         options.log_severity_level = 3
         ort.InferenceSession(graphopt.exporters.to_proto(model).SerializeToString(), options,
                              providers=["CPUExecutionProvider"])
-        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        return list(onnx.load(options.optimized_model_filepath).graph.node)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +65,15 @@ def test_qdq_on_each_linear_kind_fuses_to_integer_kernels(op, weight, attrs):
         g (float[128, 512] x) => (float[128, 1024] y) <float{weight} w> {{
             y = {op}{attrs}(x, w)
         }}""", w=weight)
-    result = graphopt.optimize(model, passes=["eliminate-dead-code"], precision="int8", fidelity=0.99,
+    result = graphopt.optimize(model, passes=["eliminate-dead-code"], precision="int8", fidelity=0.99, target="ort-cpu",
+                               inputs=graphopt.feeds.make_inputs(model, seed=20),
                                calib=[graphopt.feeds.make_inputs(model, seed=i) for i in range(16)])
     layers = result.report.fidelity["layers"]
     assert [(e["op"], e["precision"]) for e in layers] == [(op, "int8")]
     assert result.report.rewrites()["QuantizeLinearInt8"] == 1
-    smoothed = ["Mul"] if any(a["alpha"] for a in result.report.fidelity["smoothing"]["activations"]) else []
+    smoothed = any(a["alpha"] for a in result.report.fidelity["smoothing"]["activations"])
     assert sorted(n.op_type for n in result.model.graph) == sorted(["DequantizeLinear", "DequantizeLinear", op,
-                                                                    "QuantizeLinear", *smoothed])
+                                                                    "QuantizeLinear", *(["Mul"] if smoothed else [])])
     assert {"MatMulIntegerToFloat", "QGemm"} & set(_fused(result.model))  # onnxruntime's integer kernels
     feeds = graphopt.feeds.make_inputs(model, seed=99)  # unseen: a wrong scale axis or zero point gives ~0.5
     assert verify.min_cosine(verify.run(model, feeds), verify.run(result.model, feeds)) > 0.995
@@ -211,3 +216,24 @@ def test_bias_correction_needs_a_per_channel_constant_bias():
     act = ranges.ActRange(0.0, 1.0, "minmax")
     xs = [np.ones([2, 8, 4, 4], np.float32), np.ones([1, 8, 4, 4], np.float32)]
     assert bias.shift(site, xs, act, None) is None  # precondition 2: one input shape
+
+
+def test_readers_share_one_quantize():
+    """Two layers read one activation (as Q, K and V do before they are merged): one range and one
+    QuantizeLinear for both, ahead of the first reader, and a DequantizeLinear each (onnxruntime
+    fuses a DequantizeLinear into one reader)."""
+    model = build(header(17) + """
+        g (float[128, 512] x) => (float[128, 1024] a, float[128, 1024] b) <float[512, 1024] w1, float[512, 1024] w2> {
+            a = MatMul(x, w1)
+            b = MatMul(x, w2)
+        }""", w1=[512, 1024], w2=[512, 1024])
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal([128, 512]).astype(np.float32)} for _ in range(8)]
+    feeds = {"x": rng.standard_normal([128, 512]).astype(np.float32)}
+    result = graphopt.optimize(model, passes=["eliminate-dead-code"], precision="int8", fidelity=0.0, calib=calib,
+                               inputs=feeds)
+    layers = result.report.fidelity["layers"]
+    assert [e["precision"] for e in layers] == ["int8", "int8"] and layers[0]["range"] == layers[1]["range"]
+    assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph) == 1
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in _fused_ops(result.model)) == 2
+    assert verify.min_cosine(verify.run(model, feeds), verify.run(result.model, feeds)) > 0.999

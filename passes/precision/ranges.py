@@ -75,7 +75,14 @@ def local_error(x: np.ndarray, exact: np.ndarray, act: ActRange, fake_w: np.ndar
 
 def best_range(x: np.ndarray, w: np.ndarray) -> tuple[ActRange, float]:
     """The candidate range with the lowest local error of x @ w (x [rows, K], w [K, N])."""
-    fake_w, exact = fake_weight(w, 1), x @ w  # shared by every candidate range
-    scored = [(local_error(x, exact, r, fake_w), r) for r in candidates(x)]
-    err, act = min(scored, key=lambda t: t[0])
+    act, (err,) = best_shared_range(x, [w])
     return act, err
+
+
+def best_shared_range(x: np.ndarray, ws: list[np.ndarray]) -> tuple[ActRange, list[float]]:
+    """One range for an activation every w in `ws` reads (they share its QuantizeLinear): the
+    candidate with the lowest summed local error; and each reader's error at it."""
+    readers = [(fake_weight(w, 1), x @ w) for w in ws]  # shared by every candidate range
+    scored = [([local_error(x, exact, r, fake_w) for fake_w, exact in readers], r) for r in candidates(x)]
+    errs, act = min(scored, key=lambda t: sum(t[0]))
+    return act, errs

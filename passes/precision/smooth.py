@@ -133,3 +133,4 @@ def apply(graph: ir.Graph, group: Group, s: np.ndarray) -> str:
             site.node.replace_input_with(0, x)
             site.x = x
     return how
+

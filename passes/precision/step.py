@@ -59,23 +59,23 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit)
     layers, acts, shifts = [], {}, {}
     gains: dict = {}
-    for site in sites:
-        xs = [r[site.x.name] for r in captured]
-        w = None if site.node.op_type == "Conv" else smooth.dense(site)  # x @ W form
-        if w is None:  # Conv: min-max range, error measured end to end only
-            act = ranges.candidates(np.concatenate([a.ravel() for a in xs]))[0]
-            err = None
+    for group in _by_activation(sites):  # the layers reading one activation share its range (and QuantizeLinear)
+        xs = [r[group[0].x.name] for r in captured]
+        ws = [None if site.node.op_type == "Conv" else smooth.dense(site) for site in group]  # x @ W form
+        if any(w is None for w in ws):  # Conv: min-max range, error measured end to end only
+            act, errs = ranges.candidates(np.concatenate([a.ravel() for a in xs]))[0], [None]
         else:
-            act, err = ranges.best_range(_rows(xs, w.shape[0]), w)
-        acts[site.index] = act
-        shifts[site.index] = bias.shift(site, xs, act, w)
-        timed = gain.measure(site, xs[0].shape, act, gains)
-        entry = {"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
-                 "rel_error": None if err is None else round(err, 6),
-                 "float_ms": None if timed is None else round(timed[0], 4),
-                 "int8_ms": None if timed is None else round(timed[1], 4),
-                 "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)}
-        layers.append(entry)
+            act, errs = ranges.best_shared_range(_rows(xs, ws[0].shape[0]), ws)
+        for site, w, err in zip(group, ws, errs):
+            acts[site.index] = act
+            shifts[site.index] = bias.shift(site, xs, act, w)
+            timed = gain.measure(site, xs[0].shape, act, gains)
+            layers.append({"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
+                           "rel_error": None if err is None else round(err, 6),
+                           "float_ms": None if timed is None else round(timed[0], 4),
+                           "int8_ms": None if timed is None else round(timed[1], 4),
+                           "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)})
+    layers.sort(key=lambda e: e["index"])
     faster = [e for e in layers if e["int8_ms"] is not None and e["int8_ms"] < e["float_ms"]]
     for e in layers:
         if e not in faster:
@@ -85,9 +85,10 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     def build(count: int, corrected: bool = True) -> Model:
         trial = work.clone()
         trial_sites = {s.name: s for s in find_sites(trial.ir.graph)}
-        for e in order[:count]:
+        shared: dict = {}
+        for e in sorted(order[:count], key=lambda e: e["index"]):  # graph order: a shared quantizer precedes its readers
             site = trial_sites[e["node"]]
-            qdq.quantize(trial.ir.graph, site, acts[e["index"]])
+            qdq.quantize(trial.ir.graph, site, acts[e["index"]], shared)
             if corrected and shifts[e["index"]] is not None:
                 bias.correct(trial.ir.graph, site, shifts[e["index"]])
         common_passes.RemoveUnusedNodesPass()(trial.ir)
@@ -128,6 +129,13 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         report["note"] = (f"no layer could go to int8 within the bound {options.fidelity}: the model stays float32"
                           if faster else "no layer's int8 form is faster on this machine: the model stays float32")
     return final, report
+
+
+def _by_activation(sites: list[Site]) -> list[list[Site]]:
+    """MatMul / Gemm sites grouped by the activation they read; each Conv alone."""
+    grouped = {id(g.readers[0]): g.readers for g in smooth.groups(sites)}
+    return [grouped[id(s)] if id(s) in grouped else [s] for s in sites
+            if id(s) in grouped or s.node.op_type == "Conv"]
 
 
 def _smooth(work: Model, sites: list[Site], data) -> dict[str, Any]:
