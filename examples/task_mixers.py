@@ -45,17 +45,23 @@ def _named_logits(model: graphopt.Model) -> graphopt.Model:
     return model
 
 
-def vit_task(steps: int):
+def digits(size: int = 16):
+    """scikit-learn's handwritten digits as [N, 1, size, size] floats in [0, 1], their labels, and
+    a seeded split (1400 train, 397 test)."""
     from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.as_tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    images = torch.nn.functional.interpolate(images, size=size, mode="bilinear")
+    labels = torch.as_tensor(data.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    return images, labels, order[:1400], order[1400:]
+
+
+def vit_task(steps: int):
     from transformers import ViTConfig, ViTForImageClassification
 
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    images = torch.nn.functional.interpolate(images, size=16, mode="bilinear")
-    labels = torch.as_tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(labels), generator=g)
-    train, test = order[:1400], order[1400:]
+    images, labels, train, test = digits()
     torch.manual_seed(0)
     config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
                        num_attention_heads=4, intermediate_size=128, num_labels=10, attn_implementation="sdpa")

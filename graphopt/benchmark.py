@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import exporters, importers, timing, verify
+from graphopt import exporters, feeds as feeds_mod, importers, timing, verify
 from graphopt.errors import InputError, first_line
 from graphopt.model import Model
 
@@ -125,7 +125,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
         if contender.name in medians:
             contender.median_ms = round(medians[contender.name] * 1e3, 3)
             contender.speedup = round(base / medians[contender.name], 3) if base else None
-    return BenchResult(target, {k: list(np.shape(v)) for k, v in feeds.items()}, rounds, contenders)
+    return BenchResult(target, feeds_mod.shapes(feeds), rounds, contenders)
 
 
 def _tvm_executable(path):

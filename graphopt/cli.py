@@ -83,9 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                    "per op kind; cpu: the runtime measured fastest on this machine (onnxruntime or OpenVINO; portable output)")
     s.add_argument("--portable", action="store_true", help="standard ONNX only: graphopt functions inlined (any ONNX consumer "
                    "loads it; contrib ops only with an ort target)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], help="reduced precision allowed, kept "
-                   "only within --fidelity: int8 (auto: int8 too) quantizes linear layers calibrated on --calib, per layer "
-                   "where faster here; bf16/fp16 (auto too) are OpenVINO precision hints under --target cpu "
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "int4", "auto"], help="reduced precision "
+                   "allowed, kept only within --fidelity: int8 (auto: int8 too) quantizes linear layers calibrated on "
+                   "--calib, per layer where faster here; int4: weight-only MatMulNBits (onnxruntime targets); bf16/fp16 "
+                   "convert the graph (under --target cpu: OpenVINO's hint or the converted graph, measured) "
                    "(default: fp32 only)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")

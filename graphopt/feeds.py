@@ -2,6 +2,9 @@
 
 Generated inputs respect dtypes, bind symbolic dims to defaults the user can
 override, and keep integer inputs that are token ids, positions or masks valid.
+Strings are seeded words over a fixed alphabet; a sequence is SEQUENCE_LENGTH generated tensors
+of its element type and shape; an optional input gets its contained type. A type nothing here
+can generate raises `CannotGenerate` (optimize then runs without numeric checks, and says so).
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ from graphopt.ir import ir
 from graphopt.model import Model
 
 DEFAULT_DIMS: Mapping[str, int] = {"batch": 1, "seq": 128}
+SEQUENCE_LENGTH = 3
+ALPHABET = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+
+
+class CannotGenerate(InputError):
+    """An input of a type (or without a shape) that seeded generation cannot fill."""
 _PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity"})
 
 
@@ -27,6 +36,15 @@ def make_inputs(model: Model, *, seed: int = 0, dims: Mapping[str, int] | None =
     dims = {**DEFAULT_DIMS, **(dims or {})}
     rng = np.random.default_rng(seed)
     return {v.name: _make_one(v, rng, dims) for v in _runtime_inputs(model)}
+
+
+def shapes(feeds: Mapping[str, object]) -> dict[str, list[int]]:
+    """Each input's shape; a sequence's as [length, *element shape]."""
+    def one(v):
+        if isinstance(v, list):
+            return [len(v), *(list(np.shape(v[0])) if v else [])]
+        return list(np.shape(v))
+    return {k: one(v) for k, v in feeds.items()}
 
 
 def load_inputs(path: str | os.PathLike, model: Model) -> dict[str, np.ndarray]:
@@ -126,14 +144,23 @@ def _bind_named(name: str, axis: int, dims: Mapping[str, int]) -> int:
     return dims["batch"] if axis == 0 else dims["seq"]
 
 
-def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int]) -> np.ndarray:
-    dtype = _numpy_dtype(value)
-    if dtype is None or dtype.kind in "OSU":
-        raise InputError(
-            f"cannot generate input '{value.name}' of type {value.type}", hint="pass inputs with --inputs data.npz"
-        )
+def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int], type_=None):
+    type_ = value.type if type_ is None else type_
+    if isinstance(type_, ir.OptionalType):  # a present value of the contained type
+        return _make_one(value, rng, dims, type_.elem_type)
+    if isinstance(type_, ir.SequenceType):  # value.shape is the element's shape
+        return [_make_one(value, rng, dims, type_.elem_type) for _ in range(SEQUENCE_LENGTH)]
+    dtype = _tensor_dtype(type_)
+    if dtype is None:
+        raise CannotGenerate(f"cannot generate input '{value.name}' of type {type_}", hint="pass inputs with --inputs data.npz")
+    if value.shape is None:
+        raise CannotGenerate(f"input '{value.name}' has no shape", hint="pass inputs with --inputs data.npz")
     shape = _bind_shape(value, dims)
     name = value.name.lower()
+    if dtype.kind in "OSU":  # strings: seeded words of 1 to 8 letters
+        lengths = rng.integers(1, 9, size=shape)
+        words = ["".join(rng.choice(ALPHABET, int(n))) for n in lengths.ravel()]
+        return np.array(words, dtype=object).reshape(shape)
     if dtype.kind == "b":
         return rng.random(shape) < 0.5
     if dtype.kind in "iu":
@@ -150,6 +177,17 @@ def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int]
         high = _index_bound(value) or 2
         return rng.integers(0, high, size=shape).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def _tensor_dtype(type_) -> np.dtype | None:
+    if not isinstance(type_, ir.TensorType):
+        return None
+    if type_.dtype == ir.DataType.STRING:
+        return np.dtype(object)
+    try:
+        return np.dtype(type_.dtype.numpy())
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _index_bound(value: ir.Value, depth: int = 4) -> int | None:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from graphopt import importers, plan as plan_mod, presets, summary, verify
+from graphopt import feeds as feeds_mod, importers, plan as plan_mod, presets, summary, verify
 from graphopt.errors import InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -14,7 +14,7 @@ from graphopt.report import Report
 from graphopt.steps import Options
 
 PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
-PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "auto")
+PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "int4", "auto")
 
 
 @dataclasses.dataclass
@@ -82,13 +82,19 @@ def optimize(
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=[PORTABLE] if portable else [])
     feeds = source_desc = None
+    unchecked: list[str] = []
     if validate or target:
-        feeds, source_desc = verify.resolve_inputs(work, inputs, seed=seed, dims=dims)
+        try:
+            feeds, source_desc = verify.resolve_inputs(work, inputs, seed=seed, dims=dims)
+        except feeds_mod.CannotGenerate as exc:  # optimize anyway; say what was not checked
+            if target:
+                raise
+            unchecked.append(f"not checked numerically: {exc} (pass --inputs to check every step)")
     result = plan.run(work, feeds=feeds, check=validate, explain=explain, progress=progress)
     validation = None
     if result.reference_outputs is not None and not result.approximate:
         checks = verify.compare_outputs(result.reference_outputs, result.final_outputs)
-        validation = verify.Validation(checks, {k: list(v.shape) for k, v in feeds.items()}, source_desc,
+        validation = verify.Validation(checks, feeds_mod.shapes(feeds), source_desc,
                                        seed if inputs is None else None)
     report = Report(
         preset=None if passes else (preset or presets.DEFAULT),
@@ -96,7 +102,7 @@ def optimize(
         validation=validation,
         before=summary.summarize(source),
         after=summary.summarize(result.model),
-        notes=result.notes + _input_notes(validate, inputs) + _precision_notes(precision, target) + (
+        notes=unchecked + result.notes + ([] if unchecked else _input_notes(validate, inputs)) + _precision_notes(precision, target) + (
             ["approximate steps ran: outputs are compared by the fidelity report, not validated as equal"]
             if result.approximate else []),
     )

@@ -178,27 +178,29 @@ def conversion_lines(fidelity: dict[str, Any]):
 
 
 def precision_table(fidelity: dict[str, Any]):
-    """An int8 step: every layer with its precision, range, error and measured float / int8 time."""
+    """An int8 / int4 step: every layer with its precision, range, error and measured float / low time."""
     from rich.console import Group
     from rich.table import Table
 
+    low = fidelity["precision"]
     sel = fidelity["selection"]
-    table = Table(title=f"fidelity: {fidelity['precision']} on {sel['int8_layers']}/{sel['layers_total']} layers "
+    table = Table(title=f"fidelity: {low} on {sel[f'{low}_layers']}/{sel['layers_total']} layers "
                         f"(bound {sel['fidelity_bound']}; held-out rows: {fidelity['calibration']['held_out_rows']})",
                   title_justify="left")
-    for col in ("layer", "node", "op", "precision", "range", "rel error", "float ms", "int8 ms", "note"):
+    for col in ("layer", "node", "op", "precision", "range", "rel error", "float ms", f"{low} ms", "note"):
         table.add_column(col)
     for e in fidelity["layers"]:
-        table.add_row(str(e["index"]), e["node"], e["op"], e["precision"], e["range"],
+        table.add_row(str(e["index"]), e["node"], e["op"], e["precision"], e.get("range", "-"),
                       "-" if e["rel_error"] is None else f"{e['rel_error']:.4f}",
                       "-" if e["float_ms"] is None else f"{e['float_ms']:.3f}",
-                      "-" if e["int8_ms"] is None else f"{e['int8_ms']:.3f}", e.get("kept_because", ""))
+                      "-" if e[f"{low}_ms"] is None else f"{e[f'{low}_ms']:.3f}", e.get("kept_because", ""))
     smoothing = fidelity.get("smoothing", {})
     migrated = [a for a in smoothing.get("activations", []) if a["alpha"]]
     lines = _end_to_end_lines(fidelity)
-    lines.append(f"SmoothQuant: {len(migrated)} activation(s) migrated into the weights"
-                 + (", validated equal" if smoothing.get("validated_equal") else "")
-                 + (f"; {smoothing['undone']}" if "undone" in smoothing else ""))
+    if "smoothing" in fidelity:
+        lines.append(f"SmoothQuant: {len(migrated)} activation(s) migrated into the weights"
+                     + (", validated equal" if smoothing.get("validated_equal") else "")
+                     + (f"; {smoothing['undone']}" if "undone" in smoothing else ""))
     corrected = fidelity.get("bias_correction", {})
     if corrected.get("layers"):
         lines.append(f"bias correction on {corrected['layers']} layer(s): held-out mean cosine "

@@ -128,7 +128,7 @@ def validate(
     else:
         raise InputError(f"unknown runtime '{runtime}'", hint="choose onnxruntime or openvino")
     checks = compare_outputs(run(ref_model, feeds), got, rtol=rtol, atol=atol)
-    return Validation(checks, {k: list(v.shape) for k, v in feeds.items()}, source, seed if inputs is None else None)
+    return Validation(checks, feeds_mod.shapes(feeds), source, seed if inputs is None else None)
 
 
 def min_cosine(reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float:

@@ -1,6 +1,8 @@
 """What int8 buys each layer on this machine: the layer alone, at its calibrated input shape,
-timed in onnxruntime as float and as QDQ (interleaved, one process). Layers of one shape share
-one measurement."""
+timed as float and as QDQ (interleaved, one process) in the runtime the model is going to:
+onnxruntime, or, under `--target cpu`, OpenVINO with the float precision its lowering would use
+(bf16 when reduced precision is allowed and the CPU has it: int8 must beat bf16 there, not
+float32). Layers of one shape share one measurement."""
 
 from __future__ import annotations
 
@@ -45,21 +47,36 @@ def onnx_tensor(array: np.ndarray, name: str):
     return onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def measure(site: Site, x_shape, act: ActRange, cache: dict) -> tuple[float, float] | None:
+def measure(site: Site, x_shape, act: ActRange, cache: dict, openvino_hint: str | None = None) -> tuple[float, float] | None:
     """(float ms, int8 ms) of the layer alone at `x_shape`, or None when it cannot be built alone
-    (a bias or other input that is not constant)."""
-    key = (site.node.op_type, tuple(x_shape), site.w.shape,
+    (a bias or other input that is not constant). `openvino_hint`: time it in OpenVINO with this
+    precision hint for the float form ("f32", "bf16"), instead of onnxruntime."""
+    key = (openvino_hint, site.node.op_type, tuple(x_shape), site.w.shape,
            repr(sorted((k, repr(a.value)) for k, a in site.node.attributes.items())), len(site.node.inputs))
     if key in cache:
         return cache[key]
     if any(i is not None and i.const_value is None for i in site.node.inputs[2:]):
         cache[key] = None
         return None
-    from graphopt.backends.ort_select import session_for
-
     x = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
-    sessions = {"float": session_for(layer_model(site, x_shape, None), disabled=()),
-                "int8": session_for(layer_model(site, x_shape, act), disabled=())}
+    models = {"float": layer_model(site, x_shape, None), "int8": layer_model(site, x_shape, act)}
+    sessions = {k: _session(m, openvino_hint) for k, m in models.items()}
     medians = timing.medians(timing.interleaved({k: (lambda s=s: s.run(x)) for k, s in sessions.items()}, rounds=ROUNDS))
     cache[key] = (medians["float"] * 1e3, medians["int8"] * 1e3)
     return cache[key]
+
+
+def _session(model: bytes, openvino_hint: str | None):
+    if openvino_hint is None:
+        from graphopt.backends.ort_select import session_for
+
+        return session_for(model, disabled=())
+    import tempfile
+    from pathlib import Path
+
+    from graphopt.backends import openvino
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-gain-") as tmp:
+        path = Path(tmp) / "layer.onnx"
+        path.write_bytes(model)
+        return openvino.compile(path, precision=openvino_hint)

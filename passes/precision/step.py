@@ -59,6 +59,8 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit)
     layers, acts, shifts = [], {}, {}
     gains: dict = {}
+    hint = _openvino_hint(options)
+    report["gain_measured_in"] = "onnxruntime" if hint is None else f"openvino ({hint} for the float form)"
     for group in _by_activation(sites):  # the layers reading one activation share its range (and QuantizeLinear)
         xs = [r[group[0].x.name] for r in captured]
         ws = [None if site.node.op_type == "Conv" else smooth.dense(site) for site in group]  # x @ W form
@@ -69,7 +71,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         for site, w, err in zip(group, ws, errs):
             acts[site.index] = act
             shifts[site.index] = bias.shift(site, xs, act, w)
-            timed = gain.measure(site, xs[0].shape, act, gains)
+            timed = gain.measure(site, xs[0].shape, act, gains, hint)
             layers.append({"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
                            "rel_error": None if err is None else round(err, 6),
                            "float_ms": None if timed is None else round(timed[0], 4),
@@ -129,6 +131,16 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         report["note"] = (f"no layer could go to int8 within the bound {options.fidelity}: the model stays float32"
                           if faster else "no layer's int8 form is faster on this machine: the model stays float32")
     return final, report
+
+
+def _openvino_hint(options: Options) -> str | None:
+    """Under `--target cpu` layers are timed in OpenVINO, the float form at the precision its
+    lowering may use (bf16 where allowed and supported); otherwise in onnxruntime (None)."""
+    if options.target != "cpu":
+        return None
+    from graphopt.backends import openvino
+
+    return "bf16" if options.precision == "auto" and openvino.supports("bf16") else "f32"
 
 
 def _by_activation(sites: list[Site]) -> list[list[Site]]:
