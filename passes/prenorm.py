@@ -35,7 +35,7 @@ class _Stream:
     final_norm: ir.Node
     adds: list  # stream Adds, last first
     norms: list  # LayerNorms reading the stream (final included)
-    writers: list  # (node, input index) of every constant the re-centring edits
+    writers: list  # (node, input index, hidden axis) of every constant the re-centring edits
 
 
 def _is_layer_norm(node: ir.Node) -> bool:
@@ -49,42 +49,80 @@ def _norm_readers(value: ir.Value) -> list[ir.Node]:
     return [n for n, i in value.uses() if i == 0 and _is_layer_norm(n)]
 
 
-def _writer_constants(node: ir.Node, index: int, hidden: int, depth: int = 8) -> list | str:
-    """(node, input index) of every constant that decides the hidden-axis mean of input
-    `index` of `node` (a write into the residual stream), or the reason it cannot be re-centred."""
+def _writer_constants(node: ir.Node, index: int, hidden: int, depth: int = 8, axis: int = -1) -> list | str:
+    """(node, input index, hidden axis) of every constant that decides the hidden-axis mean of
+    input `index` of `node` (a write into the residual stream), or the reason it cannot be
+    re-centred. `axis`: where the stream's hidden axis is in that input (negative, from the end)."""
     value = node.inputs[index]
     if const_array(value) is not None and value.producer() is None:
-        return [(node, index)]
+        return [(node, index, axis)]
     producer = value.producer()
     if producer is None:
         return f"'{value.name}' enters the residual stream from outside the graph"
-    return _producer_constants(producer, hidden, depth)
+    return _producer_constants(producer, hidden, depth, axis)
 
 
-def _producer_constants(node: ir.Node, hidden: int, depth: int = 8) -> list | str:
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _producer_constants(node: ir.Node, hidden: int, depth: int = 8, axis: int = -1) -> list | str:
     where = f"{node.op_type} '{node.name}'"
     if _is_layer_norm(node):
         return (f"the output of {where} is added into the residual stream: a Post-LN block "
                 "(LayerNorm after the residual Add), which has no Pre-RMSNorm equivalent")
     if depth == 0 or node.domain != "":
         return f"{where} writes into the residual stream and is not a linear map graphopt can re-centre"
+    out_rank = _rank(node.outputs[0])
     if node.op_type in _THROUGH:
-        if node.op_type == "Reshape" and (node.inputs[0].shape is None or node.inputs[0].shape[-1] != hidden):
-            return f"{where} may change the hidden axis"
-        return _writer_constants(node, 0, hidden, depth - 1)
+        if node.op_type == "Reshape":
+            moved = _reshaped_axis(node, axis, hidden)
+            return moved if isinstance(moved, str) else _writer_constants(node, 0, hidden, depth - 1, moved)
+        return _writer_constants(node, 0, hidden, depth - 1, axis)
+    if node.op_type == "Expand":  # broadcasting aligns axes from the end
+        return _writer_constants(node, 0, hidden, depth - 1, axis)
+    if node.op_type == "Transpose" and out_rank is not None:
+        perm = node.attributes.get_ints("perm", list(reversed(range(out_rank))))
+        return _writer_constants(node, 0, hidden, depth - 1, perm[axis + out_rank] - out_rank)
+    if node.op_type == "Concat" and out_rank is not None:
+        if node.attributes.get_int("axis", 0) % out_rank == axis % out_rank:
+            return f"{where} concatenates along the hidden axis"
+        parts = [_writer_constants(node, i, hidden, depth - 1, axis) for i in range(len(node.inputs))]
+        return next((p for p in parts if isinstance(p, str)), None) or [w for p in parts for w in p]
     if node.op_type == "Add":
-        parts = [_writer_constants(node, i, hidden, depth - 1) for i in (0, 1)]
+        parts = [_writer_constants(node, i, hidden, depth - 1, axis) for i in (0, 1)]
         return next((p for p in parts if isinstance(p, str)), None) or parts[0] + parts[1]
+    if node.op_type == "Conv" and out_rank is not None and axis % out_rank == 1 and const_array(node.inputs[1]) is not None:
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        if has_bias and const_array(node.inputs[2]) is None:
+            return f"{where} has a non-constant bias"
+        return [(node, 1, 0)] + ([(node, 2, -1)] if has_bias else [])  # output channels: W's axis 0
+    if axis != -1:
+        return f"{where} writes into the residual stream with the hidden axis at {axis}, not last"
     if node.op_type == "Gather" and node.attributes.get_int("axis", 0) == 0 and const_array(node.inputs[0]) is not None:
-        return [(node, 0)]
+        return [(node, 0, -1)]
     if node.op_type == "MatMul" and const_array(node.inputs[1]) is not None and const_array(node.inputs[1]).ndim == 2:
-        return [(node, 1)]
+        return [(node, 1, -1)]
     if node.op_type == "Gemm" and const_array(node.inputs[1]) is not None:
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
         if has_bias and const_array(node.inputs[2]) is None:
             return f"{where} has a non-constant bias"
-        return [(node, 1)] + ([(node, 2)] if has_bias else [])
+        return [(node, 1, 0 if node.attributes.get_int("transB", 0) else -1)] + ([(node, 2, -1)] if has_bias else [])
     return f"{where} writes into the residual stream and is not a linear map graphopt can re-centre"
+
+
+def _reshaped_axis(node: ir.Node, axis: int, hidden: int) -> int | str:
+    """The hidden axis in the Reshape's input, when the Reshape keeps it and every axis before it."""
+    x, y = node.inputs[0].shape, node.outputs[0].shape
+    where = f"Reshape '{node.name}'"
+    if x is None or y is None:
+        return f"{where} may change the hidden axis"
+    if axis == -1:
+        return -1 if x[-1] == hidden else f"{where} may change the hidden axis"
+    at = axis + len(y)
+    if at < 0 or at >= len(x) or y[at] != hidden or any(a != b for a, b in zip(x[:at + 1], y[:at + 1])):
+        return f"{where} may change the hidden axis"
+    return at - len(x)
 
 
 def _find_stream(graph: ir.Graph) -> _Stream | str:
@@ -138,14 +176,16 @@ def _downstream_adds(value: ir.Value) -> list[ir.Value]:
     return [n.outputs[0] for n, _ in value.uses() if n.op_type == "Add" and n.domain == ""]
 
 
-def _recentre(graph: ir.Graph, writer: tuple[ir.Node, int]) -> None:
-    """Replace the constant input by its re-centred copy (shared weights stay intact)."""
-    node, index = writer
+def _recentre(graph: ir.Graph, writer: tuple[ir.Node, int, int]) -> None:
+    """Replace the constant input by its copy re-centred over its hidden axis (shared weights
+    stay intact): columns of W (rows of a transposed Gemm B, output channels of a Conv), rows
+    of a table, a bias, a broadcast constant (one that is constant along the hidden axis: 0)."""
+    node, index, axis = writer
     array = const_array(node.inputs[index]).astype(np.float64)
-    if node.op_type == "Gemm" and index == 1 and node.attributes.get_int("transB", 0):
-        centred = array - array.mean(axis=0, keepdims=True)  # B is [N, K]: centre each column k over N
+    if array.ndim < (-axis if axis < 0 else axis + 1) or array.shape[axis] == 1:
+        centred = np.zeros_like(array)  # the same value at every hidden position: LN removes it
     else:
-        centred = array - array.mean(axis=-1, keepdims=True)  # rows of a table, columns of W, a bias vector
+        centred = array - array.mean(axis=axis, keepdims=True)
     node.replace_input_with(index, add_initializer(graph, node.inputs[index], centred.astype(const_array(node.inputs[index]).dtype), "centred"))
     node.metadata_props[RULE_TAG] = PreLNToPreRMSNorm.RULE
 
@@ -164,7 +204,10 @@ class PreLNToPreRMSNorm(Pass):
            next Add (a Post-LN model fails here, with the reader named).
         3. Every write into the stream (each Add's other operand, and the origin) is a constant-weight
            MatMul/Gemm (with bias), an embedding Gather of a constant table, a constant, or a sum of
-           these, through Reshapes that keep the hidden axis.
+           these, through Reshapes that keep the hidden axis; or, ViT-style, a Concat (not along
+           the hidden axis) of such writers, a broadcast (Expand) constant such as a class token,
+           and a patch Conv whose output channels become the hidden axis through Reshapes and a
+           Transpose.
     """
 
     name = "pre-rmsnorm"

@@ -70,3 +70,49 @@ def test_bert_is_refused_as_post_ln(tmp):
     record = next(p for p in result.report.passes if p.name == "pre-rmsnorm")
     assert record.rewrites == {"PreLNToPreRMSNorm": 0}
     assert any("Post-LN" in line for line in record.near_misses), record.near_misses
+
+
+def _vit_like(arch: str):
+    """ViT / DeiT (tiny), with LayerNorm parameters, class (and distillation) tokens and
+    position embeddings perturbed as trained ones are, so every re-centred writer matters."""
+    import torch
+    import transformers
+
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                  patch_size=8, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = (transformers.ViTModel(transformers.ViTConfig(**config)) if arch == "vit" else
+             transformers.DeiTModel(transformers.DeiTConfig(**config))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "token" in name or "position" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return models.PixelLastHidden(model), (torch.randn(2, 3, 32, 32),), ["pixel_values"], {"pixel_values": {0: "batch"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("arch", ["vit", "deit"])
+def test_vit_style_streams_become_pre_rmsnorm(arch, exporter, tmp):
+    """The stream starts at Concat(class token(s), patch Conv) + position embeddings: the Conv's
+    output channels, the tokens and the position table are re-centred, every LayerNorm converts."""
+    module, args, names, dynamic = _vit_like(arch)
+    path = models.export(module, args, names, dynamic, tmp / f"{arch}.onnx", exporter)
+    result = graphopt.optimize(path, dims={"batch": 2})
+    assert result.report.validation.passed, result.report.validation.to_dict()
+    assert result.report.rewrites()["PreLNToPreRMSNorm"] == 5  # 2 per block + the final one
+    assert ops_of(result.model)["RMSNormalization"] == 5 and "LayerNormalization" not in ops_of(result.model)
+
+
+def test_a_concat_along_the_hidden_axis_is_refused():
+    text = header(21) + """
+g (float[2, 5, 4] a) => (float[2, 5, 8] y) <float[2, 5, 4] t, float[8] g1, float[8] b1, float[8, 8] w1, float[8] gf, float[8] bf> {
+    x0 = Concat<axis = 2>(a, t)
+    n1 = LayerNormalization(x0, g1, b1)
+    h = MatMul(n1, w1)
+    x1 = Add(x0, h)
+    y = LayerNormalization(x1, gf, bf)
+}"""
+    model = build(text, t=[2, 5, 4], g1=[8], b1=[8], w1=[8, 8], gf=[8], bf=[8])
+    assert apply("pre-rmsnorm", model)[1] == {"PreLNToPreRMSNorm": 0}
+    assert_explained("pre-rmsnorm", model, "PreLNToPreRMSNorm", "concatenates along the hidden axis")
