@@ -134,7 +134,7 @@ def fidelity_table(fidelity: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table
 
-    if "selection" in fidelity:
+    if fidelity.get("precision") in ("int8", "int4"):
         return precision_table(fidelity)
     if "conversion" in fidelity:
         return conversion_lines(fidelity)

@@ -3,14 +3,19 @@
 Exporters compute reshape targets at run time (Shape -> Gather -> Concat); with every
 input shape static, shape inference makes those values known and constant folding turns
 the chains into constants. Compilers that want static shapes (TVM's ONNX frontend fails
-on some dynamic Reshapes) get a model without them.
+on some dynamic Reshapes) get a model without them. Fills of a now-constant shape
+(ConstantOfShape: legacy exports build their masks from them, some 0-d, which TVM's frontend
+cannot broadcast) become constants too, so the shape arithmetic after them folds, and a Pad
+whose pads were computed at run time gets constant pads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from graphopt import registry
+import numpy as np
+
+from graphopt import ops, registry
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -58,10 +63,41 @@ def specialize(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
         for out in node.outputs:
             out.shape = None
     infer_shapes(work.ir)
-    for name in ("fold-constants", "eliminate-dead-code"):
-        registry.get(name)(work.ir)
-    infer_shapes(work.ir)
+    for _ in range(4):  # fills unlock folding, folding unlocks fills
+        for name in ("fold-constants", "eliminate-dead-code"):
+            registry.get(name)(work.ir)
+        infer_shapes(work.ir)
+        if not _materialize_fills(graph):
+            break
+        infer_shapes(work.ir)
     return work
+
+
+FILL_LIMIT = 1 << 16  # elements: larger fills stay ConstantOfShape (their shape is static by now)
+
+
+def _materialize_fills(graph: ir.Graph) -> int:
+    """ConstantOfShape of a constant shape (at most FILL_LIMIT elements) -> Constant."""
+    done = 0
+    for node in list(graph):
+        if (ops.normalize_domain(node.domain), node.op_type) != ops.CONSTANT_OF_SHAPE or node.outputs[0].is_graph_output():
+            continue
+        shape = ir.convenience.get_const_tensor(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+        if shape is None:
+            continue
+        dims = [int(d) for d in shape.numpy().reshape(-1)]
+        if int(np.prod(dims)) > FILL_LIMIT:
+            continue
+        fill = node.attributes.get("value")
+        element = fill.as_tensor().numpy().reshape(()) if fill is not None else np.float32(0)
+        const = ir.node("Constant", [], attributes={"value": ir.tensor(np.full(dims, element, dtype=element.dtype))},
+                        name=f"{node.name}_filled")
+        const.outputs[0].type, const.outputs[0].shape = node.outputs[0].type, ir.Shape(dims)
+        graph.insert_before(node, [const])
+        ir.convenience.replace_all_uses_with(node.outputs[0], const.outputs[0])
+        graph.remove(node, safe=True)
+        done += 1
+    return done
 
 
 def _show(dims) -> str:

@@ -3,6 +3,8 @@ weights, seeded) and MiniLM-L6 with its real trained weights."""
 
 from __future__ import annotations
 
+import functools
+
 import sys
 from pathlib import Path
 
@@ -164,3 +166,48 @@ def export_cached_decoder(arch: str, path, exporter: str, *, seq: int = 4, past:
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
                           output_names=outputs, dynamic_axes=dynamic)
     return path
+
+
+class IdsOnly(torch.nn.Module):
+    """A text model called with input_ids alone: no attention-mask input in the export."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+MATRIX_DIMS = {"batch": 2, "seq": 16}
+CACHED_DIMS = {"batch": 2, "seq": 4, "past": 6, "total": 10}
+_EXPORTS: list[str] = []
+
+
+def form_dims(variant: str) -> dict[str, int]:
+    return CACHED_DIMS if variant == "kv" else MATRIX_DIMS
+
+
+@functools.lru_cache(maxsize=None)
+def optimized_export(arch: str, attn: str, exporter: str, variant: str = "mask"):
+    """(path, graphopt.optimize result with the exact preset) of one export form, made once per
+    test session (the model matrix and the robustness matrix share them). `variant`: "mask"
+    (input_ids and attention_mask), "nomask" (input_ids only), "kv" (a KV cache; decoders, eager)."""
+    import tempfile
+
+    import graphopt
+    import transformers
+
+    if not _EXPORTS:
+        _EXPORTS.append(tempfile.mkdtemp(prefix="graphopt-exports-"))
+    path = Path(_EXPORTS[0]) / f"{arch}-{attn}-{exporter}-{variant}.onnx"
+    if variant == "kv":
+        export_cached_decoder(arch, path, exporter)
+    elif variant == "nomask":
+        model_cls, config_cls, kwargs = ARCHS[arch]
+        torch.manual_seed(0)
+        hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs, attn_implementation=attn)).eval()
+        export(IdsOnly(hf), (token_inputs(128, 2, 16)[0],), ["input_ids"], {"input_ids": DYNAMIC["input_ids"]}, path, exporter)
+    else:
+        export(*transformer(arch, attn), path, exporter)
+    return path, graphopt.optimize(path, dims=form_dims(variant))

@@ -26,9 +26,7 @@ CLEANUP = {"FoldConstants", "RemoveSameTypeCast", "RemoveIdentity", "RemoveIdent
 @pytest.mark.parametrize("key", sorted(k for k in GOLDEN if k != "minilm-real"))
 def test_exact_preset_on_export(key, tmp):
     arch, attn, exporter = key.split("-")
-    module, args, names, dynamic = models.transformer(arch, attn)
-    path = models.export(module, args, names, dynamic, tmp / "m.onnx", exporter)
-    result = graphopt.optimize(path, dims={"batch": 2, "seq": 16})
+    path, result = models.optimized_export(arch, attn, exporter)  # shared with the robustness matrix
     assert result.report.validation.passed, result.report.validation.to_dict()
     assert not [p.name for p in result.report.passes if p.status in ("rolled-back", "failed")]
     assert {k: v for k, v in result.report.rewrites().items() if k not in CLEANUP} == GOLDEN[key]

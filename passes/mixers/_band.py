@@ -65,6 +65,8 @@ def blocks(op, c, q, kt, v, keymask, causal: bool) -> Blocks:
     k = op.Transpose(kt, perm=[0, 1, 3, 2])
     block = op.Max(op.Reshape(window, one_1d), one_1d)
     t_len = op.Shape(q, start=-2, end=-1)
+    # a layer without a bias passes a [1, 1, 1, 1] key mask: broadcast it over the keys first
+    keymask = op.Expand(keymask, op.Concat(op.Shape(keymask, end=2), t_len, one_1d, axis=0))
     n_blocks = op.Div(op.Add(t_len, op.Sub(block, one_1d)), block)
     pad_end = op.Sub(op.Mul(n_blocks, block), t_len)
     zero2 = c.i64([0, 0])
