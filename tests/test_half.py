@@ -107,3 +107,18 @@ def test_refusals():
     plain = build(header(17) + "g (float[4, 8] x) => (float[4, 8] y) <float[8, 8] w> { y = MatMul(x, w) }", w=[8, 8])
     with pytest.raises(InputError, match="ort-cpu"):
         graphopt.optimize(plain, passes=["eliminate-dead-code"], precision="bf16", target="ort-cpu")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_tvm_runs_the_converted_graph(bert, precision):
+    pytest.importorskip("tvm", reason="the tvm extra is not installed")
+    from graphopt.backends import tvm as tvm_backend
+
+    converted, _ = half.convert(bert, precision)
+    emulated, _ = half.convert(bert, precision, emulate=True)
+    feeds = graphopt.feeds.make_inputs(bert, dims=DIMS, seed=6)
+    compiled = tvm_backend.compile(converted, shapes={k: v.shape for k, v in feeds.items()})
+    got = tvm_backend.prepare(compiled).run(feeds)
+    assert all(v.dtype == np.float32 for v in got.values())  # float32 outputs, 16-bit inside
+    assert verify.min_cosine(verify.run(emulated, feeds), got) > 0.9999
+    assert verify.min_cosine(verify.run(bert, feeds), got) > 0.999

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import graphopt
 import models
@@ -85,3 +86,52 @@ def test_every_model_compiles_with_tvm_and_matches(form):
     for name, ref in want.items():
         check = graphopt.verify.compare_arrays(name, ref, got[name], rtol=1e-5, atol=1e-5)
         assert check.passed, check
+
+
+class _Rank2MaskBlock(torch.nn.Module):
+    """Pre-LN attention whose causal mask is a [S, T] tensor (rank 2), as hand-written decoders
+    and older exports build it: the form on which linear mixers failed to load (a 4-D Transpose
+    on the rank-2 bias) and window mixers failed to calibrate (an IndexError)."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(3))
+        self.out, self.norm = torch.nn.Linear(d, d), torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (lin(self.norm(x)).reshape(b, t, self.heads, self.d // self.heads).transpose(1, 2) for lin in self.qkv)
+        mask = torch.triu(torch.full((t, t), torch.finfo(torch.float32).min), 1)
+        p = torch.softmax(q @ k.transpose(-1, -2) * (self.d // self.heads) ** -0.5 + mask, -1)
+        return x + self.out((p @ v).transpose(1, 2).reshape(b, t, self.d))
+
+
+class _Rank2MaskDecoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.blocks = torch.nn.Embedding(64, 32), torch.nn.Sequential(_Rank2MaskBlock(), _Rank2MaskBlock())
+
+    def forward(self, input_ids):
+        return self.blocks(self.embed(input_ids))
+
+
+@pytest.fixture(scope="module")
+def rank2_decoder(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rank2") / "decoder.onnx"
+    torch.onnx.export(_Rank2MaskDecoder().eval(), (torch.randint(0, 64, (2, 16)),), str(path), dynamo=False,
+                      opset_version=17, input_names=["input_ids"], dynamic_axes={"input_ids": {0: "batch", 1: "seq"}})
+    result = graphopt.optimize(path, dims=models.MATRIX_DIMS)
+    assert result.report.validation.passed
+    return result.model
+
+
+@pytest.mark.parametrize("mixer", EVERY_FORM + ONE_FORM)
+def test_mixers_on_a_rank_2_attention_bias(rank2_decoder, mixer):
+    assert [a["mask"] for a in graphopt.summary.attention_layers(rank2_decoder)] == ["additive", "additive"]
+    result = graphopt.optimize(rank2_decoder, passes=["eliminate-dead-code"], mixer=mixer, layers="all",
+                               dims=models.MATRIX_DIMS, calib_steps=3)
+    assert result.report.fidelity["layers_swapped"] == [0, 1]
+    out = graphopt.verify.run(result.model, graphopt.feeds.make_inputs(result.model, dims=models.MATRIX_DIMS, seed=2))
+    assert all(np.isfinite(v).all() for v in out.values())

@@ -79,6 +79,10 @@ def keymask(b: Builder, *, pushdown: bool = True) -> ir.Value:
     bias = bias_of(b.node)
     if bias is None:
         return b.constant(np.ones((1, 1, 1, 1), np.float32), "keymask_ones")
+    rank = len(bias.shape) if bias.shape is not None else 4
+    if rank < 4:  # a [S, T] (or [H, S, T]) bias broadcast over batch and heads: give it those axes
+        bias = b.add("Unsqueeze", [bias, b.constant(np.arange(4 - rank, dtype=np.int64), "bias_axes")])
+        pushdown = False  # its producers are not of the rank the last-row push-down walks
     row = _last_row(b, bias, 12) if pushdown else _slice_last_row(b, bias)
     threshold = b.constant(np.array(HIDDEN, np.float32), "mask_hidden")
     visible = b.add("Cast", [b.add("Greater", [row, threshold])], to=ir.DataType.FLOAT)

@@ -65,6 +65,8 @@ def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) ->
         keys = ("q", "kt", "v", "bias", "y") if len(row) == 5 else ("q", "kt", "v", "y")
         entry = {k: [r[n] for r in results] for k, n in zip(keys, row)}
         entry.setdefault("bias", [None] * len(results))
+        # a [S, T] (or [H, S, T]) bias broadcasts over batch and heads: captured as [1, 1, S, T]
+        entry["bias"] = [b if b is None or b.ndim >= 4 else b.reshape((1,) * (4 - b.ndim) + b.shape) for b in entry["bias"]]
         caps.append(entry)
     return caps
 
