@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                    "--calib, per layer where faster here; int4: weight-only MatMulNBits (onnxruntime targets); bf16/fp16 "
                    "convert the graph (under --target cpu: OpenVINO's hint or the converted graph, measured) "
                    "(default: fp32 only)")
+    s.add_argument("--check-every", type=int, default=1, metavar="K", help="check the exact steps that changed the "
+                   "model in groups of K (a diverging group is rolled back whole; 0: one check before any approximate "
+                   "or lowering step, then the final validation). Steps that change nothing are never re-run (default: 1)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
     s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
@@ -226,7 +229,8 @@ def cmd_optimize(args) -> int:
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
                                    mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
-                                   calib_steps=args.calib_steps, portable=args.portable, precision=args.precision)
+                                   calib_steps=args.calib_steps, portable=args.portable, precision=args.precision,
+                                   check_every=args.check_every)
     report = result.report
     out.print(report.tables())
     if args.explain:

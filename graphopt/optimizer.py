@@ -48,12 +48,16 @@ def optimize(
     calib_steps: int = 300,
     portable: bool = False,
     precision: str | None = None,
+    check_every: int = 1,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
     preset/passes: a preset name, or an explicit ordered list of pass names.
     inputs: None (seeded generated inputs), an `.npz` path, or a dict of arrays; used
     by the per-step checks and the final validation when `validate` is True.
+    check_every: exact steps that changed the model are checked in groups of this many, a group
+    rolled back as a whole if it diverges (0: one check of all of them, plus the final
+    validation); a step that changed nothing is never run again. Each record says its group.
     target: "ort-cpu" or "ort-cuda": after the passes, lower for that onnxruntime provider,
     choosing per op kind the lowering measured fastest on these inputs (cached on disk
     unless `use_cache` is False); the choice and its timings are in `report.lowering`.
@@ -90,7 +94,9 @@ def optimize(
             if target:
                 raise
             unchecked.append(f"not checked numerically: {exc} (pass --inputs to check every step)")
-    result = plan.run(work, feeds=feeds, check=validate, explain=explain, progress=progress)
+    if check_every < 0:
+        raise InputError(f"check_every must be >= 0, got {check_every}", hint="1: every step; 0: once, at the end")
+    result = plan.run(work, feeds=feeds, check=validate, explain=explain, progress=progress, check_every=check_every)
     validation = None
     if result.reference_outputs is not None and not result.approximate:
         checks = verify.compare_outputs(result.reference_outputs, result.final_outputs)

@@ -40,17 +40,22 @@ class Plan:
         return [s.name for s in self.steps]
 
     def run(self, model: Model, *, feeds: Mapping[str, np.ndarray] | None = None, check: bool = True,
-            explain: bool = False, progress: Progress | None = None) -> PlanResult:
+            explain: bool = False, progress: Progress | None = None, check_every: int = 1) -> PlanResult:
         """Run every step on `model` in place. `feeds`: inputs for the checks (with `check`) and
-        for the lowering measurements; without them nothing is checked."""
+        for the lowering measurements; without them nothing is checked. `check_every`: exact
+        steps that changed the model are checked in groups of this many (0: one group, checked
+        before the first approximate or lowering step and at the end); steps that changed
+        nothing are not run again."""
         notes: list[str] = []
         reference = _reference_outputs(model, feeds, notes) if feeds is not None and check else None
-        stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain, given=model.clone())
+        stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain, given=model.clone(),
+                      check_every=check_every)
         records = []
         for index, step in enumerate(self.steps):
             if progress:
                 progress(index, len(self.steps), step.name)
             records.append(step.run(stage))
+        stage.settle()
         if progress:
             progress(len(self.steps), len(self.steps), "done")
         return PlanResult(stage.model, records, reference, stage.outputs, stage.feeds, stage.approximate, notes)

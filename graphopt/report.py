@@ -108,9 +108,11 @@ class Report:
             passes.add_column(col, justify="right" if col in ("ms",) else "left")
         for p in self.steps:
             fired = ", ".join(f"{r}={n}" for r, n in p.rewrites.items() if n) or "-"
-            check = "-" if not p.check else ("ok" if p.check.get("passed") else "FAILED") + (
+            check = "-" if not p.check else "skipped (unchanged)" if "skipped" in p.check else (
+                "ok" if p.check.get("passed") else "FAILED") + (
                 f" (max abs {p.check['max_abs_error']:.2e})" if "max_abs_error" in p.check else
-                f" (cosine {p.check['min_cosine']:.4f} vs bound {p.check['bound']})" if "bound" in p.check else "")
+                f" (cosine {p.check['min_cosine']:.4f} vs bound {p.check['bound']})" if "bound" in p.check else "") + (
+                f" [group of {len(p.check['group'])}]" if len(p.check.get("group", ())) > 1 else "")
             passes.add_row(p.name, p.kind, fired, p.status + (f": {p.note}" if p.note else ""), check, f"{p.seconds * 1e3:.1f}")
         parts: list[Any] = [passes]
         summary = Table(title="model", title_justify="left")

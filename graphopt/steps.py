@@ -27,6 +27,7 @@ import numpy as np
 
 from graphopt import fidelity, verify
 from graphopt.errors import GraphoptError
+from graphopt.ir import ir
 from graphopt.model import Model
 from graphopt.rewrite import Pass, PassKind
 
@@ -90,9 +91,27 @@ class Stage:
     explain: bool = False
     approximate: bool = False  # an approximate step changed the function on purpose
     given: Model | None = None  # the plan's input as given (a lowering may find it faster than the rewrite)
+    check_every: int = 1  # exact steps that changed the model are checked in groups of this many (0: once, at the end)
+    pending: list = dataclasses.field(default_factory=list)  # (record, snapshot before it) not yet checked
 
     def run(self) -> dict[str, np.ndarray]:
         return verify.run(self.model, self.feeds)
+
+    def settle(self) -> None:
+        """Check the exact steps not yet checked, as one group: on divergence the model goes
+        back to before the group's first step, and each step of the group says so."""
+        if not self.pending:
+            return
+        group, self.pending = self.pending, []
+        first, snapshot = group[0]
+        names = [r.name for r, _ in group]
+        check_equal(self, first, snapshot)  # restores `snapshot` on divergence
+        failed = first.status == "rolled-back"
+        for record, _ in group:
+            record.check = {**first.check, "group": names}
+            if failed:
+                record.status = "rolled-back"
+                record.note = f"checked as one group ({', '.join(names)}): {first.note.split('; rolled back')[0]}; rolled back"
 
 
 class Step(abc.ABC):
@@ -114,6 +133,7 @@ class ExactStep(Step):
     def run(self, stage: Stage) -> StepRecord:
         model, p = stage.model, self.p
         snapshot = model.ir.clone()
+        before = fingerprint(model.ir) if stage.outputs is not None else None
         near_misses = p.near_misses(model.ir) if stage.explain else []
         start = time.perf_counter()
         try:
@@ -128,8 +148,29 @@ class ExactStep(Step):
                             "applied" if sum(rewrites.values()) else "no-op", near_misses=near_misses)
         if stage.outputs is None:
             return record
+        if not sum(rewrites.values()) and fingerprint(model.ir) == before:
+            record.check = {"skipped": "the pass changed nothing"}
+            return record
         exact = p.kind != PassKind.APPROXIMATE
-        return check_equal(stage, record, snapshot, rollback=exact)
+        if not exact or stage.check_every == 1:
+            stage.settle()
+            return check_equal(stage, record, snapshot, rollback=exact)
+        stage.pending.append((record, snapshot if not stage.pending else None))
+        if stage.check_every and len(stage.pending) >= stage.check_every:
+            stage.settle()
+        return record
+
+
+def fingerprint(model: ir.Model) -> tuple:
+    """What a pass can change, cheaply: every node's op and wiring, every initializer's tensor
+    object (rewrites make new tensors; none edits one in place), the functions."""
+    graph = model.graph
+    return (tuple((n.domain, n.op_type, tuple(id(v) for v in n.inputs), tuple(id(v) for v in n.outputs),
+                   tuple((k, id(a.value) if a.type == ir.AttributeType.TENSOR else repr(a.value))
+                         for k, a in n.attributes.items()))
+                  for n in graph),
+            tuple((name, id(v.const_value)) for name, v in graph.initializers.items()),
+            tuple(id(v) for v in graph.outputs), tuple(sorted(model.functions)))
 
 
 def check_equal(stage: Stage, record: StepRecord, snapshot, *, rollback: bool = True) -> StepRecord:
@@ -185,6 +226,7 @@ class ApproximateStep(Step):
         """Calibrate on `self.options.calib` and return the changed model with its fidelity."""
 
     def run(self, stage: Stage) -> StepRecord:
+        stage.settle()
         start = time.perf_counter()
         made = self.approximate(stage.model)
         stage.model.ir = made.model.ir
@@ -231,6 +273,7 @@ class LoweringStep(Step):
         """Measure the candidates on `stage.feeds` and return the fastest."""
 
     def run(self, stage: Stage) -> StepRecord:
+        stage.settle()
         start = time.perf_counter()
         snapshot = stage.model.ir.clone()
         choice = self.choose(stage)

@@ -155,3 +155,33 @@ def test_report_schema_v2_keeps_the_v1_views(tmp):
     assert set(data["steps"][0]) == {"name", "kind", "rewrites", "seconds", "status", "check", "note", "near_misses",
                                      "fidelity", "measurements"}
     assert data["fidelity"] is None and data["lowering"] is None
+
+
+def test_a_step_that_changed_nothing_is_not_run_again():
+    result = graphopt.optimize(model(), passes=["cse", "eliminate-identity"])
+    unchanged, identity = result.report.passes
+    assert unchanged.status == "no-op" and unchanged.check == {"skipped": "the pass changed nothing"}
+    assert identity.status == "applied" and identity.check["passed"]
+    assert result.report.validation.passed
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_checks_in_groups_roll_a_diverging_group_back_whole(test_passes, every):
+    m = model()
+    result = graphopt.optimize(m, passes=["eliminate-identity", "test-scale-weights", "cse"], check_every=every)
+    identity, scale, unchanged = result.report.passes
+    for record in (identity, scale):
+        assert record.status == "rolled-back" and record.check["group"] == ["eliminate-identity", "test-scale-weights"]
+        assert "checked as one group (eliminate-identity, test-scale-weights)" in record.note
+    assert unchanged.check == {"skipped": "the pass changed nothing"}
+    assert "Identity" in {n.op_type for n in result.model.graph}  # the whole group was undone
+    assert result.report.validation.passed
+
+
+def test_checks_in_groups_keep_a_good_group():
+    result = graphopt.optimize(model(), passes=["eliminate-identity", "cse", "fold-constants"], check_every=0)
+    applied = [p for p in result.report.passes if p.status == "applied"]
+    assert applied and all(p.check["passed"] and p.check["group"] == [a.name for a in applied] for p in applied)
+    assert result.report.validation.passed and "Identity" not in {n.op_type for n in result.model.graph}
+    with pytest.raises(graphopt.InputError, match="check_every"):
+        graphopt.optimize(model(), check_every=-1)
