@@ -10,9 +10,8 @@ Preconditions:
     1. A MatMul with a constant float32 2-D weight (decoders' projections; Gemm and Conv stay).
     2. The target is onnxruntime (`--target ort-cpu` / `ort-cuda`): MatMulNBits is a contrib op
        no other consumer loads.
-Selection: as int8 (step.py): layers that are faster in int4 alone at their calibrated shape,
-ordered by gain per local error, the longest prefix whose held-out end-to-end mean cosine meets
-the bound.
+Selection: select.py, as for int8: layers faster in int4 alone at their calibrated shape, by gain
+per local error, the longest prefix whose held-out end-to-end mean cosine meets the bound.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from graphopt.errors import InputError
 from graphopt.ir import common_passes, ir
 from graphopt.model import Model
 from graphopt.passes._weights import add_initializer
+from graphopt.passes.precision import select
 from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.rewrite import RULE_TAG
 from graphopt.shapes import infer_shapes
@@ -140,11 +140,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         float_ms, int4_ms = measure(site.w, x.shape, cache)
         layers.append({"index": site.index, "node": site.name, "op": "MatMul", "rel_error": round(err, 6),
                        "float_ms": round(float_ms, 4), "int4_ms": round(int4_ms, 4)})
-    faster = [e for e in layers if e["int4_ms"] < e["float_ms"]]
-    for e in layers:
-        if e not in faster:
-            e["precision"], e["kept_because"] = "float32", "its int4 form is not faster on this machine"
-    order = sorted(faster, key=lambda e: -(e["float_ms"] - e["int4_ms"]) / (e["rel_error"] + 1e-6))
+    order = select.order(layers, "int4")
 
     def build(count: int) -> Model:
         trial = work.clone()
@@ -154,27 +150,15 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         common_passes.RemoveUnusedNodesPass()(trial.ir)
         return trial
 
-    lo, hi, best, best_fid = 0, len(order), 0, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        candidate = fidelity.end_to_end(references, build(mid), data.held) if mid else None
-        if mid == 0 or fidelity.worst_mean_cosine(candidate) >= options.fidelity:
-            best, best_fid, lo = mid, candidate, mid + 1
-        else:
-            hi = mid - 1
-    kept = {e["node"] for e in order[:best]}
-    for e in order:
-        e["precision"] = "int4" if e["node"] in kept else "float32"
-        if e["node"] not in kept:
-            e["kept_because"] = f"outside the {best} layers that keep the end-to-end mean cosine >= {options.fidelity}"
+    best, best_fid = select.longest_prefix(
+        order, lambda count: fidelity.end_to_end(references, build(count), data.held), options.fidelity)
+    select.mark(order, best, "int4", options.fidelity)
     final = build(best)
     report: dict[str, Any] = {"precision": "int4", "calibration": data.describe(), "layers": layers,
                               "end_to_end": best_fid if best_fid is not None else fidelity.end_to_end(references, final, data.held),
                               "selection": {"fidelity_bound": options.fidelity, "int4_layers": best,
-                                            "layers_total": len(sites), "faster_in_int4": len(faster)}}
-    if not best:
-        report["note"] = (f"no layer could go to int4 within the bound {options.fidelity}: the model stays float32"
-                          if faster else "no layer's int4 form is faster on this machine: the model stays float32")
+                                            "layers_total": len(sites), "faster_in_int4": len(order)},
+                              **select.note("int4", best, len(order), options.fidelity)}
     return final, report
 
 

@@ -9,9 +9,9 @@
    the layer's own output error among min-max and percentile clips (ranges.py), its local int8
    error, and its measured latency gain alone at its calibrated shape (gain.py). A layer whose
    int8 form is not faster here stays in float.
-4. Selection: layers ordered by gain per error; the longest prefix whose end-to-end mean cosine
-   on the held-out batches stays >= the bound is kept in int8 (binary search over prefixes:
-   fidelity falls as layers are added). Nothing meets the bound: the model stays float, said so.
+4. Selection (select.py): layers ordered by gain per error; the longest prefix whose end-to-end
+   mean cosine on the held-out batches stays >= the bound is kept in int8. Nothing meets the
+   bound: the model stays float, said so.
 5. Emission (qdq.py): standard QuantizeLinear / DequantizeLinear around each kept layer.
 6. Bias correction (bias.py): each kept layer's mean output error per channel on the fit data
    goes into its bias; kept only where it raises the held-out end-to-end cosine.
@@ -27,7 +27,7 @@ from graphopt import calibration, fidelity, verify
 from graphopt.errors import InputError
 from graphopt.ir import common_passes
 from graphopt.model import Model
-from graphopt.passes.precision import bias, gain, qdq, ranges, smooth
+from graphopt.passes.precision import bias, gain, qdq, ranges, select, smooth
 from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
@@ -78,11 +78,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
                            "int8_ms": None if timed is None else round(timed[1], 4),
                            "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)})
     layers.sort(key=lambda e: e["index"])
-    faster = [e for e in layers if e["int8_ms"] is not None and e["int8_ms"] < e["float_ms"]]
-    for e in layers:
-        if e not in faster:
-            e["precision"], e["kept_because"] = "float32", "its int8 form is not faster on this machine"
-    order = sorted(faster, key=lambda e: -(e["float_ms"] - e["int8_ms"]) / ((e["rel_error"] or 1e-3) + 1e-6))
+    order = select.order(layers, "int8")
 
     def build(count: int, corrected: bool = True) -> Model:
         trial = work.clone()
@@ -99,14 +95,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     def fid(m: Model) -> dict:
         return fidelity.end_to_end(references, m, data.held)
 
-    lo, hi, best, best_fid = 0, len(order), 0, None
-    while lo <= hi:  # the longest prefix that meets the bound
-        mid = (lo + hi) // 2
-        candidate = fid(build(mid)) if mid else None
-        if mid == 0 or fidelity.worst_mean_cosine(candidate) >= options.fidelity:
-            best, best_fid, lo = mid, candidate, mid + 1
-        else:
-            hi = mid - 1
+    best, best_fid = select.longest_prefix(order, lambda count: fid(build(count)), options.fidelity)
     final = build(best)
     corrected = [e["node"] for e in order[:best] if shifts[e["index"]] is not None]
     report["bias_correction"] = {"layers": len(corrected)}
@@ -117,19 +106,12 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         report["bias_correction"].update(mean_cosine_with=round(a, 6), mean_cosine_without=round(b, 6), kept=a >= b)
         if a < b:
             final, best_fid = plain, plain_fid
-    kept = {e["node"] for e in order[:best]}
-    for rank, e in enumerate(order):
-        e["precision"] = "int8" if e["node"] in kept else "float32"
-        if e["node"] not in kept:
-            e["kept_because"] = (f"outside the {best} layers (of {len(order)}, by gain per error) that keep the end-to-end "
-                                 f"mean cosine >= {options.fidelity}")
+    select.mark(order, best, "int8", options.fidelity)
     report["layers"] = layers
     report["end_to_end"] = best_fid if best_fid is not None else fid(final)
     report["selection"] = {"fidelity_bound": options.fidelity, "int8_layers": best, "layers_total": len(sites),
-                           "faster_in_int8": len(faster)}
-    if not best:
-        report["note"] = (f"no layer could go to int8 within the bound {options.fidelity}: the model stays float32"
-                          if faster else "no layer's int8 form is faster on this machine: the model stays float32")
+                           "faster_in_int8": len(order)}
+    report.update(select.note("int8", best, len(order), options.fidelity))
     return final, report
 
 
