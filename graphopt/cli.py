@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--preset", default=presets.DEFAULT, help=f"one of {', '.join(presets.PRESETS)} (default {presets.DEFAULT})")
     s.add_argument("--passes", type=_csv, help="comma-separated pass names, in order (overrides --preset)")
-    s.add_argument("--report", help="write the JSON report here")
+    s.add_argument("--report", help="write the report here: a self-contained page for .html, else JSON")
     _add_input_args(s)
     s.add_argument("--no-validate", action="store_true", help="skip per-pass checks and the final validation")
     s.add_argument("--explain", action="store_true", help="show why rules did not fire")
@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _add_input_args(s)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("report", parents=[common], help="render a JSON report (optimize --report r.json) as an HTML page")
+    s.add_argument("report_json")
+    s.add_argument("-o", "--output", required=True, help="the .html page to write")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("passes", parents=[common], help="list the registered passes and presets")
     s.add_argument("--json", action="store_true")
@@ -246,7 +251,7 @@ def cmd_optimize(args) -> int:
     with _spinner(f"writing {output}"):
         graphopt.save(result.model, output, external_data=True if args.external_data else None, force=args.force)
         if args.report:
-            report.write_json(args.report)
+            report.write(args.report)
     out.print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
     return 0
 
@@ -392,6 +397,23 @@ def cmd_bench(args) -> int:
         out.print(f"graphopt lowering: {chosen}", markup=False)
     out.print(machine.line(), markup=False)
     out.print(f"graphopt vs best anchor: {result.graphopt_vs_best_anchor}x")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from graphopt import report as report_mod, report_html
+
+    path = Path(args.report_json)
+    try:
+        data = json.loads(path.read_text())
+        page = report_html.render(data, title=f"graphopt report: {path.name}")
+    except FileNotFoundError:
+        raise InputError(f"report not found: {path}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a graphopt JSON report ({type(exc).__name__}: {exc})",
+                         hint="write one with graphopt optimize --report r.json") from None
+    report_mod.write_atomic(Path(args.output), page)
+    out.print(f"wrote {args.output}", markup=False)
     return 0
 
 

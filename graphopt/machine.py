@@ -53,3 +53,20 @@ def describe() -> dict[str, object]:
 def line() -> str:
     d = describe()
     return f"CPU: {d['cpu']} ({d['cores']} cores; {', '.join(d['flags']) or 'no avx512/amx flags'})"
+
+
+RUNTIMES = ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "openvino", "apache-tvm", "torch")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the runtimes and libraries a run depends on (read from package
+    metadata: nothing is imported)."""
+    from importlib import metadata
+
+    found = {}
+    for name in RUNTIMES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

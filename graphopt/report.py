@@ -6,10 +6,12 @@ before and after.
  "steps": [{"name", "kind", "rewrites", "seconds", "status", "check", "note", "near_misses",
             "fidelity", "measurements"}],
  "validation": {...}, "model": {"before": {...}, "after": {...}}, "notes": [...],
+ "machine": {"cpu", "flags", "cores", "versions"},
  "passes": [...], "fidelity": {...} | null, "lowering": {...} | null}
 The last three are views kept for readers of version 1: "passes" is "steps" again, "fidelity"
 the first approximate step's fidelity, "lowering" the first lowering step's measurements.
-`Report.tables()` renders the same for people (rich).
+`Report.tables()` renders the same for people (rich); `Report.write_html()` writes one
+self-contained page (graphopt/report_html.py) from the JSON alone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from graphopt import machine
 from graphopt.steps import StepKind, StepRecord
 from graphopt.verify import Validation
 
@@ -76,6 +79,7 @@ class Report:
             "validation": self.validation.to_dict() if self.validation else None,
             "model": {"before": {k: self.before[k] for k in _MODEL_KEYS}, "after": {k: self.after[k] for k in _MODEL_KEYS}},
             "notes": list(self.notes),
+            "machine": {**machine.describe(), "versions": machine.versions()},
             "passes": steps,
             "lowering": self.lowering,
             "fidelity": self.fidelity,
@@ -83,20 +87,19 @@ class Report:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Atomic write: a temporary file beside `path`, then a rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(_finite(self.to_dict()), f, indent=2, default=_json_default, allow_nan=False)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        text = json.dumps(_finite(self.to_dict()), indent=2, default=_json_default, allow_nan=False)
+        return write_atomic(Path(path), text)
+
+    def write_html(self, path: str | os.PathLike, *, bench: dict[str, Any] | None = None) -> Path:
+        """One self-contained page (no network needed to open it), atomically."""
+        from graphopt import report_html
+
+        data = json.loads(json.dumps(_finite(self.to_dict()), default=_json_default, allow_nan=False))
+        return write_atomic(Path(path), report_html.render(data, bench=bench))
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """HTML for a `.html` / `.htm` path, JSON otherwise."""
+        return self.write_html(path) if Path(path).suffix.lower() in (".html", ".htm") else self.write_json(path)
 
     def tables(self):
         """rich renderables: the passes table, the validation table, notes."""
@@ -130,6 +133,23 @@ class Report:
             parts.append(validation_table(self.validation))
         parts.extend(f"note: {n}" for n in self.notes)
         return Group(*parts)
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """A temporary file beside `path`, then a rename: never a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def fidelity_table(fidelity: dict[str, Any]):

@@ -1,0 +1,250 @@
+"""One self-contained HTML page per run, drawn from the report's JSON alone (`Report.to_dict()`),
+so a JSON written earlier renders the same page: inline CSS, charts as inline SVG (matplotlib,
+the `report` extra; without it the page has the tables and says the charts need it), no
+scripts, nothing fetched when it opens.
+
+Sections: the plan (every step: kind, rewrites, status, check, time); the model before and
+after (nodes, parameters, bytes, op histogram side by side); speed (every lowering step's
+measured candidates as bars, the chosen one marked; a benchmark's contenders); fidelity (each
+approximate step's per-layer error and cosine, the bound drawn; end to end per output); the
+machine (CPU, the flags that matter, runtime versions); the notes.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #1d2430; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #d7dce3; padding-bottom: 0.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.6em 0; } th, td { padding: 3px 10px; border-bottom: 1px solid #e6e9ee; text-align: left; }
+th { background: #f3f5f8; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: #17803d; } .bad { color: #b42318; } .muted { color: #6b7280; } .chart { margin: 0.5em 0 1em; }
+code { background: #f3f5f8; padding: 0 3px; border-radius: 3px; }
+"""
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "neon", "sve")
+
+
+def render(report: Mapping[str, Any], *, title: str = "graphopt report", bench: Mapping[str, Any] | None = None) -> str:
+    """The page for `report` (a `Report.to_dict()`), with a benchmark's result when given."""
+    charts = _Charts()
+    parts = [f"<h1>{_e(title)}</h1>", _summary(report)]
+    parts += ["<h2>Plan</h2>", _plan(report["steps"])]
+    parts += ["<h2>Model before and after</h2>", _model(report["model"], charts)]
+    speed = _speed(report["steps"], bench, charts)
+    if speed:
+        parts += ["<h2>Speed</h2>", speed]
+    fid = _fidelity(report["steps"], charts)
+    if fid:
+        parts += ["<h2>Fidelity</h2>", fid]
+    if report.get("validation"):
+        parts += ["<h2>Validation</h2>", _validation(report["validation"])]
+    parts += ["<h2>Machine</h2>", _machine(report.get("machine") or {})]
+    if report.get("notes"):
+        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in report["notes"]) + "</ul>"]
+    if charts.missing:
+        parts.insert(2, f"<p class='muted'>Charts need matplotlib ({_e(charts.missing)}): "
+                        "<code>pip install graphopt[report]</code>; the tables are complete without it.</p>")
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary(report: Mapping[str, Any]) -> str:
+    steps = report["steps"]
+    applied = sum(1 for s in steps if s["status"] == "applied")
+    validation = report.get("validation")
+    verdict = ("" if not validation else
+               f", validation <span class='{'ok' if validation['passed'] else 'bad'}'>"
+               f"{'passed' if validation['passed'] else 'FAILED'}</span>")
+    before, after = report["model"]["before"], report["model"]["after"]
+    return (f"<p>Preset <code>{_e(report.get('preset') or 'explicit passes')}</code>: {len(steps)} steps, {applied} applied"
+            f"{verdict}; nodes {before['num_nodes']} &rarr; {after['num_nodes']}, parameter bytes "
+            f"{before['param_bytes']:,} &rarr; {after['param_bytes']:,}.</p>")
+
+
+def _check(check: Mapping[str, Any] | None) -> str:
+    if not check:
+        return "<span class='muted'>-</span>"
+    if "skipped" in check:
+        return "<span class='muted'>skipped (unchanged)</span>"
+    ok = check.get("passed")
+    text = "ok" if ok else "FAILED"
+    if "max_abs_error" in check:
+        text += f" (max abs {check['max_abs_error']:.2e})"
+    elif "bound" in check:
+        text += f" (cosine {check['min_cosine']:.4f} vs bound {check['bound']})"
+    if len(check.get("group", ())) > 1:
+        text += f" [group of {len(check['group'])}]"
+    return f"<span class='{'ok' if ok else 'bad'}'>{_e(text)}</span>"
+
+
+def _plan(steps: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for s in steps:
+        fired = ", ".join(f"{r}={n}" for r, n in s["rewrites"].items() if n) or "-"
+        status = _e(s["status"]) + (f": <span class='muted'>{_e(s['note'])}</span>" if s.get("note") else "")
+        rows.append([_e(s["name"]), _e(s["kind"]), _e(fired), status, _check(s.get("check")), f"{s['seconds'] * 1e3:.1f}"])
+    return _table(["step", "kind", "rewrites", "status", "check", "ms"], rows, numeric=(5,))
+
+
+def _model(model: Mapping[str, Any], charts: "_Charts") -> str:
+    before, after = model["before"], model["after"]
+    rows = [[label, d["num_nodes"], f"{d['num_params']:,}", f"{d['param_bytes']:,}"] for label, d in
+            (("before", before), ("after", after))]
+    out = _table(["", "nodes", "parameters", "bytes"], rows, numeric=(1, 2, 3))
+    ops = sorted(set(before["op_counts"]) | set(after["op_counts"]),
+                 key=lambda o: (-(before["op_counts"].get(o, 0) + after["op_counts"].get(o, 0)), o))[:24]
+    hist = [[_e(o), before["op_counts"].get(o, 0), after["op_counts"].get(o, 0)] for o in ops]
+    out += charts.grouped_bars("op histogram (top 24 op types)", ops, {"before": [r[1] for r in hist],
+                                                                        "after": [r[2] for r in hist]}, "nodes")
+    return out + _table(["op", "before", "after"], hist, numeric=(1, 2))
+
+
+def _speed(steps, bench, charts: "_Charts") -> str:
+    parts = []
+    for s in steps:
+        m = s.get("measurements") or {}
+        if "candidates" in m:  # --target cpu: whole-model candidates
+            timed = {k: c["median_ms"] for k, c in m["candidates"].items() if "median_ms" in c}
+            parts.append(f"<h3>{_e(s['name'])}</h3>")
+            parts.append(charts.bars(f"{s['name']}: median ms per candidate (chosen: {m.get('chosen')})", timed,
+                                     m.get("chosen"), "ms"))
+            parts.append(_table(["candidate", "median ms", "min cosine", "note"], [
+                [("<b>%s</b>" % _e(k)) if k == m.get("chosen") else _e(k), c.get("median_ms", "-"), c.get("min_cosine", "-"),
+                 _e(c.get("rejected") or c.get("error") or "")] for k, c in m["candidates"].items()], numeric=(1, 2)))
+            m = m.get("ort_lowering") or {}
+        for kind, timings in (m.get("timings_ms") or {}).items():  # --target ort-*: per op kind
+            chosen = (m.get("choices") or {}).get(kind)
+            parts.append(charts.bars(f"{s['name']}: {kind} lowering, median ms (chosen: {chosen})", timings, chosen, "ms"))
+    if bench:
+        timed = {c["name"]: c["median_ms"] for c in bench.get("contenders", []) if c.get("median_ms") is not None}
+        parts.append("<h3>benchmark</h3>")
+        parts.append(charts.bars("benchmark: median ms per contender", timed, None, "ms"))
+        parts.append(_table(["contender", "median ms", "max abs error"], [
+            [_e(c["name"]), c.get("median_ms", "-"), c.get("max_abs_error", "-")] for c in bench.get("contenders", [])],
+            numeric=(1, 2)))
+    return "\n".join(parts)
+
+
+def _fidelity(steps, charts: "_Charts") -> str:
+    parts = []
+    for s in steps:
+        f = s.get("fidelity")
+        if not f:
+            continue
+        bound = (s.get("check") or {}).get("bound")
+        parts.append(f"<h3>{_e(s['name'])}</h3>")
+        rows = f.get("per_layer") or f.get("layers") or []
+        if rows:
+            labels = [str(r.get("index", i)) for i, r in enumerate(rows)]
+            errors = [r.get("rel_error") or 0.0 for r in rows]
+            parts.append(charts.bars(f"{s['name']}: per-layer relative error", dict(zip(labels, errors)), None,
+                                     "relative error"))
+            if all("cosine" in r for r in rows):
+                parts.append(charts.bars(f"{s['name']}: per-layer cosine (bound {bound})",
+                                         dict(zip(labels, [r["cosine"] for r in rows])), None, "cosine", line=bound))
+            keys = [k for k in ("node", "op", "swapped", "precision", "range", "rel_error", "cosine", "float_ms", "int8_ms",
+                                "int4_ms", "kept_because") if any(k in r for r in rows)]
+            parts.append(_table(["layer", *keys], [[r.get("index", i), *[_e(r.get(k, "")) for k in keys]]
+                                                   for i, r in enumerate(rows)]))
+        if "conversion" in f:
+            c = f["conversion"]
+            parts.append(f"<p>{_e(f['precision'])} graph: {c['nodes_in_low_precision']} nodes in 16 bits, {c['casts']} casts; "
+                         f"kept float32: {_e(', '.join(f'{k} x{v}' for k, v in c['kept_float32'].items()) or 'none')}.</p>")
+        e2e = f.get("end_to_end") or {}
+        if e2e:
+            parts.append(charts.bars(f"{s['name']}: end-to-end mean cosine per output (bound {bound})",
+                                     {k: v["mean_cosine"] for k, v in e2e.items()}, None, "mean cosine", line=bound))
+            parts.append(_table(["output", "mean cosine", "min cosine", "max abs error"], [
+                [_e(k), f"{v['mean_cosine']:.6f}", f"{v['min_cosine']:.6f}", f"{v['max_abs_error']:.3e}"]
+                for k, v in e2e.items()], numeric=(1, 2, 3)))
+        warning = (f.get("calibration") or {}).get("warning")
+        if warning:
+            parts.append(f"<p class='bad'>{_e(warning)}</p>")
+    return "\n".join(parts)
+
+
+def _validation(v: Mapping[str, Any]) -> str:
+    rows = [[_e(c["name"]), f"<span class='{'ok' if c['passed'] else 'bad'}'>{'ok' if c['passed'] else 'FAILED'}</span>",
+             f"{c['max_abs_error']:.3e}", f"{c['cosine']:.6f}"] for c in v.get("outputs", [])]
+    return f"<p>inputs: {_e(v.get('inputs', ''))}</p>" + _table(["output", "check", "max abs error", "cosine"], rows,
+                                                                    numeric=(2, 3))
+
+
+def _machine(m: Mapping[str, Any]) -> str:
+    if not m:
+        return "<p class='muted'>not recorded in this report</p>"
+    flags = [f for f in m.get("flags", []) if f in FLAGS]
+    rows = [["CPU", _e(m.get("cpu", "?"))], ["cores", _e(m.get("cores", "?"))], ["flags that matter", _e(", ".join(flags) or "none")]]
+    rows += [[_e(k), _e(v)] for k, v in (m.get("versions") or {}).items()]
+    return _table(["", ""], rows)
+
+
+class _Charts:
+    """Inline SVG charts (matplotlib with the Agg backend), or nothing when it is missing."""
+
+    def __init__(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            matplotlib.rcParams["svg.hashsalt"] = "graphopt"  # the same JSON renders the same page
+
+            self.plt, self.missing = plt, ""
+        except ImportError as exc:
+            self.plt, self.missing = None, str(exc)
+
+    def _svg(self, fig) -> str:
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+        self.plt.close(fig)
+        text = buf.getvalue()
+        return f"<div class='chart'>{text[text.index('<svg'):]}</div>"
+
+    def bars(self, title: str, values: Mapping[str, float], chosen: str | None, unit: str, line: float | None = None) -> str:
+        if self.plt is None or not values:
+            return ""
+        names = list(values)
+        fig, ax = self.plt.subplots(figsize=(8, max(1.2, 0.32 * len(names) + 0.8)))
+        colors = ["#2f6fdf" if n == chosen else "#9db4d8" for n in names]
+        ax.barh(names, [float(values[n]) for n in names], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_title(title, fontsize=10, loc="left")
+        if line is not None:
+            ax.axvline(float(line), color="#b42318", linestyle="--", linewidth=1, label=f"bound {line}")
+            lo = min(min(values.values()), float(line))
+            ax.set_xlim(max(0.0, lo - (1 - lo) * 0.5 - 1e-4), 1.0 + 1e-4 if max(values.values()) <= 1 else None)
+            ax.legend(loc="lower right", fontsize=8)
+        return self._svg(fig)
+
+    def grouped_bars(self, title: str, names: Sequence[str], series: Mapping[str, Sequence[float]], unit: str) -> str:
+        if self.plt is None or not names:
+            return ""
+        fig, ax = self.plt.subplots(figsize=(8, max(1.2, 0.3 * len(names) + 0.8)))
+        height = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            ax.barh([j + i * height for j in range(len(names))], values, height=height, label=label)
+        ax.set_yticks([j + height * (len(series) - 1) / 2 for j in range(len(names))], names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.legend(fontsize=8)
+        return self._svg(fig)
