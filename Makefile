@@ -25,7 +25,7 @@ comma := ,
 demo: $(VENV)/.installed-torch+models+openvino+report
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/minilm_demo.py --out demo_out
 
-test: $(VENV)/.installed-torch+models+dev+tvm+openvino+report browser
+test: $(VENV)/.installed-torch+models+dev+tvm+openvino+report+view browser
 	$(VENV)/bin/ruff check graphopt passes backends tests benchmarks examples
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 

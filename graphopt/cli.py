@@ -157,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="the .html page to write")
     s.set_defaults(func=cmd_report)
 
+    s = sub.add_parser("view", parents=[common], help="open a model (or two: before and after) in Netron, on localhost")
+    s.add_argument("model")
+    s.add_argument("other", nargs="?", help="a second model, served beside the first (e.g. the optimized one)")
+    s.add_argument("--port", type=int, default=0, help="first port (default: any free one); the second model gets the next")
+    s.add_argument("--no-browser", action="store_true", help="print the addresses instead of opening a browser")
+    s.set_defaults(func=cmd_view)
+
     s = sub.add_parser("passes", parents=[common], help="list the registered passes and presets")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_passes)
@@ -414,6 +421,30 @@ def cmd_report(args) -> int:
                          hint="write one with graphopt optimize --report r.json") from None
     report_mod.write_atomic(Path(args.output), page)
     out.print(f"wrote {args.output}", markup=False)
+    return 0
+
+
+def cmd_view(args) -> int:
+    try:
+        import netron
+    except ImportError:
+        raise InputError("graphopt view needs Netron, which is not installed",
+                         hint="pip install 'graphopt[view]' (the netron package)") from None
+    paths = [Path(p) for p in (args.model, args.other) if p]
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"model not found: {path}")
+    for i, path in enumerate(paths):
+        port = args.port + i if args.port else 0
+        host, bound = netron.start(str(path), address=("localhost", port), browse=not args.no_browser)
+        out.print(f"serving {path} at http://{host}:{bound}", markup=False)
+    sys.stdout.flush()
+    try:
+        netron.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        netron.stop()
     return 0
 
 

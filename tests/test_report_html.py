@@ -126,3 +126,28 @@ def test_the_page_renders_in_a_headless_browser(runs, tmp):
     width, height = struct.unpack(">II", header[16:24])
     assert (width, height) == (1200, 2400)
     assert shot.stat().st_size > 30_000  # tables and charts, not a blank page
+
+
+def test_view_serves_netron_on_localhost_then_stops(runs, tmp):
+    pytest.importorskip("netron", reason="the view extra (netron) is not installed")
+    import socket
+    import urllib.request
+
+    model = tmp / "m.onnx"
+    graphopt.save(graphopt.load(models.export(*models.transformer("bert", "eager"), tmp / "b.onnx", "legacy")), model)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([GRAPHOPT, "view", str(model), str(model), "--no-browser", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        assert lines == [f"serving {model} at http://localhost:{port}", f"serving {model} at http://localhost:{port + 1}"]
+        for p in (port, port + 1):
+            with urllib.request.urlopen(f"http://localhost:{p}/", timeout=30) as answer:
+                assert answer.status == 200 and b"<html" in answer.read().lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    missing = subprocess.run([GRAPHOPT, "view", str(tmp / "nope.onnx"), "--no-browser"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "model not found" in missing.stderr
