@@ -53,6 +53,7 @@ class BenchResult:
     inputs: dict[str, list[int]]
     rounds: int
     contenders: list[Contender]
+    report: Any = None  # graphopt's optimize report, when it optimized here (for `bench --report page.html`)
 
     @property
     def graphopt_vs_best_anchor(self) -> float | None:
@@ -97,7 +98,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
     names = [*ours, *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS + OPTIONAL if a in against]]
     if "original" not in names:
         names.append("original")  # the reference for errors and ratios
-    contenders, sessions, reference = [], {}, None
+    contenders, sessions, reference, report = [], {}, None, None
     for name in names:
         contender = Contender(name)
         contenders.append(contender)
@@ -105,6 +106,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 session, contender.detail = builders[name]()
+            report = contender.detail.pop("report", None) or report
             outputs = session.run(feeds)
         except Exception as exc:  # an anchor that breaks is a result, not a crash
             contender.error = first_line(exc, 300)
@@ -125,7 +127,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
         if contender.name in medians:
             contender.median_ms = round(medians[contender.name] * 1e3, 3)
             contender.speedup = round(base / medians[contender.name], 3) if base else None
-    return BenchResult(target, feeds_mod.shapes(feeds), rounds, contenders)
+    return BenchResult(target, feeds_mod.shapes(feeds), rounds, contenders, report)
 
 
 def _tvm_executable(path):
@@ -146,7 +148,8 @@ def _graphopt(source: Model, optimized: Any, feeds, target: str, preset: str | N
     if optimized is None:
         result = optimize(source, inputs=feeds, target=target, precision=precision, fidelity=fidelity,
                           **({"preset": preset} if preset else {}))
-        model, detail = result.model, {"lowering": result.report.lowering, "rewrites": result.report.rewrites()}
+        model, detail = result.model, {"lowering": result.report.lowering, "rewrites": result.report.rewrites(),
+                                       "report": result.report}
     else:
         model, detail = importers.load(optimized), {}
     if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":

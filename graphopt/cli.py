@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds (after 3 warm-up rounds)")
     s.add_argument("--json", action="store_true")
     _add_input_args(s)
+    s.add_argument("--report", help="write the HTML page (graphopt's optimize report with the contenders' timings) here")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("report", parents=[common], help="render a JSON report (optimize --report r.json) as an HTML page")
@@ -388,6 +389,12 @@ def cmd_bench(args) -> int:
         result = bench_mod.bench(args.model, target=args.target, against=args.against, inputs=args.inputs, dims=args.dims,
                                  rounds=args.rounds, optimized=args.optimized, tvm_artifact=args.tvm,
                                  precision=args.precision, fidelity=args.fidelity)
+    if args.report:
+        if result.report is None:
+            raise InputError("bench --report needs graphopt to optimize here, not --optimized",
+                             hint="drop --optimized, or run graphopt optimize --report page.html")
+        result.report.write_html(args.report, bench=result.to_dict())
+        out.print(f"wrote {args.report}", markup=False)
     if args.json:
         out.print(json.dumps(result.to_dict(), indent=2, default=str), markup=False)
         return 0

@@ -151,3 +151,15 @@ def test_view_serves_netron_on_localhost_then_stops(runs, tmp):
         proc.wait(timeout=30)
     missing = subprocess.run([GRAPHOPT, "view", str(tmp / "nope.onnx"), "--no-browser"], capture_output=True, text=True)
     assert missing.returncode == 2 and "model not found" in missing.stderr
+
+
+def test_bench_report_page_has_the_contenders(tmp):
+    model = tmp / "m.onnx"
+    graphopt.save(graphopt.load(models.export(*models.transformer("bert", "eager"), tmp / "b.onnx", "legacy")), model)
+    done = subprocess.run([GRAPHOPT, "bench", str(model), "--against", "original", "--rounds", "3", "--dims", "batch=2,seq=16",
+                           "--report", str(tmp / "bench.html")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = (tmp / "bench.html").read_text()
+    page = _parse(text)
+    assert not page.errors and not page.fetches
+    assert "<h3>benchmark</h3>" in text and "original" in " ".join(page.text) and "graphopt" in " ".join(page.text)
