@@ -153,6 +153,16 @@ class CpuLowering(LoweringStep):
         return Lowering([registry.get(n) for n in [*lowering, "make-portable"]], measured, annotate_ort)
 
 
+def executable(model: Model):
+    """Something with `.run(feeds)` for `model` where `--target cpu` chose it to run: OpenVINO
+    with the recorded precision hint, else a default onnxruntime session."""
+    if model.ir.metadata_props.get(RUNTIME_KEY) == "openvino":
+        from graphopt.backends import openvino
+
+        return openvino.compile(model, precision=model.ir.metadata_props.get(PRECISION_KEY))
+    return ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=())
+
+
 def _converted(model: Model, precision: str) -> Model:
     from graphopt.backends import openvino
     from graphopt.passes.precision import half

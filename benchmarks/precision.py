@@ -190,9 +190,7 @@ class _OV:
 
 def runner(model):
     """onnxruntime (default session) or OpenVINO, as graphopt's --target cpu chose."""
-    if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":
-        return openvino.compile(model, precision=model.ir.metadata_props.get(cpu.PRECISION_KEY))
-    return ort_select.session_for(graphopt.exporters.to_proto(model).SerializeToString(), disabled=())
+    return cpu.executable(model)
 
 
 def cosines(reference, got) -> np.ndarray:

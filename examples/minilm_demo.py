@@ -82,7 +82,9 @@ def main() -> int:
 
     with torch.no_grad():
         expected = module(enc["input_ids"], enc["attention_mask"]).numpy()
-    got = next(iter(graphopt.verify.run(result.model, feeds).values()))
+    from graphopt.backends import cpu
+
+    got = next(iter(cpu.executable(result.model).run(feeds).values()))  # where --target cpu chose to run it
     cosine = float(np.min(np.sum(expected * got, axis=1)))
     console.print(f"optimized ONNX vs torch: min cosine {cosine:.7f}, max abs error {np.abs(expected - got).max():.2e}")
     if not result.passed:
@@ -108,17 +110,13 @@ def side_by_side(original, result, feeds, rounds: int = 30):
 
     ort_bytes = graphopt.exporters.to_proto(original).SerializeToString()
     chosen = result.report.lowering["chosen"]
-    runtime = result.model.ir.metadata_props.get(cpu.RUNTIME_KEY)
-    precision = result.model.ir.metadata_props.get(cpu.PRECISION_KEY)
     contenders = {
         "original, onnxruntime": ort_select.session_for(ort_bytes, disabled=()),
         f"original, OpenVINO default ({openvino.default_precision()})": openvino.compile(original, precision=None),
         "original, OpenVINO f32": openvino.compile(original, precision="f32"),
         "graphopt exact, onnxruntime": ort_select.session_for(
             graphopt.exporters.to_proto(graphopt.optimize(original, inputs=feeds).model).SerializeToString(), disabled=()),
-        f"graphopt --target cpu ({chosen})": (openvino.compile(result.model, precision=precision) if runtime == "openvino"
-                                              else ort_select.session_for(graphopt.exporters.to_proto(result.model)
-                                                                          .SerializeToString(), disabled=())),
+        f"graphopt --target cpu ({chosen})": cpu.executable(result.model),
     }
     reference = next(iter(contenders["original, onnxruntime"].run(feeds).values()))
     cosines = {name: float(np.min(np.sum(reference * next(iter(c.run(feeds).values())), axis=1)))
