@@ -80,9 +80,16 @@ class CpuLowering(LoweringStep):
         reference = verify.run(model, feeds)
         read: list = []
 
-        def portable():  # made portable and read by OpenVINO once, compiled per precision
+        made: list[Model] = []
+
+        def portable_model() -> Model:  # graphopt functions inlined once, for every OpenVINO candidate
+            if not made:
+                made.append(openvino.portable(model))
+            return made[0]
+
+        def portable():  # read by OpenVINO once, compiled per precision
             if not read:
-                read.append(openvino.read(model))
+                read.append(openvino.read(portable_model()))
             return read[0]
 
         ort_lowering = ort_select.select(model.ir, feeds, "ort-cpu", use_cache=self.options.use_cache)
@@ -97,7 +104,7 @@ class CpuLowering(LoweringStep):
             if openvino.supports(precision):
                 builders[f"openvino-{precision}"] = lambda p=precision: openvino.compile(portable(), precision=p)
                 builders[f"openvino-{precision}-graph"] = lambda p=precision: openvino.compile(
-                    _converted(model, p), precision="f32")
+                    _converted(portable_model(), p), precision="f32")
             else:
                 skipped[f"openvino-{precision}"] = f"OpenVINO reports no {openvino.CAPABILITY[precision]} on this CPU"
         candidates: dict[str, dict[str, Any]] = {}
@@ -141,7 +148,7 @@ class CpuLowering(LoweringStep):
                 return Lowering([registry.get("make-portable")], measured, annotate)
             fid = {"min_cosine": measured["candidates"][chosen]["min_cosine"], "bound": self.options.fidelity,
                    "measured_in": "openvino", "conversion": chosen}
-            return Lowering([registry.get("make-portable")], measured, annotate,
+            return Lowering([registry.get("make-portable")], measured, annotate,  # convert runs after make-portable
                             convert=lambda m: _converted(m, precision), fidelity=fid)
         selection = measured["ort_lowering"]
         passes = ort_select.Selection(**{k: selection[k] for k in ("target", "provider", "choices", "timings_ms",
@@ -164,10 +171,10 @@ def executable(model: Model):
 
 
 def _converted(model: Model, precision: str) -> Model:
-    from graphopt.backends import openvino
+    """`model` (already portable) as a 16-bit graph; OpenVINO's precision names to half's."""
     from graphopt.passes.precision import half
 
-    return half.convert(openvino.portable(model), {"f16": "fp16"}.get(precision, precision))[0]
+    return half.convert(model, {"f16": "fp16"}.get(precision, precision))[0]
 
 
 def _lowered(model: Model, passes) -> bytes:

@@ -196,7 +196,6 @@ def optimized_export(arch: str, attn: str, exporter: str, variant: str = "mask")
     import tempfile
 
     import graphopt
-    import transformers
 
     if not _EXPORTS:
         _EXPORTS.append(tempfile.mkdtemp(prefix="graphopt-exports-"))
@@ -204,10 +203,8 @@ def optimized_export(arch: str, attn: str, exporter: str, variant: str = "mask")
     if variant == "kv":
         export_cached_decoder(arch, path, exporter)
     elif variant == "nomask":
-        model_cls, config_cls, kwargs = ARCHS[arch]
-        torch.manual_seed(0)
-        hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs, attn_implementation=attn)).eval()
-        export(IdsOnly(hf), (token_inputs(128, 2, 16)[0],), ["input_ids"], {"input_ids": DYNAMIC["input_ids"]}, path, exporter)
+        wrapped, args, _, _ = transformer(arch, attn)
+        export(IdsOnly(wrapped.model), (args[0],), ["input_ids"], {"input_ids": DYNAMIC["input_ids"]}, path, exporter)
     else:
         export(*transformer(arch, attn), path, exporter)
     return path, graphopt.optimize(path, dims=form_dims(variant))
