@@ -235,15 +235,23 @@ def cmd_optimize(args) -> int:
     with _bar() as bar:
         task = bar.add_task("optimizing", total=None)
 
+        inner = None
+
         def progress(i: int, total: int, name: str) -> None:
             bar.update(task, total=total, completed=i, description=f"pass {name}")
+
+        def step_progress(i: int, total: int, what: str) -> None:  # a long step's own bar (a mixer's fit)
+            nonlocal inner
+            if inner is None:
+                inner = bar.add_task(what, total=total)
+            bar.update(inner, total=total, completed=i, description=what)
 
         result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=args.inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
                                    mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
                                    calib_steps=args.calib_steps, portable=args.portable, precision=args.precision,
-                                   check_every=args.check_every)
+                                   check_every=args.check_every, step_progress=step_progress)
     report = result.report
     out.print(report.tables())
     if args.explain:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from graphopt import feeds as feeds_mod, importers, plan as plan_mod, presets, summary, verify
@@ -49,6 +49,7 @@ def optimize(
     portable: bool = False,
     precision: str | None = None,
     check_every: int = 1,
+    step_progress: Callable[[int, int, str], None] | None = None,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
@@ -71,6 +72,7 @@ def optimize(
     warning when None) for `calib_steps` steps, `fidelity` the end-to-end cosine bound;
     `report.fidelity` holds the measured fidelity, and the final validation is replaced by it
     (the function changed on purpose).
+    step_progress: (done, total, what) from inside a long step (a mixer's fit, layer by layer).
     """
     source = importers.load(model)
     work = source.clone()
@@ -82,7 +84,7 @@ def optimize(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(p for p in PRECISIONS if p)}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_steps=calib_steps, layers=layers,
-                      use_cache=use_cache, precision=precision, target=target)
+                      use_cache=use_cache, precision=precision, target=target, progress=step_progress)
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=[PORTABLE] if portable else [])
     feeds = source_desc = None

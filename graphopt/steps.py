@@ -77,6 +77,7 @@ class Options:
     use_cache: bool = True
     precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
     target: str | None = None  # the lowering target, for steps whose form depends on it
+    progress: Callable[[int, int, str], None] | None = None  # a step's own progress (done, total, what)
 
 
 @dataclasses.dataclass

@@ -163,6 +163,21 @@ def test_optimize_exact_preset_on_a_transformers_export(tmp):
     assert json.loads(graphopt("validate", src, tmp / "gpt2.opt.onnx", "--dims", "batch=2,seq=16", "--json", check_rc=0).stdout)["passed"]
 
 
+def test_optimize_mixers_reports_the_fitting_cost_per_layer(tmp):
+    """Issue 17, item 5: a mixer's calibration cost per layer is in the report (the CLI shows
+    a bar per layer while it fits); the output projections' correction says what it did."""
+    import models
+
+    module, args, names, dynamic = models.gpt2_with_trained_like_norms()
+    src = models.export(module, args, names, dynamic, tmp / "gpt2.onnx", "legacy")
+    graphopt("optimize", src, "-o", tmp / "mixed.onnx", "--preset", "mixers", "--mixer", "linear:hedgehog",
+             "--calib-steps", "20", "--report", tmp / "r.json", "--dims", "batch=2,seq=16", check_rc=0)
+    fid = json.loads((tmp / "r.json").read_text())["fidelity"]
+    assert all(e["fit_seconds"] > 0 for e in fid["per_layer"]) and len(fid["per_layer"]) == 2
+    assert fid["calibration"]["fit_seconds_per_layer"] > 0 and fid["calibration"]["steps"] == 20
+    assert len(fid["correction"]["layers"]) == 2 and isinstance(fid["correction"]["kept"], bool)
+
+
 def test_optimize_for_ort_cpu_and_bench(tmp):
     """`optimize --target ort-cpu` records the measured lowering; `bench --json` times every contender."""
     import os

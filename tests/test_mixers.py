@@ -197,6 +197,90 @@ def test_dwc_branch_lowers_the_error_of_relu_linear_attention(minilm_sentences):
     assert sum(n.op_type == "TokenConv" for n in dwc.model.ir.graph) == 6
 
 
+def test_output_correction_lowers_each_layer_error_and_keeps_the_shape(minilm_sentences):
+    """Issue 17, item 1: each swapped layer's output projection is refitted against the
+    original's output on real MiniLM activations: the held-out error of every corrected layer
+    falls, the end-to-end held-out cosine does not, and the model has the same ops."""
+    from graphopt.passes.mixers import swap_mixers
+
+    exact, calib, held = minilm_sentences
+    plain = swap_mixers(exact, "linear:relu", calib=[calib], holdout=[held], steps=0, correction=False)
+    fixed = swap_mixers(exact, "linear:relu", calib=[calib], holdout=[held], steps=0)
+    report = fixed.report["correction"]
+    assert report["kept"] and len(report["layers"]) == 6
+    corrected = [r for r in report["layers"] if r["corrected"]]
+    assert len(corrected) >= 4 and all(r["rel_error_after"] < r["rel_error_before"] for r in corrected)
+    assert all(r["rel_error_after"] == r["rel_error_before"] and "held-out" in r["why"]
+               for r in report["layers"] if not r["corrected"])
+    assert report["mean_cosine_after"] > report["mean_cosine_before"]
+    cos = [next(iter(r.report["end_to_end"].values()))["mean_cosine"] for r in (plain, fixed)]
+    assert cos[1] > cos[0] and cos[0] == pytest.approx(report["mean_cosine_before"], abs=1e-6)
+    ops = [sorted(n.op_type for n in r.model.ir.graph) for r in (plain, fixed)]
+    assert ops[0] == ops[1]
+    inits = fixed.model.ir.graph.initializers
+    for row in corrected:  # W + dW replaced W
+        node = next(n for n in fixed.model.ir.graph if n.name == row["projection"])
+        assert node.inputs[1].name.endswith("_corrected") and node.inputs[1].name in inits
+
+
+def test_correction_solve_recovers_a_linear_change_and_leaves_an_exact_layer_alone():
+    from graphopt.passes.mixers import correct
+
+    rng = np.random.default_rng(0)
+    x, xh = rng.standard_normal((400, 16)), rng.standard_normal((200, 16))
+    w, b = rng.standard_normal((16, 8)), rng.standard_normal(8)
+    w2, b2 = w + 0.3 * rng.standard_normal((16, 8)), b + 0.5
+    got = correct.solve(x, x @ w2 + b2, w, b, xh, xh @ w2 + b2)
+    assert got["rank"] == 8 and got["error"] < 1e-3 < got["error_before"]
+    np.testing.assert_allclose(w + got["dw"], w2, atol=1e-2)
+    np.testing.assert_allclose(b + got["db"], b2, atol=1e-2)
+    same = correct.solve(x, x @ w + b, w, b, xh, xh @ w + b)  # nothing to correct: rank 0, no change
+    assert same["rank"] == 0 and same["dw"] is None
+
+
+def test_correction_needs_a_projection_after_the_attention(bert_and_gpt2):
+    """A layer whose attention output reaches anything but one constant MatMul (through layout
+    ops) is left alone, and the report says why."""
+    from graphopt.passes.mixers import correct, spec as specs
+    from graphopt.ir import ir
+
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
+    node = specs.attention_nodes(exact.ir.graph)[0]
+    assert correct.find_projection(node) is not None
+    work = exact.clone()
+    node = specs.attention_nodes(work.ir.graph)[0]
+    extra = ir.node("Relu", [node.outputs[0]], name="also_reads_the_attention")
+    work.ir.graph.insert_after(node, [extra])
+    assert correct.find_projection(node) is None
+
+
+def test_best_n_ranks_layers_by_their_end_to_end_effect(bert_and_gpt2):
+    """Issue 17, item 3: best:N takes the layers whose swap alone moves the output least."""
+    from graphopt.passes.mixers import swap_mixers
+
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
+    report = swap_mixers(exact, "linear:elu", layers="best:1", steps=0, dims={"batch": 2, "seq": 16},
+                         correction=False).report
+    alone = [e["alone_mean_cosine"] for e in report["per_layer"]]
+    assert report["layers_swapped"] == [int(np.argmax(alone))]
+    assert "end-to-end" in report["per_layer"][1 - int(np.argmax(alone))]["kept_because"]
+
+
+def test_hybrid_is_never_worse_than_its_parts_on_held_out_data(minilm_sentences):
+    """Issue 17, item 2: each head starts from the better part; the held-out checks keep the
+    best point, the parts themselves included."""
+    from graphopt.passes.mixers import swap_mixers
+
+    exact, calib, held = minilm_sentences
+    report = swap_mixers(exact, "hybrid", calib=[calib], holdout=[held], layers=[0, 1], steps=40,
+                         correction=False).report
+    for entry in report["per_layer"][:2]:
+        errors = entry["held_rel_errors"]
+        assert entry["chosen"] == min(errors, key=errors.get)
+        assert set(entry["start"]) <= {"window", "linear"} and len(entry["start"]) == 12
+        assert 2 * entry["window"] + 1 <= 0.25 * np.median(calib["attention_mask"].sum(1))  # a quarter of a sentence
+
+
 def test_hedgehog_fit_reduces_the_layer_error(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 4, "seq": 16}).model
     from graphopt.passes.mixers import swap_mixers
@@ -263,8 +347,8 @@ def test_banded_window_body_equals_the_full_one(causal, t, window):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("t,window", BAND_CASES)
 def test_banded_hybrid_body_equals_the_full_one(causal, t, window):
-    """The hybrid with only the band scored (linear attention over the rest as total minus
-    band minus sinks) gives the full hybrid body's output."""
+    """The hybrid with only the band scored (its softmax over the band and sinks, linear
+    attention over every key as running or total sums) gives the full hybrid body's output."""
     q, kt, v, keymask = _inputs(s=t, t=t, seed=t, padded=t > 4)
     w = _weights("Hedgehog")
     gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
@@ -289,7 +373,7 @@ def test_window_swap_computes_only_the_band_when_the_bias_is_a_mask(bert_and_gpt
 
     dims = {"batch": 2, "seq": 16}
     exact = graphopt.optimize(bert_and_gpt2[arch], dims=dims).model
-    result = swap_mixers(exact, mixer, steps=20, dims=dims)
+    result = swap_mixers(exact, mixer, steps=20, dims=dims, correction=False)  # the bodies alone are compared
     banded = (window_mixer.banded_name if mixer == "window" else hybrid.banded_name)(arch == "gpt2")
     assert [e["as"].split(" ")[0] for e in result.report["per_layer"]] == [banded, banded]
     full = exact.clone()
@@ -319,14 +403,15 @@ def test_window_sizes_come_from_calibration(bert_and_gpt2):
     assert windows == [e["window"] for e in layers]
 
 
-def test_drop_ranks_layers_by_residual_redundancy(bert_and_gpt2):
+def test_drop_reports_residual_redundancy_and_ranks_by_end_to_end_effect(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
     from graphopt.passes.mixers import swap_mixers
 
     report = swap_mixers(exact, "drop", layers="best:1", steps=0, dims={"batch": 2, "seq": 16}).report
     scores = [e["redundancy"] for e in report["per_layer"]]
     assert all(-1.0 <= s <= 1.0 for s in scores)
-    assert report["layers_swapped"] == [int(np.argmax(scores))]  # the most redundant layer goes first
+    alone = [e["alone_mean_cosine"] for e in report["per_layer"]]
+    assert report["layers_swapped"] == [int(np.argmax(alone))]  # the layer whose drop moves the output least
 
 
 @pytest.mark.parametrize("kind", linear.MAPS)
@@ -410,11 +495,17 @@ def test_hybrid_body_matches_torch():
     want = hybrid.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 2, 1, torch.as_tensor(w),
                                             torch.as_tensor(gamma)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    # with the window covering every key, the hybrid is softmax attention
-    wide = hybrid.hybrid_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3, 100, 0, torch.as_tensor(w),
-                                            torch.as_tensor(gamma))
-    torch.testing.assert_close(wide, transfer.softmax_attention(*map(torch.as_tensor, (q, kt, v, bias)), 0.3),
-                               rtol=1e-4, atol=1e-5)
+    # it holds both of its parts: gamma = 0 is window attention, a huge gamma linear attention
+    args = tuple(map(torch.as_tensor, (q, kt, v, bias)))
+    window_only = hybrid.hybrid_attention(*args, 0.3, 2, 1, torch.as_tensor(w), torch.zeros(1, 2, 1, 1))
+    torch.testing.assert_close(window_only, window_mixer.window_attention(*args, 0.3, 2, 1), rtol=1e-5, atol=1e-6)
+    got_zero = _run_function("HybridAttention", {"Q": q, "KT": kt, "V": v, "B": bias, "W": w,
+                                                 "G": np.zeros((1, 2, 1, 1), np.float32)}, window=2, sinks=1)
+    np.testing.assert_allclose(got_zero, window_only.numpy(), rtol=1e-5, atol=1e-6)
+    linear_only = hybrid.hybrid_attention(*args, 0.3, 2, 1, torch.as_tensor(w), torch.full((1, 2, 1, 1), 1e12))
+    want_linear = linear.linear_attention("Hedgehog", args[0], args[1], args[2], torch.as_tensor(keymask), 0.3,
+                                          torch.as_tensor(w))
+    torch.testing.assert_close(linear_only, want_linear, rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_without_attention_is_refused_with_what_inspect_found(tmp):

@@ -8,15 +8,19 @@
    and output exposed.
 3. Fit: per layer, the kind's parameters (Hedgehog maps, windows, mixing factors, conv
    kernels) against the captured softmax output (attention transfer, torch, `steps` steps).
-4. Select: `layers` = "all", indices, "best:N" or "auto": layers ranked by their held-out
-   error (redundancy for drop), swapped greedily while the end-to-end cosine stays >= `fidelity`.
-5. Report: per layer relative error and cosine on held-out data; end to end: output cosine,
+4. Select: `layers` = "all", indices, "best:N" or "auto": layers ranked by the end-to-end
+   held-out cosine of the model with that layer alone swapped, swapped greedily (auto) while
+   the end-to-end cosine stays >= `fidelity`.
+5. Correct (correct.py): each swapped layer's output projection refitted against the
+   original's output, kept if the held-out end-to-end cosine does not fall.
+6. Report: per layer relative error and cosine on held-out data; end to end: output cosine,
    max error, KL divergence for logit outputs; what was kept and why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +31,7 @@ from graphopt.fidelity import worst_mean_cosine
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.model import Model
-from graphopt.passes.mixers import drop, linear, spec as specs, state
+from graphopt.passes.mixers import correct, drop, linear, spec as specs, state
 from graphopt.passes.mixers.edit import RULE
 from graphopt.passes.mixers.fidelity import Measure, layer_error
 from graphopt.shapes import infer_shapes
@@ -73,11 +77,14 @@ def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) ->
 
 def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
                 fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
-                progress: Callable[[str], None] | None = None, seq: int | None = None) -> MixResult:
-    """`layers`: "all", "auto", "best:N" (the N layers with the lowest held-out error) or
+                progress: Callable[[int, int, str], None] | None = None, seq: int | None = None,
+                correction: bool = True) -> MixResult:
+    """`layers`: "all", "auto", "best:N" (the N layers whose swap alone moves the output least) or
     indices. `holdout`: explicit held-out batches (else half of `calib` is held out).
     `seq`: the sequence length the model will run at, which picks each linear mixer's
-    evaluation order (default: the calibration data's)."""
+    evaluation order (default: the calibration data's). `correction`: refit each swapped
+    layer's output projection against the original's output (correct.py), kept where the
+    held-out end-to-end fidelity says so."""
     spec = specs.MixerSpec.parse(mixer)
     kind = specs.kind_of(spec)
     work = model.clone()
@@ -86,26 +93,35 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     if not nodes:
         raise _no_attention(work)
     data = calibration.split(work, calib, holdout=holdout, seed=seed, dims=dims)
-    say = progress or (lambda _msg: None)
-    say("capturing attention inputs and outputs")
+    say = progress or (lambda _done, _total, _what: None)
+    say(0, len(nodes), "capturing attention inputs and outputs")
     fit_caps, held_caps = capture(work, data.fit, nodes), capture(work, data.held, nodes)
     per_layer = []
     weights: dict[int, Any] = {}
     for i, node in enumerate(nodes):
-        say(f"layer {i + 1}/{len(nodes)}: {'fitting' if kind.fitted(spec) else 'measuring'}")
+        say(i, len(nodes), f"{spec.name}: {'fitting' if kind.fitted(spec) else 'measuring'} layer {i + 1}/{len(nodes)}")
+        start = time.perf_counter()
         w = weights[i] = kind.fit(spec, node, i, fit_caps[i], held_caps[i], steps, seed)
         per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
-                          **kind.describe(spec, node, w)})
+                          **kind.describe(spec, node, w), "fit_seconds": round(time.perf_counter() - start, 3)})
     if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
         for entry, score in zip(per_layer, drop.redundancy(work, data.held, nodes)):
             entry["redundancy"] = score
     references = [verify.run(work, f) for f in data.held]  # the original's held-out outputs, run once
     measure = Measure(spec, nodes, weights, data.held, held_caps, references)
     seq = seq or calibration.seq_hint(data.held)
+    if layers == "auto" or (isinstance(layers, str) and layers.startswith("best:")):
+        for i, entry in enumerate(per_layer):  # each layer's end-to-end effect alone ranks it
+            say(i, len(nodes), f"{spec.name}: end-to-end effect of layer {i + 1}/{len(nodes)} alone")
+            entry["alone_mean_cosine"] = round(worst_mean_cosine(measure(_apply(work, nodes, spec, weights, {i}, seq))), 6)
     chosen, selection_note = _select(work, nodes, spec, weights, per_layer, layers, fidelity, measure, seq)
     done: dict[int, str] = {}
     swapped = _apply(work, nodes, spec, weights, chosen, seq, done)
     end_to_end = measure(swapped)
+    corrections = None
+    if correction and chosen:
+        swapped, end_to_end, corrections = _correct(work, swapped, end_to_end, nodes, sorted(chosen), data, fit_caps,
+                                                    held_caps, measure, say)
     for entry in per_layer:
         entry["swapped"] = entry["index"] in chosen
         if entry["index"] in done:
@@ -115,7 +131,10 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     report = {
         "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
         "per_layer": per_layer, "end_to_end": end_to_end,
-        "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0},
+        "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0,
+                        "fit_seconds": round(sum(e["fit_seconds"] for e in per_layer), 2),
+                        "fit_seconds_per_layer": round(sum(e["fit_seconds"] for e in per_layer) / len(per_layer), 3)},
+        "correction": corrections,
         "selection": {"layers": layers if isinstance(layers, str) else list(layers), "fidelity_threshold": fidelity},
     }
     decode = _decode_report(model, swapped)
@@ -127,6 +146,22 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
             single = Measure(spec, nodes, weights, [feeds], capture(work, [feeds], nodes), None)
             return single.feeds(swapped, 0)
     return MixResult(swapped, report, convert)
+
+
+def _correct(work, swapped, before, nodes, chosen, data, fit_caps, held_caps, measure, say):
+    """The output-side correction of the swapped layers, kept if the held-out end-to-end worst
+    mean cosine does not fall; (model, its end-to-end report, the correction's report)."""
+    if [v.name for v in swapped.ir.graph.inputs] != [v.name for v in work.ir.graph.inputs]:
+        return swapped, before, {"kept": False, "why": "the swapped model reads decoding states: not corrected"}
+    start = time.perf_counter()
+    corrected, rows = correct.correct(work, swapped, nodes, chosen, data.fit, data.held, fit_caps, held_caps, say)
+    report = {"layers": rows, "seconds": round(time.perf_counter() - start, 2)}
+    if not any(r["corrected"] for r in rows):
+        return swapped, before, {**report, "kept": False, "why": "no layer's held-out error fell"}
+    after = measure(corrected)
+    a, b = worst_mean_cosine(after), worst_mean_cosine(before)
+    report.update(mean_cosine_before=round(b, 6), mean_cosine_after=round(a, 6), kept=a >= b)
+    return (corrected, after, report) if a >= b else (swapped, before, report)
 
 
 def _no_attention(model: Model) -> InputError:
@@ -172,11 +207,11 @@ def _apply(model: Model, nodes, spec, weights, chosen: set[int], seq: int, done:
     return work
 
 
-def _rank_key(entry: dict[str, Any]) -> float:
-    """Most swappable first: the most redundant layers for drop, else the lowest held-out error."""
-    if entry.get("redundancy") is not None:
-        return -entry["redundancy"]
-    return entry["rel_error"]
+def _rank_key(entry: dict[str, Any]) -> tuple[float, float]:
+    """Most swappable first: the highest end-to-end held-out cosine with the layer swapped
+    alone; ties (and rankings without it) by redundancy for drop, else the layer's own error."""
+    own = -entry["redundancy"] if entry.get("redundancy") is not None else entry["rel_error"]
+    return -entry.get("alone_mean_cosine", 0.0), own
 
 
 def _select(model, nodes, spec, weights, per_layer, layers, bound, measure, seq):
@@ -185,7 +220,7 @@ def _select(model, nodes, spec, weights, per_layer, layers, bound, measure, seq)
     order = sorted(range(len(nodes)), key=lambda i: _rank_key(per_layer[i]))
     if isinstance(layers, str) and layers.startswith("best:"):
         n = int(layers.split(":", 1)[1])
-        return set(order[:n]), {i: f"not among the {n} most swappable layers (held-out error, or redundancy for drop)"
+        return set(order[:n]), {i: f"not among the {n} most swappable layers (end-to-end held-out cosine with it swapped alone)"
                                 for i in order[n:]}
     if layers != "auto":
         chosen = set(int(i) for i in layers)
@@ -216,7 +251,7 @@ class SwapMixers(ApproximateStep):
     def approximate(self, model: Model) -> Approximation:
         o = self.options
         mixed = swap_mixers(model, self.spec.name, calib=o.calib, layers=o.layers, fidelity=o.fidelity, steps=o.calib_steps,
-                            seed=o.seed, dims=o.dims)
+                            seed=o.seed, dims=o.dims, progress=o.progress)
         return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
                              mixed.convert and mixed.feeds_for)
 

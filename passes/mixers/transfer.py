@@ -47,17 +47,40 @@ def batches(cap: dict) -> list[tuple]:
 
 
 def fit(params: Sequence, loss: Callable[[tuple], object], data: Sequence[tuple], steps: int, seed: int,
-        lr: float = 1e-2) -> None:
-    """Adam on `params` for `steps` steps, cycling over `data`; `loss(batch)` is a scalar tensor."""
+        lr: float = 1e-2, check: Callable[[], float] | None = None, every: int = 25) -> float | None:
+    """Adam on `params` (tensors, or torch parameter groups) for `steps` steps, cycling over
+    `data`; `loss(batch)` is a scalar tensor. With `check` (a held-out error, lower is better)
+    the parameters are checked before the first step and every `every` steps, and end at the
+    best point seen: held-out data chooses the stopping point. Returns that error."""
     import torch
 
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(list(params), lr=lr)
+    params = list(params)
+    opt = torch.optim.Adam(params, lr=lr)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    best, best_state = None, None
+
+    def checkpoint():
+        nonlocal best, best_state
+        with torch.no_grad():
+            error = float(check())
+        if best is None or error < best:
+            best, best_state = error, [p.detach().clone() for p in tensors]
+
     for step in range(max(steps, 0)):
+        if check is not None and step % every == 0:
+            checkpoint()
         value = loss(data[step % len(data)])
         opt.zero_grad()
         value.backward()
         opt.step()
+    if check is None:
+        return None
+    checkpoint()
+    with torch.no_grad():
+        for p, kept in zip(tensors, best_state):
+            p.copy_(kept)
+    return best
 
 
 def relative_error(out, y, mask=1.0):
