@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or lowering step, then the final validation). Steps that change nothing are never re-run (default: 1)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
+    s.add_argument("--max-window", type=int, help="with --mixer window or hybrid: the largest softmax window "
+                   "(tokens of distance) calibration may choose")
     s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
     s.add_argument("--fidelity", type=float, default=0.99, help="the end-to-end cosine bound: for --layers auto, and for "
                    "a reduced --precision")
@@ -251,7 +253,8 @@ def cmd_optimize(args) -> int:
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
                                    mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
                                    calib_steps=args.calib_steps, portable=args.portable, precision=args.precision,
-                                   check_every=args.check_every, step_progress=step_progress)
+                                   check_every=args.check_every, step_progress=step_progress,
+                                   max_window=args.max_window)
     report = result.report
     out.print(report.tables())
     if args.explain:

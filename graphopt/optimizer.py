@@ -50,6 +50,7 @@ def optimize(
     precision: str | None = None,
     check_every: int = 1,
     step_progress: Callable[[int, int, str], None] | None = None,
+    max_window: int | None = None,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
@@ -73,6 +74,7 @@ def optimize(
     `report.fidelity` holds the measured fidelity, and the final validation is replaced by it
     (the function changed on purpose).
     step_progress: (done, total, what) from inside a long step (a mixer's fit, layer by layer).
+    max_window: the largest softmax window (tokens of distance) a window or hybrid mixer keeps.
     """
     source = importers.load(model)
     work = source.clone()
@@ -84,7 +86,8 @@ def optimize(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(p for p in PRECISIONS if p)}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_steps=calib_steps, layers=layers,
-                      use_cache=use_cache, precision=precision, target=target, progress=step_progress)
+                      use_cache=use_cache, precision=precision, target=target, progress=step_progress,
+                      max_window=max_window)
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=[PORTABLE] if portable else [])
     feeds = source_desc = None

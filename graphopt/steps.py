@@ -74,6 +74,7 @@ class Options:
     calib: Any = None
     calib_steps: int = 300
     layers: str | Sequence[int] = "all"
+    max_window: int | None = None  # the largest softmax window a window / hybrid mixer may keep
     use_cache: bool = True
     precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
     target: str | None = None  # the lowering target, for steps whose form depends on it

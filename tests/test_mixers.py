@@ -401,6 +401,9 @@ def test_window_sizes_come_from_calibration(bert_and_gpt2):
     assert all(0 <= e["window"] <= 15 and e["sinks"] == 4 for e in layers)
     windows = [n.attributes.get_int("window") for n in result.model.graph if n.op_type.startswith("WindowAttention")]
     assert windows == [e["window"] for e in layers]
+    capped = graphopt.optimize(bert_and_gpt2["gpt2"], preset="mixers", mixer="window", dims={"batch": 2, "seq": 16},
+                               max_window=2).report.fidelity["per_layer"]
+    assert [e["window"] for e in capped] == [min(e["window"], 2) for e in layers]
 
 
 def test_drop_reports_residual_redundancy_and_ranks_by_end_to_end_effect(bert_and_gpt2):

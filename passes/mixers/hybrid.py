@@ -223,7 +223,7 @@ class Hybrid(specs.MixerKind):
     names = ("hybrid",)
 
     def fit(self, spec, node, layer, fit, held, steps, seed):
-        window = min(window_kind.choose_window(fit, node, HYBRID_COVERAGE), max_window(fit, node))
+        window = spec.cap(min(window_kind.choose_window(fit, node, HYBRID_COVERAGE), max_window(fit, node)))
         w = fit_hybrid(fit, held, node, window, steps, seed)
         return w | {"mask_only": window_kind.mask_only(fit) and window_kind.mask_only(held)}
 

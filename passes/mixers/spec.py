@@ -24,6 +24,7 @@ class MixerSpec:
     kind: str  # "linear", "window", "hybrid", "pool", "drop"
     feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
     dwc: bool = False  # SLAB's depthwise convolution branch on V, added to the linear attention
+    max_window: int | None = None  # the largest softmax window (window, hybrid) the user allows; not in the name
 
     @classmethod
     def parse(cls, text: str) -> MixerSpec:
@@ -37,6 +38,10 @@ class MixerSpec:
     def name(self) -> str:
         base = f"{self.kind}:{self.feature_map.lower()}" if self.feature_map else self.kind
         return base + ("+dwc" if self.dwc else "")
+
+    def cap(self, window: int) -> int:
+        """`window` within the user's max_window."""
+        return window if self.max_window is None else min(window, self.max_window)
 
     @property
     def has_weights(self) -> bool:

@@ -45,6 +45,7 @@ class MixResult:
     model: Model
     report: dict[str, Any]
     convert: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # original feeds -> the swapped model's
+    uncorrected: Model | None = None  # the swap before the output-side correction (None: no correction ran)
 
     def feeds_for(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """The swapped model's inputs for the original's `feeds`: the same, except that where a
@@ -78,14 +79,15 @@ def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) ->
 def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
                 fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
                 progress: Callable[[int, int, str], None] | None = None, seq: int | None = None,
-                correction: bool = True) -> MixResult:
+                correction: bool = True, max_window: int | None = None) -> MixResult:
     """`layers`: "all", "auto", "best:N" (the N layers whose swap alone moves the output least) or
     indices. `holdout`: explicit held-out batches (else half of `calib` is held out).
     `seq`: the sequence length the model will run at, which picks each linear mixer's
     evaluation order (default: the calibration data's). `correction`: refit each swapped
     layer's output projection against the original's output (correct.py), kept where the
-    held-out end-to-end fidelity says so."""
-    spec = specs.MixerSpec.parse(mixer)
+    held-out end-to-end fidelity says so. `max_window`: the largest softmax window (window and
+    hybrid mixers) the user allows, in tokens of distance."""
+    spec = dataclasses.replace(specs.MixerSpec.parse(mixer), max_window=max_window)
     kind = specs.kind_of(spec)
     work = model.clone()
     infer_shapes(work.ir)
@@ -118,8 +120,9 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     done: dict[int, str] = {}
     swapped = _apply(work, nodes, spec, weights, chosen, seq, done)
     end_to_end = measure(swapped)
-    corrections = None
+    corrections = uncorrected = None
     if correction and chosen:
+        uncorrected = swapped
         swapped, end_to_end, corrections = _correct(work, swapped, end_to_end, nodes, sorted(chosen), data, fit_caps,
                                                     held_caps, measure, say)
     for entry in per_layer:
@@ -145,7 +148,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         def convert(feeds: Feeds) -> dict[str, np.ndarray]:
             single = Measure(spec, nodes, weights, [feeds], capture(work, [feeds], nodes), None)
             return single.feeds(swapped, 0)
-    return MixResult(swapped, report, convert)
+    return MixResult(swapped, report, convert, uncorrected)
 
 
 def _correct(work, swapped, before, nodes, chosen, data, fit_caps, held_caps, measure, say):
@@ -251,7 +254,7 @@ class SwapMixers(ApproximateStep):
     def approximate(self, model: Model) -> Approximation:
         o = self.options
         mixed = swap_mixers(model, self.spec.name, calib=o.calib, layers=o.layers, fidelity=o.fidelity, steps=o.calib_steps,
-                            seed=o.seed, dims=o.dims, progress=o.progress)
+                            seed=o.seed, dims=o.dims, progress=o.progress, max_window=o.max_window)
         return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
                              mixed.convert and mixed.feeds_for)
 

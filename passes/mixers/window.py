@@ -124,7 +124,7 @@ class Window(specs.MixerKind):
     names = ("window",)
 
     def fit(self, spec, node, layer, fit, held, steps, seed):
-        return {"window": choose_window(fit, node), "mask_only": mask_only(fit) and mask_only(held)}
+        return {"window": spec.cap(choose_window(fit, node)), "mask_only": mask_only(fit) and mask_only(held)}
 
     def output(self, spec, node, q, kt, v, bias, w):
         import torch

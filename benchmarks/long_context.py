@@ -1,0 +1,168 @@
+"""Mixers at long context (issue 17, item 4): perplexity and latency of a char-level LM with
+every attention layer swapped, at the lengths where mixers pay.
+
+The model: GPT-2 shape (4 layers, hidden 128, 4 heads, byte vocabulary, 2048 positions) trained
+here on Python's standard-library sources for a fixed number of steps at `--train-length`
+tokens (seeded, so every run trains the same model). Mixers are calibrated on training text at
+1024 tokens; windows (window, hybrid) are capped at 1/8 of that length (`--max-window`, 128).
+Perplexity: held-out stdlib text the model and the calibration never saw, at each length;
+the held-out half of the calibration text makes the mixers' own choices. Latency: batch 1,
+onnxruntime default session, every model interleaved in this process, medians.
+
+    .venv/bin/python benchmarks/long_context.py [--train-steps 400] [--lengths 1024,2048]
+        [--mixers hybrid,linear:hedgehog,...] [--rounds 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import sysconfig
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import graphopt
+from graphopt import machine, timing
+from graphopt.backends import ort_select
+from graphopt.passes.mixers import MIXERS, swap_mixers
+
+CALIB_LENGTH = 1024
+
+
+def corpus() -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) bytes: the standard library's top-level modules, the last tenth held out."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py")))
+    data = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+    split = int(len(data) * 0.9)
+    return data[:split], data[split:]
+
+
+def train(data: np.ndarray, steps: int, length: int, batch: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=2048, n_embd=128, n_layer=4, n_head=4, bos_token_id=0,
+                        eos_token_id=0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1), pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    tensor = torch.as_tensor(data)
+    start = time.perf_counter()
+    for _ in range(steps):
+        starts = torch.randint(0, len(tensor) - length - 1, (batch,), generator=g)
+        x = torch.stack([tensor[s:s + length + 1] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval(), time.perf_counter() - start, float(loss)
+
+
+def windows(data: np.ndarray, length: int, count: int, offset: int = 0) -> np.ndarray:
+    return np.stack([data[offset + i * length: offset + (i + 1) * length + 1] for i in range(count)])
+
+
+def perplexity(model: graphopt.Model, text: np.ndarray) -> float:
+    """exp(mean next-byte NLL) over the windows of `text` [N, L + 1], one window per run."""
+    nll, count = 0.0, 0
+    for w in text:
+        logits = graphopt.verify.run(model, {"x": w[None, :-1]})["logits"][0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= np.take_along_axis(logp, w[1:, None], -1).sum()
+        count += len(w) - 1
+    return math.exp(nll / count)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--train-length", type=int, default=1024)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--mixers", default=",".join(MIXERS))
+    ap.add_argument("--max-window", type=int, default=CALIB_LENGTH // 8)
+    ap.add_argument("--steps", type=int, default=300, help="calibration steps per layer")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import torch
+
+    print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
+    lengths = [int(n) for n in args.lengths.split(",")]
+    train_data, test_data = corpus()
+    module, seconds, loss = train(train_data, args.train_steps, args.train_length, args.train_batch)
+    print(f"trained {args.train_steps} steps at {args.train_length} x {args.train_batch} tokens in {seconds:.0f} s "
+          f"(last loss {loss:.3f})", flush=True)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x).logits
+
+    example = torch.as_tensor(train_data[: 2 * 256].reshape(2, 256))
+    model = graphopt.load(Logits(module), example_inputs=(example,), dynamic_shapes=({0: "batch", 1: "seq"},))
+    model.ir.graph.outputs[0].name = "logits"
+    calib_text = windows(train_data, CALIB_LENGTH, 8, offset=len(train_data) // 3)
+    calib = [{"x": w[None, :-1]} for w in calib_text]
+    exact = graphopt.optimize(model, inputs=calib[0]).model
+    tests = {n: windows(test_data, n, max(1, 8192 // n)) for n in lengths}
+    results: dict = {"machine": machine.describe(), "train": {"steps": args.train_steps, "length": args.train_length,
+                                                              "batch": args.train_batch, "seconds": round(seconds, 1)}}
+    models = {"original": exact}
+    results["original"] = {"perplexity": {n: perplexity(exact, t) for n, t in tests.items()}}
+    print("original", results["original"], flush=True)
+    for mixer in args.mixers.split(","):
+        start = time.perf_counter()
+        mixed = swap_mixers(exact, mixer, calib=calib, layers="all", steps=args.steps, max_window=args.max_window,
+                            seq=max(lengths))
+        fit = time.perf_counter() - start
+        models[mixer] = mixed.model
+        report = mixed.report
+        results[mixer] = {"perplexity": {n: perplexity(mixed.model, t) for n, t in tests.items()},
+                          "calibration_seconds": round(fit, 1),
+                          "fit_seconds_per_layer": report["calibration"]["fit_seconds_per_layer"],
+                          "windows": [e.get("window") for e in report["per_layer"]],
+                          "as": [e.get("as") for e in report["per_layer"]],
+                          "correction_kept": (report.get("correction") or {}).get("kept")}
+        print(mixer, results[mixer], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {k: ort_select.session_for(str(graphopt.save(m, Path(tmp) / f"{k.replace(':', '_')}.onnx")), disabled=())
+                    for k, m in models.items()}
+        for n in lengths:
+            feeds = {"x": test_data[None, :n]}
+            runs = {k: (lambda s=s: s.run(feeds)) for k, s in sessions.items()}
+            medians = timing.medians(timing.interleaved(runs, rounds=args.rounds, warmup=1))
+            for k, t in medians.items():
+                results[k].setdefault("seconds", {})[n] = round(t, 4)
+    base = results["original"]
+    print("\n| model | " + " | ".join(f"ppl @{n} (x orig) | s @{n} (speed-up)" for n in lengths) + " |")
+    print("|---|" + "---|---|" * len(lengths))
+    for k in models:
+        r = results[k]
+        cells = []
+        for n in lengths:
+            cells.append(f"{r['perplexity'][n]:.3f} ({r['perplexity'][n] / base['perplexity'][n]:.3f})")
+            cells.append(f"{r['seconds'][n]:.3f} ({base['seconds'][n] / r['seconds'][n]:.2f}x)")
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
