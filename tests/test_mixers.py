@@ -281,6 +281,18 @@ def test_hybrid_is_never_worse_than_its_parts_on_held_out_data(minilm_sentences)
         assert 2 * entry["window"] + 1 <= 0.25 * np.median(calib["attention_mask"].sum(1))  # a quarter of a sentence
 
 
+def test_fit_stops_where_the_held_out_error_is_lowest():
+    """transfer.fit with a held-out check ends at the best checked point: here the fit data
+    pull p towards 1 while the held-out error is lowest at p = 0.4, between the checks."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    best = transfer.fit([p], lambda _b: ((p - 1) ** 2).sum(), [None], steps=200, seed=0, lr=0.05,
+                        check=lambda: float(((p - 0.4) ** 2).sum()), every=5)
+    assert 0.2 < float(p) < 0.6 and best == pytest.approx(float(((p.detach() - 0.4) ** 2).sum()))
+    unchecked = torch.nn.Parameter(torch.zeros(1))
+    assert transfer.fit([unchecked], lambda _b: ((unchecked - 1) ** 2).sum(), [None], steps=200, seed=0, lr=0.05) is None
+    assert float(unchecked) > 0.9
+
+
 def test_hedgehog_fit_reduces_the_layer_error(bert_and_gpt2):
     exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 4, "seq": 16}).model
     from graphopt.passes.mixers import swap_mixers
