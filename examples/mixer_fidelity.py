@@ -46,6 +46,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--mixers", default=",".join(MIXERS))
+    ap.add_argument("--capped-window", type=int, default=2,
+                    help="also run the window mixer with this max window: the hybrid's window on these sentences "
+                         "(a quarter of the median sentence), so the two share a window size (0: skip)")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -58,16 +61,20 @@ def main() -> None:
     exact = graphopt.optimize(model, inputs=calib[0]).model
     references = [graphopt.verify.run(exact, f) for f in held]
     rows, results = [], {}
-    for mixer in args.mixers.split(","):
+    runs = [(m, None) for m in args.mixers.split(",")]
+    if args.capped_window and "window" in args.mixers.split(","):
+        runs.append(("window", args.capped_window))
+    for mixer, cap in runs:
         for layers, label in (("best:3", "half (3/6)"), ("all", "all (6/6)")):
             with console.status(f"{mixer}, {label}"):
-                result = swap_mixers(exact, mixer, calib=calib, layers=layers, steps=args.steps)
+                result = swap_mixers(exact, mixer, calib=calib, layers=layers, steps=args.steps, max_window=cap)
+            mixer_label = mixer if cap is None else f"{mixer} (max window {cap})"
             report = result.report
             plain = next(iter(graphopt.fidelity.end_to_end(references, result.uncorrected or result.model, held).values()))
             e2e = next(iter(graphopt.fidelity.end_to_end(references, result.model, held).values()))
-            results[f"{mixer} {layers}"] = {**report, "test": e2e, "test_uncorrected": plain}
+            results[f"{mixer_label} {layers}"] = {**report, "test": e2e, "test_uncorrected": plain}
             kept = (report.get("correction") or {}).get("kept")
-            rows.append((mixer, label, str(report["layers_swapped"]), f"{plain['mean_cosine']:.4f} / {plain['min_cosine']:.4f}",
+            rows.append((mixer_label, label, str(report["layers_swapped"]), f"{plain['mean_cosine']:.4f} / {plain['min_cosine']:.4f}",
                          f"{e2e['mean_cosine']:.4f} / {e2e['min_cosine']:.4f}" + ("" if kept else " (not kept)"),
                          f"{report['calibration']['fit_seconds_per_layer']:.2f}"))
     table = Table(title=f"MiniLM-L6 sentence embeddings: cosine to the original on {len(held_texts)} sentences the "

@@ -75,6 +75,44 @@ def ort_loadable(model: Model | ir.Model) -> Iterator[bytes | str]:
         yield os.fspath(target)
 
 
+SHARED_BYTES = 1 << 20  # initializers this large are fed to checks by reference, not serialized
+_SHARED_DTYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
+                  ir.DataType.INT32, ir.DataType.INT64}
+
+
+@contextlib.contextmanager
+def ort_weightless(model: Model | ir.Model) -> Iterator[tuple[bytes | str, dict[str, np.ndarray]]]:
+    """(what onnxruntime loads, weight feeds) for a check run: the main graph's large
+    initializers become graph inputs fed from the model's own arrays (memory-mapped external
+    data stays mapped), so a check does not copy the weights into protobuf bytes and then into
+    the session. Only the graph is serialized. Tensors read by non-standard-domain ops (which
+    may need constant inputs), graph outputs and dtypes numpy cannot hand over stay inline."""
+    model = model if isinstance(model, Model) else Model(model)
+    graph = model.ir.graph
+    outputs = set(graph.outputs)
+    shared = [v for v in graph.initializers.values()
+              if v.const_value is not None and v.const_value.nbytes >= SHARED_BYTES and v.dtype in _SHARED_DTYPES
+              and v not in outputs and all(u.node.domain in ("", "ai.onnx") for u in v.uses())]
+    if not shared:
+        with ort_loadable(model) as loadable:
+            yield loadable, {}
+        return
+    feeds = {v.name: v.const_value.numpy() for v in shared}
+    inputs = set(graph.inputs)
+    for v in shared:  # in place, and put back below: a structural change only, no tensor is copied
+        graph.initializers.pop(v.name)
+        if v not in inputs:
+            graph.inputs.append(v)
+    try:
+        with ort_loadable(model) as loadable:
+            yield loadable, feeds
+    finally:
+        for v in shared:
+            if v not in inputs:
+                graph.inputs.remove(v)
+            graph.register_initializer(v)
+
+
 def _inline_proto(model: ir.Model) -> onnx.ModelProto:
     if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()):
         model = ir.external_data.load_to_model(model.clone())

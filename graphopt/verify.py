@@ -80,9 +80,11 @@ class Validation:
 
 
 def run(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of `model` on `feeds`, by output name (ORT CPU, no ORT graph optimizations)."""
-    with exporters.ort_loadable(model) as loadable:
-        return ort_backend.session(loadable).run(feeds)
+    """Outputs of `model` on `feeds`, by output name (ORT CPU, no ORT graph optimizations).
+    The large weights are fed by reference (exporters.ort_weightless): the session holds the
+    graph, not a second copy of the weights."""
+    with exporters.ort_weightless(model) as (loadable, weights):
+        return ort_backend.session(loadable).run({**feeds, **weights})
 
 
 def resolve_inputs(

@@ -89,3 +89,40 @@ def test_user_inputs_checked(tmp):
         feeds.check_inputs(wrong_dtype, model)
     with pytest.raises(graphopt.InputError, match="missing position_ids"):
         feeds.check_inputs({k: v for k, v in good.items() if k != "position_ids"}, model)
+
+
+def _big_matmul(tmp, external: bool):
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+
+    w = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)  # 2 MiB: fed by reference
+    small = np.ones(512, np.float32)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "W"], ["h"]), oh.make_node("Add", ["h", "b"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", 1, [2, 1024])], [oh.make_tensor_value_info("y", 1, [2, 512])],
+                          [nh.from_array(w, "W"), nh.from_array(small, "b")])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    path = tmp / "big.onnx"
+    onnx.save(proto, path, save_as_external_data=external, location="big.onnx.data", size_threshold=1024)
+    return graphopt.load(path), w
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_checks_feed_large_weights_by_reference(tmp, external):
+    """Issue 16, item 2: a check serializes the graph only; the 2 MiB weight reaches onnxruntime
+    as the model's own array (memory-mapped when it is external data), the results are the
+    same, and the model is left as it was."""
+    from graphopt import exporters
+
+    model, w = _big_matmul(tmp, external)
+    x = np.random.default_rng(1).standard_normal((2, 1024)).astype(np.float32)
+    before = [v.name for v in model.ir.graph.inputs], sorted(model.ir.graph.initializers)
+    tensor = model.ir.graph.initializers["W"].const_value
+    with exporters.ort_weightless(model) as (loadable, weights):
+        assert set(weights) == {"W"} and isinstance(loadable, bytes) and len(loadable) < 64 * 1024
+        if external:  # a view of the memory-mapped file, not a copy
+            assert np.shares_memory(weights["W"], tensor.numpy())
+        np.testing.assert_array_equal(weights["W"], w)
+    assert ([v.name for v in model.ir.graph.inputs], sorted(model.ir.graph.initializers)) == before
+    got = verify.run(model, {"x": x})["y"]
+    np.testing.assert_allclose(got, x @ w + 1, rtol=1e-5, atol=1e-4)
+    assert ([v.name for v in model.ir.graph.inputs], sorted(model.ir.graph.initializers)) == before
