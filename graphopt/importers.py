@@ -82,7 +82,32 @@ def _load_path(path: Path) -> Model:
         raise InputError(f"{path} is not a valid ONNX model: {first_line(exc)}", hint="check that the file is complete") from None
     model = _deserialize(proto, where=str(path))
     ir.external_data.set_base_dir(model.graph, path.parent)
+    del proto  # the weights now live in the ir model only (or, split below, in a mapped file)
+    if _inline_bytes(model) >= SPLIT_BYTES:
+        _split_weights(model)
     return Model(model, source=path.resolve())
+
+
+SPLIT_BYTES = 256 << 20  # a single-file model this large holds its weights in a memory-mapped file
+
+
+def _inline_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
+
+
+def _split_weights(model: ir.Model) -> None:
+    """Move a single-file model's weights to external data in a temporary directory (removed
+    when the process exits), memory-mapped from there: the weights are held once, as file
+    pages the kernel can drop, and every check feeds them by reference instead of copying them
+    out of the protobuf each time."""
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="graphopt-weights-")
+    atexit.register(shutil.rmtree, directory, True)
+    ir.external_data.unload_from_model(model, directory, "weights.data", size_threshold_bytes=1024)
 
 
 def _deserialize(proto: onnx.ModelProto, *, where: str) -> ir.Model:

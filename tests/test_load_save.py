@@ -137,3 +137,29 @@ def test_local_functions_are_supported():
     from graphopt import verify
     out = verify.run(model, {"x": np.array([1.0, 2.0], np.float32)})
     np.testing.assert_array_equal(out["y"], [2.0, 4.0])
+
+
+def test_a_large_single_file_model_holds_its_weights_in_a_mapped_file(tmp, monkeypatch):
+    """Issue 16, item 1: over importers.SPLIT_BYTES (256 MiB; lowered here), a single-file
+    model's weights move to a temporary external-data file, memory-mapped; the model computes
+    the same and saves complete."""
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+
+    from graphopt import importers, verify
+    from graphopt.ir import ir
+
+    monkeypatch.setattr(importers, "SPLIT_BYTES", 1 << 20)
+    w = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "W"], ["y"])], "g", [oh.make_tensor_value_info("x", 1, [2, 1024])],
+                          [oh.make_tensor_value_info("y", 1, [2, 512])], [nh.from_array(w, "W")])
+    path = tmp / "single.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), path)
+    model = graphopt.load(path)
+    tensor = model.ir.graph.initializers["W"].const_value
+    assert isinstance(tensor, ir.ExternalTensor) and "graphopt-weights-" in tensor.base_dir
+    x = np.random.default_rng(1).standard_normal((2, 1024)).astype(np.float32)
+    np.testing.assert_allclose(verify.run(model, {"x": x})["y"], x @ w, rtol=1e-5, atol=1e-4)
+    out = graphopt.save(model, tmp / "out" / "saved.onnx")
+    again = onnx.load(out)
+    np.testing.assert_array_equal(nh.to_array(again.graph.initializer[0], base_dir=str(out.parent)), w)
