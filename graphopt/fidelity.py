@@ -52,3 +52,8 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 def worst_mean_cosine(report: Mapping[str, Mapping[str, Any]]) -> float:
     """The lowest per-output mean cosine of an `end_to_end` report (1.0 when empty)."""
     return min((v["mean_cosine"] for v in report.values()), default=1.0)
+
+
+def worst_min_cosine(report: Mapping[str, Mapping[str, Any]]) -> float:
+    """The lowest per-output min cosine of an `end_to_end` report (1.0 when empty)."""
+    return min((v["min_cosine"] for v in report.values() if "min_cosine" in v), default=1.0)

@@ -15,7 +15,7 @@ its shapes, its ops and its speed.
 
 Layers are corrected in graph order, each on the model with the earlier corrections in place,
 so a layer also absorbs what the earlier swaps did to its input. Held-out end-to-end fidelity
-decides whether the corrections stay at all (mixers/step.py).
+(the mean cosine and the worst row's) decides whether the corrections stay (mixers/step.py).
 """
 
 from __future__ import annotations

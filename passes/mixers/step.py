@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import calibration, registry, summary, verify
-from graphopt.fidelity import worst_mean_cosine
+from graphopt.fidelity import worst_mean_cosine, worst_min_cosine
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -152,8 +152,8 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
 
 
 def _correct(work, swapped, before, nodes, chosen, data, fit_caps, held_caps, measure, say):
-    """The output-side correction of the swapped layers, kept if the held-out end-to-end worst
-    mean cosine does not fall; (model, its end-to-end report, the correction's report)."""
+    """The output-side correction of the swapped layers, kept if neither the held-out end-to-end
+    mean cosine nor the worst row's cosine falls; (model, its end-to-end report, the correction's report)."""
     if [v.name for v in swapped.ir.graph.inputs] != [v.name for v in work.ir.graph.inputs]:
         return swapped, before, {"kept": False, "why": "the swapped model reads decoding states: not corrected"}
     start = time.perf_counter()
@@ -163,8 +163,11 @@ def _correct(work, swapped, before, nodes, chosen, data, fit_caps, held_caps, me
         return swapped, before, {**report, "kept": False, "why": "no layer's held-out error fell"}
     after = measure(corrected)
     a, b = worst_mean_cosine(after), worst_mean_cosine(before)
-    report.update(mean_cosine_before=round(b, 6), mean_cosine_after=round(a, 6), kept=a >= b)
-    return (corrected, after, report) if a >= b else (swapped, before, report)
+    a_min, b_min = worst_min_cosine(after), worst_min_cosine(before)
+    kept = a >= b and a_min >= b_min  # the mean may not fall, nor the worst row (a correction can overfit rows)
+    report.update(mean_cosine_before=round(b, 6), mean_cosine_after=round(a, 6), min_cosine_before=round(b_min, 6),
+                  min_cosine_after=round(a_min, 6), kept=kept)
+    return (corrected, after, report) if kept else (swapped, before, report)
 
 
 def _no_attention(model: Model) -> InputError:
