@@ -12,7 +12,8 @@
    held-out cosine of the model with that layer alone swapped, swapped greedily (auto) while
    the end-to-end cosine stays >= `fidelity`.
 5. Correct (correct.py): each swapped layer's output projection refitted against the
-   original's output, kept if the held-out end-to-end cosine does not fall.
+   original's output, kept if neither the held-out end-to-end mean cosine nor the worst
+   row's falls.
 6. Report: per layer relative error and cosine on held-out data; end to end: output cosine,
    max error, KL divergence for logit outputs; what was kept and why.
 """
