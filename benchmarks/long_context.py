@@ -32,6 +32,9 @@ from graphopt import machine, timing
 from graphopt.backends import ort_select
 from graphopt.passes.mixers import MIXERS, swap_mixers
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+import task_mixers  # noqa: E402  (the char-LM task's export wrapper)
+
 CALIB_LENGTH = 1024
 
 
@@ -106,17 +109,9 @@ def main() -> int:
     print(f"trained {args.train_steps} steps at {args.train_length} x {args.train_batch} tokens in {seconds:.0f} s "
           f"(last loss {loss:.3f})", flush=True)
 
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x).logits
-
     example = torch.as_tensor(train_data[: 2 * 256].reshape(2, 256))
-    model = graphopt.load(Logits(module), example_inputs=(example,), dynamic_shapes=({0: "batch", 1: "seq"},))
-    model.ir.graph.outputs[0].name = "logits"
+    model = task_mixers._named_logits(graphopt.load(task_mixers.Logits(module, "logits"), example_inputs=(example,),
+                                                    dynamic_shapes=({0: "batch", 1: "seq"},)))
     calib_text = windows(train_data, CALIB_LENGTH, 8, offset=len(train_data) // 3)
     calib = [{"x": w[None, :-1]} for w in calib_text]
     exact = graphopt.optimize(model, inputs=calib[0]).model

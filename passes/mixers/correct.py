@@ -29,7 +29,7 @@ from graphopt import calibration
 from graphopt.ir import ir
 from graphopt.model import Model
 from graphopt.passes._weights import add_initializer, const_array
-from graphopt.passes.attention.masks import HIDDEN
+from graphopt.passes.mixers import transfer
 
 THROUGH = ("Transpose", "Reshape", "Where", "IsNaN", "Identity", "Squeeze", "Unsqueeze", "Flatten")
 RIDGE = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lam as a multiple of the mean diagonal of X'^T X'
@@ -104,17 +104,15 @@ def _rows(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> n
 
 
 def query_masks(cap: dict) -> list[np.ndarray | None]:
-    """Per captured batch: [B, S] booleans, true on real queries (None: every query is real)."""
+    """Per captured batch: [B, S] booleans, true on real queries (None: every query is real);
+    the key mask the mixers' fits use (transfer.query_mask)."""
     masks = []
     for q, kt, bias in zip(cap["q"], cap["kt"], cap["bias"]):
         if bias is None:
             masks.append(None)
             continue
-        b = np.asarray(bias)
-        visible = (b[..., -1:, :] > HIDDEN).min(axis=1)[:, 0, :]  # [B|1, T]: keys the last query sees
-        s = q.shape[-2]
-        visible = np.broadcast_to(visible[:, -s:], (q.shape[0], s))
-        masks.append(None if visible.all() else visible)
+        real = transfer.query_mask(bias, kt.shape[-1], q.shape[-2]).numpy()[:, 0, :, 0] > 0  # [B|1, S]
+        masks.append(None if real.all() else np.broadcast_to(real, (q.shape[0], q.shape[-2])))
     return masks
 
 
@@ -158,29 +156,28 @@ def correct(original: Model, swapped: Model, nodes: Sequence[ir.Node], layers: S
     work = swapped.clone()
     rows: list[dict[str, Any]] = []
     projections = {i: find_projection(nodes[i]) for i in layers}
+    split = len(fit)  # fit and held-out batches run in one session per model, then split here
     targets = {}
     wanted = [p.y.name for p in projections.values() if p is not None]
     if wanted:
-        ref_fit = calibration.run_exposed(original, wanted, fit)
-        ref_held = calibration.run_exposed(original, wanted, held)
-        targets = {i: ([r[p.y.name] for r in ref_fit], [r[p.y.name] for r in ref_held])
-                   for i, p in projections.items() if p is not None}
+        ref = calibration.run_exposed(original, wanted, [*fit, *held])
+        targets = {i: [r[p.y.name] for r in ref] for i, p in projections.items() if p is not None}
+    by_name = {nd.name: nd for nd in work.ir.graph}  # the swap keeps the projections' nodes and names
     for n, i in enumerate(sorted(layers)):
         p = projections[i]
         if p is None:
             rows.append({"index": i, "corrected": False, "why": "no single constant output projection after the attention"})
             continue
         say(n, len(layers), f"correcting the output projection of layer {i} ({n + 1}/{len(layers)})")
-        mine = {nd.name: nd for nd in work.ir.graph}.get(p.matmul.name)
+        mine = by_name.get(p.matmul.name)
         if mine is None:
             rows.append({"index": i, "corrected": False, "why": f"projection '{p.matmul.name}' not found after the swap"})
             continue
-        xs_fit = calibration.run_exposed(work, [mine.inputs[0].name], fit)
-        xs_held = calibration.run_exposed(work, [mine.inputs[0].name], held)
+        name = mine.inputs[0].name
+        xs = [r[name] for r in calibration.run_exposed(work, [name], [*fit, *held])]
         fit_masks, held_masks = query_masks(fit_caps[i]), query_masks(held_caps[i])
-        x = _rows([r[mine.inputs[0].name] for r in xs_fit], fit_masks)
-        xh = _rows([r[mine.inputs[0].name] for r in xs_held], held_masks)
-        t, th = _rows(targets[i][0], fit_masks), _rows(targets[i][1], held_masks)
+        x, xh = _rows(xs[:split], fit_masks), _rows(xs[split:], held_masks)
+        t, th = _rows(targets[i][:split], fit_masks), _rows(targets[i][split:], held_masks)
         w, b = p.w.astype(np.float64), None if p.b is None else p.b.astype(np.float64)
         best = solve(x, t, w, b, xh, th)
         row = {"index": i, "projection": p.matmul.name, "rel_error_before": round(best["error_before"], 6),
@@ -189,16 +186,10 @@ def correct(original: Model, swapped: Model, nodes: Sequence[ir.Node], layers: S
         if best["dw"] is None:
             rows.append({**row, "corrected": False, "why": "no rank and ridge lowered the held-out error"})
             continue
-        _install(work.ir.graph, mine, (w + best["dw"]).astype(np.float32),
-                 None if best["db"] is None else (b + best["db"]).astype(np.float32), p)
+        graph = work.ir.graph
+        mine.replace_input_with(1, add_initializer(graph, mine.inputs[1], (w + best["dw"]).astype(np.float32), "corrected"))
+        if best["db"] is not None:  # a bias was fitted only where the projection has its Add
+            add, k = by_name[p.add.name], p.bias_index
+            add.replace_input_with(k, add_initializer(graph, add.inputs[k], (b + best["db"]).astype(np.float32), "corrected"))
         rows.append({**row, "corrected": True})
     return work, rows
-
-
-def _install(graph: ir.Graph, matmul: ir.Node, w: np.ndarray, b: np.ndarray | None, original: Projection) -> None:
-    matmul.replace_input_with(1, add_initializer(graph, matmul.inputs[1], w, "corrected"))
-    if b is None or original.add is None:
-        return
-    add = next(u.node for u in matmul.outputs[0].uses() if u.node.name == original.add.name)
-    add.replace_input_with(original.bias_index, add_initializer(graph, add.inputs[original.bias_index], b, "corrected"))
-

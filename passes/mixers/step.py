@@ -132,12 +132,12 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
             entry["as"] = done[entry["index"]]
         if not entry["swapped"]:
             entry["kept_because"] = selection_note.get(entry["index"], "not selected (--layers)")
+    fit_seconds = sum(e["fit_seconds"] for e in per_layer)
     report = {
         "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
         "per_layer": per_layer, "end_to_end": end_to_end,
-        "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0,
-                        "fit_seconds": round(sum(e["fit_seconds"] for e in per_layer), 2),
-                        "fit_seconds_per_layer": round(sum(e["fit_seconds"] for e in per_layer) / len(per_layer), 3)},
+        "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0, "fit_seconds": round(fit_seconds, 2),
+                        "fit_seconds_per_layer": round(fit_seconds / len(per_layer), 3)},
         "correction": corrections,
         "selection": {"layers": layers if isinstance(layers, str) else list(layers), "fidelity_threshold": fidelity},
     }
