@@ -16,7 +16,8 @@ reports the capability on this CPU:
                     bits in any consumer, no hint needed
 A reduced-precision candidate is kept only if its fidelity (the lowest cosine of any output,
 per row, to ORT fp32) meets the bound. The fastest kept candidate wins: an ORT win writes its
-lowering; an OpenVINO win writes portable ONNX (graphopt functions inlined) with the runtime and
+lowering; an OpenVINO win writes portable ONNX (graphopt functions inlined, then openvino.LOWERING's
+exact rewrites into the forms OpenVINO fuses) with the runtime and
 precision hint in the model's metadata (RUNTIME_KEY, PRECISION_KEY), which `graphopt run`,
 `graphopt bench` and `graphopt compile --backend openvino` read. The choice is cached per
 machine, model structure, input shapes and runtime versions.
@@ -37,7 +38,7 @@ RUNTIME_KEY = "graphopt.runtime"  # "onnxruntime" or "openvino"
 PRECISION_KEY = "graphopt.openvino.precision"
 REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
 GRAPH_MARGIN = 0.03  # a converted graph replaces its precision hint only when this much faster
-CACHE_VERSION = 2  # 2: the converted-graph candidates
+CACHE_VERSION = 3  # 2: the converted-graph candidates; 3: OpenVINO's own lowering passes
 
 
 class CpuLowering(LoweringStep):
@@ -136,6 +137,8 @@ class CpuLowering(LoweringStep):
                 "versions": {"openvino": openvino.version()}}
 
     def _lowering(self, stage: Stage, measured: dict[str, Any]) -> Lowering:
+        from graphopt.backends import openvino
+
         chosen = measured["chosen"]
         if chosen.startswith("openvino"):
             precision = chosen.split("-")[1]
@@ -145,10 +148,10 @@ class CpuLowering(LoweringStep):
                 model.ir.metadata_props[RUNTIME_KEY] = "openvino"
                 model.ir.metadata_props[PRECISION_KEY] = "f32" if graph else precision
             if not graph:
-                return Lowering([registry.get("make-portable")], measured, annotate)
+                return Lowering([registry.get(n) for n in openvino.LOWERING], measured, annotate)
             fid = {"min_cosine": measured["candidates"][chosen]["min_cosine"], "bound": self.options.fidelity,
                    "measured_in": "openvino", "conversion": chosen}
-            return Lowering([registry.get("make-portable")], measured, annotate,  # convert runs after make-portable
+            return Lowering([registry.get(n) for n in openvino.LOWERING], measured, annotate,  # convert runs after these
                             convert=lambda m: _converted(m, precision), fidelity=fid)
         selection = measured["ort_lowering"]
         passes = ort_select.Selection(**{k: selection[k] for k in ("target", "provider", "choices", "timings_ms",

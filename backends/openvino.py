@@ -30,6 +30,9 @@ from graphopt.model import Model
 PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES names
 SIGNATURE_SUFFIX = ".json"
+# What a model goes through on its way to OpenVINO: standard ONNX, then the exact rewrites into
+# the forms OpenVINO's CPU fusions take (passes/openvino_lowering.py).
+LOWERING = ("make-portable", "split-parallel-linears", "heads-first-keys")
 
 
 def _ov():
@@ -60,9 +63,10 @@ def default_precision() -> str:
 
 
 def portable(model: Model) -> Model:
-    """A copy in standard ONNX only (graphopt functions inlined)."""
+    """A copy in standard ONNX only (graphopt functions inlined), lowered for OpenVINO (LOWERING)."""
     work = model.clone()
-    registry.get("make-portable")(work.ir)
+    for name in LOWERING:
+        registry.get(name)(work.ir)
     return work
 
 

@@ -33,6 +33,9 @@ CONSTANT = OpId(ONNX_DOMAIN, "Constant")
 CONSTANT_OF_SHAPE = OpId(ONNX_DOMAIN, "ConstantOfShape")
 MATMUL = OpId(ONNX_DOMAIN, "MatMul")
 ADD = OpId(ONNX_DOMAIN, "Add")
+SPLIT = OpId(ONNX_DOMAIN, "Split")
+TRANSPOSE = OpId(ONNX_DOMAIN, "Transpose")
+DEQUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "DequantizeLinear")
 
 # Readers that see only a tensor's shape: rewrites that change values but not shapes can ignore them.
 SHAPE_ONLY_READERS = frozenset(OpId(ONNX_DOMAIN, name) for name in ("Shape", "Size"))
