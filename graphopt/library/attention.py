@@ -41,3 +41,27 @@ def attention(op, c, q, kt, v):
 def masked_attention(op, c, q, kt, v, bias):
     """Y = softmax(scale Q K^T + bias) V."""
     return op.MatMul(op.Softmax(op.Add(_scores(op, c, q, kt), bias), axis=-1), v)
+
+
+# The attention products in int8 (passes/precision/products.py): the softmax probabilities P go
+# through QuantizeLinear / DequantizeLinear (uint8, per tensor) before P V; Q, K and V are
+# quantized outside the op, where their projections write them. Not canonical: no lowering or
+# mixer takes them for plain attention.
+QUANTIZED = {ATTENTION: "QuantizedAttention", MASKED_ATTENTION: "QuantizedMaskedAttention"}
+
+
+def _quantized(op, p, scale, zero_point):
+    return op.DequantizeLinear(op.QuantizeLinear(p, scale, zero_point), scale, zero_point)
+
+
+@define(QUANTIZED[ATTENTION], ["Q", "KT", "V", "p_scale", "p_zero_point"], attributes=ATTRIBUTE_TYPES)
+def quantized_attention(op, c, q, kt, v, p_scale, p_zero_point):
+    """Y = DQ(Q(softmax(scale Q K^T))) V."""
+    return op.MatMul(_quantized(op, op.Softmax(_scores(op, c, q, kt), axis=-1), p_scale, p_zero_point), v)
+
+
+@define(QUANTIZED[MASKED_ATTENTION], ["Q", "KT", "V", "bias", "p_scale", "p_zero_point"], attributes=ATTRIBUTE_TYPES)
+def quantized_masked_attention(op, c, q, kt, v, bias, p_scale, p_zero_point):
+    """Y = DQ(Q(softmax(scale Q K^T + bias))) V."""
+    p = op.Softmax(op.Add(_scores(op, c, q, kt), bias), axis=-1)
+    return op.MatMul(_quantized(op, p, p_scale, p_zero_point), v)

@@ -80,3 +80,15 @@ def _session(model: bytes, openvino_hint: str | None):
         path = Path(tmp) / "layer.onnx"
         path.write_bytes(model)
         return openvino.compile(path, precision=openvino_hint)
+
+
+def measure_models(float_model, int8_model, feeds, openvino_hint: str, rounds: int = 10) -> tuple[float, float]:
+    """(float ms, int8 ms) of two whole models on `feeds` in OpenVINO (its lowering applied, the
+    float form at `openvino_hint`), interleaved: for what only acts in context (a quantizer that
+    fuses into the layer before it)."""
+    from graphopt.backends import openvino
+
+    runs = {k: openvino.compile(m, precision=openvino_hint) for k, m in (("float", float_model), ("int8", int8_model))}
+    medians = timing.medians(timing.interleaved({k: (lambda r=r: r.run(feeds)) for k, r in runs.items()},
+                                                rounds=rounds, warmup=1))
+    return medians["float"] * 1e3, medians["int8"] * 1e3

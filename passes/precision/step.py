@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import calibration, fidelity, verify
+from graphopt import calibration, fidelity, functions, verify
 from graphopt.errors import InputError
 from graphopt.ir import common_passes
 from graphopt.model import Model
-from graphopt.passes.precision import bias, gain, qdq, ranges, select, smooth
+from graphopt.passes.precision import bias, gain, products, qdq, ranges, select, smooth
 from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
@@ -78,19 +78,34 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
                            "int8_ms": None if timed is None else round(timed[1], 4),
                            "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)})
     layers.sort(key=lambda e: e["index"])
-    order = select.order(layers, "int8")
+    planned: dict[int, tuple] = {}  # attention rows: index -> (qkv ranges, P range)
 
-    def build(count: int, corrected: bool = True) -> Model:
+    def build(count: int, corrected: bool = True, rows: list | None = None) -> Model:
         trial = work.clone()
         trial_sites = {s.name: s for s in find_sites(trial.ir.graph)}
+        trial_products = {s.name: s for s in products.find_attention_sites(trial.ir.graph)}
         shared: dict = {}
-        for e in sorted(order[:count], key=lambda e: e["index"]):  # graph order: a shared quantizer precedes its readers
+        for e in sorted((order[:count] if rows is None else rows), key=lambda e: e["index"]):
+            if e["index"] in planned:  # graph order: a shared quantizer precedes its readers
+                products.quantize(trial.ir.graph, trial_products[e["node"]], *planned[e["index"]])
+                continue
             site = trial_sites[e["node"]]
             qdq.quantize(trial.ir.graph, site, acts[e["index"]], shared)
             if corrected and shifts[e["index"]] is not None:
                 bias.correct(trial.ir.graph, site, shifts[e["index"]])
         common_passes.RemoveUnusedNodesPass()(trial.ir)
+        functions.ensure(trial.ir)
+        common_passes.RemoveUnusedFunctionsPass()(trial.ir)
         return trial
+
+    if hint is not None:  # the attention products: where the model runs in OpenVINO (products.py)
+        rows = _products(work, data, len(sites), planned, lambda rows: build(0, rows=rows), layers, hint)
+        layers += rows
+        shifts.update({e["index"]: None for e in rows})
+        report["attention_products"] = {"calls": len(rows), "timed_as": PRODUCTS_TIMED_AS} if rows else {"calls": 0}
+    else:
+        report["attention_products"] = {"calls": 0, "why": PRODUCTS_ON_ORT}
+    order = select.order(layers, "int8")
 
     def fid(m: Model) -> dict:
         return fidelity.end_to_end(references, m, data.held)
@@ -109,10 +124,37 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     select.mark(order, best, "int8", options.fidelity)
     report["layers"] = layers
     report["end_to_end"] = best_fid if best_fid is not None else fid(final)
-    report["selection"] = {"fidelity_bound": options.fidelity, "int8_layers": best, "layers_total": len(sites),
+    report["selection"] = {"fidelity_bound": options.fidelity, "int8_layers": best, "layers_total": len(layers),
                            "faster_in_int8": len(order)}
     report.update(select.note("int8", best, len(order), options.fidelity))
     return final, report
+
+
+PRODUCTS_TIMED_AS = ("the whole model at the calibration shape in OpenVINO, its faster-in-int8 layers in int8, "
+                     "with and without every call's products in int8; float_ms / int8_ms are each call's equal share")
+PRODUCTS_ON_ORT = ("on onnxruntime the products stay float: its fused attention (lowered later) takes float inputs, "
+                   "and the unfused int8 form is slower")
+
+
+def _products(work: Model, data, first_index: int, planned: dict, build, layers: list[dict], hint: str) -> list[dict]:
+    """One report row per attention call whose products can go to int8 (their ranges in `planned`)."""
+    sites = products.find_attention_sites(work.ir.graph)
+    if not sites:
+        return []
+    names = sorted({n for s in sites for n in products.capture_names(s)})
+    captured = calibration.run_exposed(work, names, data.fit[:1])[0]
+    rows = []
+    for site in sites:
+        qkv, p_range, err = products.choose(site, captured)
+        index = first_index + site.index
+        planned[index] = (qkv, p_range)
+        rows.append({"index": index, "node": site.name, "op": site.node.op_type, "range": "products: Q K^T, P V",
+                     "rel_error": round(err, 6), "float_ms": None, "int8_ms": None, "bias_shift": None})
+    faster = [e for e in layers if e["int8_ms"] is not None and e["int8_ms"] < e["float_ms"]]
+    timed = gain.measure_models(build(faster), build(faster + rows), data.fit[0], hint)
+    for e in rows:
+        e["float_ms"], e["int8_ms"] = (round(t / len(rows), 4) for t in timed)
+    return rows
 
 
 def _openvino_hint(options: Options) -> str | None:
