@@ -15,7 +15,10 @@ reports the capability on this CPU:
                     accumulating ops float32), compiled with the f32 hint: the file computes in 16
                     bits in any consumer, no hint needed
 A reduced-precision candidate is kept only if its fidelity (the lowest cosine of any output,
-per row, to ORT fp32) meets the bound. The fastest kept candidate wins: an ORT win writes its
+per row, to ORT fp32) meets the bound. A few screening rounds come first: a candidate over PRUNE
+times the fastest is reported with that median and not timed further, and ort-lowered (whose
+selection times onnxruntime variants, minutes on BERT-base at batch 32) is built only when plain
+onnxruntime survives the screening. The fastest kept candidate wins: an ORT win writes its
 lowering; an OpenVINO win writes portable ONNX (graphopt functions inlined, then openvino.LOWERING's
 exact rewrites into the forms OpenVINO fuses) with the runtime and
 precision hint in the model's metadata (RUNTIME_KEY, PRECISION_KEY), which `graphopt run`,
@@ -37,8 +40,10 @@ from graphopt.backends import ort_select
 RUNTIME_KEY = "graphopt.runtime"  # "onnxruntime" or "openvino"
 PRECISION_KEY = "graphopt.openvino.precision"
 REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
+PRUNE = 1.5  # a candidate this many times slower than the fastest after the screening rounds is out
+SCREEN_ROUNDS = 3
 GRAPH_MARGIN = 0.03  # a converted graph replaces its precision hint only when this much faster
-CACHE_VERSION = 3  # 2: the converted-graph candidates; 3: OpenVINO's own lowering passes
+CACHE_VERSION = 4  # 2: the converted-graph candidates; 3: OpenVINO's own lowering passes; 4: screening
 
 
 class CpuLowering(LoweringStep):
@@ -93,11 +98,8 @@ class CpuLowering(LoweringStep):
                 read.append(openvino.read(portable_model()))
             return read[0]
 
-        ort_lowering = ort_select.select(model.ir, feeds, "ort-cpu", use_cache=self.options.use_cache)
         builders = {
             "ort": lambda: ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=()),
-            # timed as a user runs it: a default session, no transformers disabled
-            "ort-lowered": lambda: ort_select.session_for(_lowered(model, ort_lowering.passes), disabled=()),
             "openvino-f32": lambda: openvino.compile(portable(), precision="f32"),
         }
         skipped = {}
@@ -109,7 +111,45 @@ class CpuLowering(LoweringStep):
             else:
                 skipped[f"openvino-{precision}"] = f"OpenVINO reports no {openvino.CAPABILITY[precision]} on this CPU"
         candidates: dict[str, dict[str, Any]] = {}
-        runners = {}
+        runners: dict[str, Any] = {}
+        self._build(builders, reference, feeds, candidates, runners)
+        # Screening: a few rounds of every candidate; one far behind the fastest cannot win and
+        # is not timed further, and onnxruntime's lowering is selected only if plain
+        # onnxruntime is within reach (the lowering's own measurement costs minutes on big models).
+        screen = timing.medians(timing.interleaved({n: (lambda r=r: r.run(feeds)) for n, r in runners.items()},
+                                                   rounds=SCREEN_ROUNDS, warmup=1))
+        best = min(screen.values())
+        for name, seconds in screen.items():
+            if seconds > PRUNE * best:
+                candidates[name].update(median_ms=round(seconds * 1e3, 3), pruned=(
+                    f"{seconds / best:.2f}x the fastest after {SCREEN_ROUNDS} rounds (> {PRUNE}x): not timed further"))
+                del runners[name]
+        ort_lowering = None
+        if "ort" in runners:
+            ort_lowering = ort_select.select(model.ir, feeds, "ort-cpu", use_cache=self.options.use_cache)
+            # timed as a user runs it: a default session, no transformers disabled
+            self._build({"ort-lowered": lambda: ort_select.session_for(_lowered(model, ort_lowering.passes), disabled=())},
+                        reference, feeds, candidates, runners)
+        else:
+            ort = candidates["ort"]
+            skipped["ort-lowered"] = "onnxruntime's default session " + (
+                f"was {ort['pruned']}" if "pruned" in ort else f"did not run: {ort.get('error') or ort.get('rejected')}")
+        medians = timing.medians(timing.interleaved({n: (lambda r=r: r.run(feeds)) for n, r in runners.items()},
+                                                    rounds=15))
+        for name, seconds in medians.items():
+            candidates[name]["median_ms"] = round(seconds * 1e3, 3)
+        chosen = min(medians, key=medians.get)
+        hint = chosen.removesuffix("-graph")
+        if chosen != hint and hint in medians and medians[hint] <= medians[chosen] * (1 + GRAPH_MARGIN):
+            chosen = hint  # the hint keeps the file float32 (it runs in any consumer): the graph must win clearly
+        return {"target": self.target, "machine": machine.describe(), "chosen": chosen, "candidates": candidates,
+                "skipped": skipped, "ort_lowering": ort_lowering.to_dict() if ort_lowering else None,
+                "precision_allowed": list(precisions), "fidelity_bound": self.options.fidelity,
+                "versions": {"openvino": openvino.version()}}
+
+    def _build(self, builders, reference, feeds, candidates: dict, runners: dict) -> None:
+        """Build each candidate and check it against onnxruntime fp32; a reduced-precision one
+        below the bound, or one that cannot run, is reported and left out."""
         for name, build in builders.items():
             try:
                 runner = build()
@@ -123,18 +163,6 @@ class CpuLowering(LoweringStep):
                 candidates[name]["rejected"] = f"min cosine {fidelity:.5f} < bound {self.options.fidelity}"
                 continue
             runners[name] = runner
-        medians = timing.medians(timing.interleaved({n: (lambda r=r: r.run(feeds)) for n, r in runners.items()},
-                                                    rounds=15))
-        for name, seconds in medians.items():
-            candidates[name]["median_ms"] = round(seconds * 1e3, 3)
-        chosen = min(medians, key=medians.get)
-        hint = chosen.removesuffix("-graph")
-        if chosen != hint and hint in medians and medians[hint] <= medians[chosen] * (1 + GRAPH_MARGIN):
-            chosen = hint  # the hint keeps the file float32 (it runs in any consumer): the graph must win clearly
-        return {"target": self.target, "machine": machine.describe(), "chosen": chosen, "candidates": candidates,
-                "skipped": skipped, "ort_lowering": ort_lowering.to_dict(),
-                "precision_allowed": list(precisions), "fidelity_bound": self.options.fidelity,
-                "versions": {"openvino": openvino.version()}}
 
     def _lowering(self, stage: Stage, measured: dict[str, Any]) -> Lowering:
         from graphopt.backends import openvino

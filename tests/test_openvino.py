@@ -95,9 +95,11 @@ def test_target_cpu_measures_ort_and_openvino(bert, tmp, monkeypatch):
     lowering = result.report.lowering
     assert lowering["target"] == "cpu" and lowering["machine"]["cpu"] == graphopt.machine.cpu_model()
     bf16 = {"openvino-bf16", "openvino-bf16-graph"} if openvino.supports("bf16") else set()
-    assert set(lowering["candidates"]) == {"ort", "ort-lowered", "openvino-f32"} | bf16
+    ort_lowered = {"ort-lowered"} if "ort-lowered" not in lowering["skipped"] else set()
+    assert set(lowering["candidates"]) == {"ort", "openvino-f32"} | ort_lowered | bf16
+    assert ort_lowered or "pruned" in lowering["candidates"]["ort"]  # only a far slower onnxruntime skips it
     assert all("median_ms" in c and c["min_cosine"] > 0.999 for c in lowering["candidates"].values())
-    times = {n: c["median_ms"] for n, c in lowering["candidates"].items()}
+    times = {n: c["median_ms"] for n, c in lowering["candidates"].items() if "pruned" not in c}
     fastest = min(times, key=times.get)
     if fastest == "openvino-bf16-graph" and times["openvino-bf16"] <= times[fastest] * (1 + cpu.GRAPH_MARGIN):
         fastest = "openvino-bf16"  # the hint keeps the file float32: the converted graph must win clearly
