@@ -1,6 +1,6 @@
 """Where int8 goes: linear layers with constant weights (MatMul, Gemm, Conv) and an activation
-input. Attention's own products (Q K^T, P V) and everything elementwise stay in float: their
-int8 forms fused poorly and cost fidelity in the published pitfalls (quantize_static on BERT)."""
+input. Attention's own products (Q K^T, P V) are products.py's, for OpenVINO only; everything
+elementwise stays in float."""
 
 from __future__ import annotations
 

@@ -9,6 +9,9 @@
    the layer's own output error among min-max and percentile clips (ranges.py), its local int8
    error, and its measured latency gain alone at its calibrated shape (gain.py). A layer whose
    int8 form is not faster here stays in float.
+   Under `--target cpu` (the model runs in OpenVINO) each canonical attention call's products,
+   Q K^T and P V, are candidates too (products.py): their ranges by the call's output error,
+   their gain measured on the whole model in OpenVINO, with and without them.
 4. Selection (select.py): layers ordered by gain per error; the longest prefix whose end-to-end
    mean cosine on the held-out batches stays >= the bound is kept in int8. Nothing meets the
    bound: the model stays float, said so.
