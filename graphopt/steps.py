@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -175,6 +176,14 @@ def fingerprint(model: ir.Model) -> tuple:
             tuple(id(v) for v in graph.outputs), tuple(sorted(model.functions)))
 
 
+QUANTIZED_EQUAL_COSINE = 1 - 1e-5
+
+
+def _quantized(model: ir.Model) -> bool:
+    nodes = itertools.chain(ir.traversal.RecursiveGraphIterator(model.graph), *model.functions.values())
+    return any(n.op_type == "QuantizeLinear" for n in nodes)
+
+
 def check_equal(stage: Stage, record: StepRecord, snapshot, *, rollback: bool = True) -> StepRecord:
     """Run the stage's model on its feeds and compare with the stage before: on divergence
     (with `rollback`) or when it no longer runs, restore `snapshot` and say why."""
@@ -193,6 +202,14 @@ def check_equal(stage: Stage, record: StepRecord, snapshot, *, rollback: bool = 
         "min_cosine": min((c.cosine for c in checks), default=1.0),
         "failed_outputs": [c.name for c in checks if not c.passed],
     }
+    if not passed and _quantized(snapshot) and record.check["min_cosine"] >= QUANTIZED_EQUAL_COSINE \
+            and all(np.isfinite(c.max_abs_error) for c in checks):  # a missing or misshapen output never passes
+        # A float-exact rewrite ahead of a QuantizeLinear can still flip a rounding (a GEMM
+        # summed in another order lands on the other side of a step): equal, by the cosine.
+        record.check.update(passed=True, failed_outputs=[], criterion=(
+            f"the model is quantized: float-level differences flip roundings, so equal means min cosine >= "
+            f"{QUANTIZED_EQUAL_COSINE}"))
+        passed = True
     if not passed and rollback:
         stage.model.ir = snapshot
         record.status = "rolled-back"
