@@ -5,7 +5,6 @@ model keeps the tight tolerance, and a real change still rolls back."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import graphopt
 from graphopt import verify
