@@ -48,7 +48,7 @@ def save(model: Model | ir.Model, path: str | os.PathLike, *, external_data: boo
         if external_data:
             ir.save(model.ir, staged, format="protobuf", external_data=data_name, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
         else:
-            onnx.save(_inline_proto(model.ir), staged)
+            _write_streamed(model.ir, staged)
         for name in sorted(os.listdir(stage), key=lambda n: n == path.name):  # the model last
             os.replace(stage / name, path.parent / name)
     logger.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
@@ -117,6 +117,63 @@ def _inline_proto(model: ir.Model) -> onnx.ModelProto:
     if any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values()):
         model = ir.external_data.load_to_model(model.clone())
     return ir.serde.serialize_model(model)
+
+
+_GRAPH_FIELD = 7        # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload_size: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(payload_size)
+
+
+def _write_streamed(model: ir.Model, path: Path) -> None:
+    """`model` as one self-contained protobuf file, writing the main graph's initializers one
+    at a time, so saving costs one tensor's serialized copy rather than the whole model's
+    (twice: the ModelProto, then its bytes). Protobuf fields may come in any order and a
+    repeated field's entries may be written apart: the file is the same ModelProto that
+    `onnx.save(_inline_proto(model))` writes, its graph's initializers after the nodes."""
+    shell = model.clone()  # shares the tensors; the copy loses its main-graph initializers only
+    values = list(model.graph.initializers.values())
+    shell.graph.initializers.clear()
+    proto = ir.serde.serialize_model(shell)
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+
+    def tensor_bytes(value: ir.Value) -> bytes:
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor = ir.tensor(tensor.numpy(), name=value.name)
+        serialized = ir.serde.serialize_tensor(tensor)
+        serialized.name = value.name
+        return serialized.SerializeToString()
+
+    sizes = []
+    for value in values:  # the graph's length precedes it: measure each tensor first
+        size = len(tensor_bytes(value))
+        sizes.append(size)
+    total = len(graph) + sum(len(_field(_INITIALIZER_FIELD, n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.write(_field(_GRAPH_FIELD, total))
+        f.write(graph)
+        for value, size in zip(values, sizes):
+            data = tensor_bytes(value)
+            if len(data) != size:  # serialization is deterministic; anything else is a bug
+                raise RuntimeError(f"initializer '{value.name}' serialized to {len(data)} bytes, then {size}")
+            f.write(_field(_INITIALIZER_FIELD, size))
+            f.write(data)
 
 
 FIRST_IR_WITH_PRIVATE_INITIALIZERS = 4  # IR 3 requires every initializer to be a graph input

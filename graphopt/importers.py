@@ -76,6 +76,8 @@ def _load_path(path: Path) -> Model:
     if not proto.HasField("graph") or not proto.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset imports)", hint="check that the file is complete")
     _check_external_data(proto, path.parent, path)
+    if path.stat().st_size >= SPLIT_BYTES and not any(True for _ in _external_tensors(proto.graph)):
+        return _split_file(proto, path)
     try:
         onnx.checker.check_model(os.fspath(path), full_check=False)  # by path: resolves external data beside it
     except onnx.checker.ValidationError as exc:
@@ -83,9 +85,29 @@ def _load_path(path: Path) -> Model:
     model = _deserialize(proto, where=str(path))
     ir.external_data.set_base_dir(model.graph, path.parent)
     del proto  # the weights now live in the ir model only (or, split below, in a mapped file)
-    if _inline_bytes(model) >= SPLIT_BYTES:
+    if _inline_bytes(model) >= SPLIT_BYTES:  # large tensors held in nodes' attributes
         _split_weights(model)
     return Model(model, source=path.resolve())
+
+
+def _split_file(proto: onnx.ModelProto, path: Path) -> Model:
+    """A single-file model this large is written once more, its weights as external data in a
+    temporary directory (removed when the process exits), and loaded from there memory-mapped:
+    the weights are held once, as file pages the kernel can drop, every check feeds them by
+    reference, and the checker reads a small file instead of parsing the whole model again.
+    The protobuf read is freed before the split model is read (peak: about one model)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="graphopt-weights-"))
+    atexit.register(shutil.rmtree, directory, True)
+    split = directory / path.name
+    onnx.save_model(proto, os.fspath(split), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.data", size_threshold=1024)
+    del proto
+    model = _load_path(split)
+    return Model(model.ir, source=path.resolve())
 
 
 SPLIT_BYTES = 256 << 20  # a single-file model this large holds its weights in a memory-mapped file

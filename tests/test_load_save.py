@@ -97,7 +97,9 @@ def test_failed_save_leaves_target_untouched(tmp, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save", boom)  # the write itself fails; ORT is not involved
+    from graphopt import exporters
+
+    monkeypatch.setattr(exporters, "_write_streamed", boom)  # the write itself fails; ORT is not involved
     with pytest.raises(OSError):
         graphopt.save(graphopt.load(mlp_proto()), path)
     assert path.read_bytes() == b"previous"
@@ -163,3 +165,27 @@ def test_a_large_single_file_model_holds_its_weights_in_a_mapped_file(tmp, monke
     out = graphopt.save(model, tmp / "out" / "saved.onnx")
     again = onnx.load(out)
     np.testing.assert_array_equal(nh.to_array(again.graph.initializer[0], base_dir=str(out.parent)), w)
+
+
+@pytest.mark.parametrize("external_source", [False, True])
+def test_inline_save_streams_the_same_model(tmp, external_source):
+    """Issue 16: an inline save writes the initializers one at a time into the ModelProto's
+    graph; the file parses to the same nodes, inputs, outputs and tensors as onnx's own
+    serialization of the model (from mapped external data too), and passes the checker."""
+    from graphopt import exporters
+
+    model = graphopt.load(mlp_proto(3))
+    if external_source:
+        model = graphopt.load(graphopt.save(model, tmp / "src" / "ext.onnx", external_data=True))
+        assert model.external_files()
+    out = graphopt.save(model, tmp / "inline.onnx")
+    onnx.checker.check_model(str(out), full_check=True)
+    got, want = onnx.load(out), exporters.to_proto(model)
+    assert not (tmp / "inline.onnx.data").exists()
+    assert {t.name: t.SerializeToString() for t in got.graph.initializer} == \
+        {t.name: t.SerializeToString() for t in want.graph.initializer}
+    for field in ("node", "input", "output"):
+        assert [x.SerializeToString() for x in getattr(got.graph, field)] == \
+            [x.SerializeToString() for x in getattr(want.graph, field)]
+    assert (got.ir_version, list(got.opset_import)) == (want.ir_version, list(want.opset_import))
+    assert graphopt.validate(model, graphopt.load(out)).passed
