@@ -151,25 +151,22 @@ def _write_streamed(model: ir.Model, path: Path) -> None:
     proto.ClearField("graph")
     head = proto.SerializeToString()
 
-    def tensor_bytes(value: ir.Value) -> bytes:
+    def tensor_proto(value: ir.Value) -> onnx.TensorProto:
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
             tensor = ir.tensor(tensor.numpy(), name=value.name)
         serialized = ir.serde.serialize_tensor(tensor)
         serialized.name = value.name
-        return serialized.SerializeToString()
+        return serialized
 
-    sizes = []
-    for value in values:  # the graph's length precedes it: measure each tensor first
-        size = len(tensor_bytes(value))
-        sizes.append(size)
+    sizes = [tensor_proto(v).ByteSize() for v in values]  # the graph's length precedes it
     total = len(graph) + sum(len(_field(_INITIALIZER_FIELD, n)) + n for n in sizes)
     with open(path, "wb") as f:
         f.write(head)
         f.write(_field(_GRAPH_FIELD, total))
         f.write(graph)
         for value, size in zip(values, sizes):
-            data = tensor_bytes(value)
+            data = tensor_proto(value).SerializeToString()
             if len(data) != size:  # serialization is deterministic; anything else is a bug
                 raise RuntimeError(f"initializer '{value.name}' serialized to {len(data)} bytes, then {size}")
             f.write(_field(_INITIALIZER_FIELD, size))

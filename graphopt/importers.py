@@ -76,26 +76,26 @@ def _load_path(path: Path) -> Model:
     if not proto.HasField("graph") or not proto.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset imports)", hint="check that the file is complete")
     _check_external_data(proto, path.parent, path)
-    if path.stat().st_size >= SPLIT_BYTES and not any(True for _ in _external_tensors(proto.graph)):
-        return _split_file(proto, path)
+    if path.stat().st_size >= SPLIT_BYTES and next(_external_tensors(proto.graph), None) is None:
+        split = _split_file(proto, path)
+        del proto  # freed before the split model is read: the peak is about one model
+        return Model(_load_path(split).ir, source=path.resolve())
     try:
         onnx.checker.check_model(os.fspath(path), full_check=False)  # by path: resolves external data beside it
     except onnx.checker.ValidationError as exc:
         raise InputError(f"{path} is not a valid ONNX model: {first_line(exc)}", hint="check that the file is complete") from None
     model = _deserialize(proto, where=str(path))
     ir.external_data.set_base_dir(model.graph, path.parent)
-    del proto  # the weights now live in the ir model only (or, split below, in a mapped file)
-    if _inline_bytes(model) >= SPLIT_BYTES:  # large tensors held in nodes' attributes
-        _split_weights(model)
+    del proto  # the weights now live in the ir model (a large single file was split above)
     return Model(model, source=path.resolve())
 
 
-def _split_file(proto: onnx.ModelProto, path: Path) -> Model:
-    """A single-file model this large is written once more, its weights as external data in a
-    temporary directory (removed when the process exits), and loaded from there memory-mapped:
-    the weights are held once, as file pages the kernel can drop, every check feeds them by
-    reference, and the checker reads a small file instead of parsing the whole model again.
-    The protobuf read is freed before the split model is read (peak: about one model)."""
+def _split_file(proto: onnx.ModelProto, path: Path) -> Path:
+    """Where a single-file model this large is written once more, its weights as external data
+    in a temporary directory (removed when the process exits), to be loaded from there
+    memory-mapped: the weights are held once, as file pages the kernel can drop, every check
+    feeds them by reference, and the checker reads a small file instead of parsing the whole
+    model again."""
     import atexit
     import shutil
     import tempfile
@@ -105,31 +105,10 @@ def _split_file(proto: onnx.ModelProto, path: Path) -> Model:
     split = directory / path.name
     onnx.save_model(proto, os.fspath(split), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.data", size_threshold=1024)
-    del proto
-    model = _load_path(split)
-    return Model(model.ir, source=path.resolve())
+    return split
 
 
 SPLIT_BYTES = 256 << 20  # a single-file model this large holds its weights in a memory-mapped file
-
-
-def _inline_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
-               if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
-
-
-def _split_weights(model: ir.Model) -> None:
-    """Move a single-file model's weights to external data in a temporary directory (removed
-    when the process exits), memory-mapped from there: the weights are held once, as file
-    pages the kernel can drop, and every check feeds them by reference instead of copying them
-    out of the protobuf each time."""
-    import atexit
-    import shutil
-    import tempfile
-
-    directory = tempfile.mkdtemp(prefix="graphopt-weights-")
-    atexit.register(shutil.rmtree, directory, True)
-    ir.external_data.unload_from_model(model, directory, "weights.data", size_threshold_bytes=1024)
 
 
 def _deserialize(proto: onnx.ModelProto, *, where: str) -> ir.Model:

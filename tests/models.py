@@ -109,6 +109,15 @@ def export(module, args, names, dynamic, path, exporter: str):
     return path
 
 
+def exact_bert(directory, dims):
+    """(path, the exact preset's output) for a legacy export of the tiny eager BERT (opset 17:
+    graphopt Gelu and attention), optimized at `dims`."""
+    import graphopt
+
+    path = export(*transformer("bert", "eager"), Path(directory) / "bert.onnx", "legacy")
+    return path, graphopt.optimize(path, dims=dims).model
+
+
 def gpt2_with_trained_like_norms():
     """GPT-2 (tiny) whose LayerNorm parameters are perturbed away from 1 and 0, as trained ones are."""
     module, args, names, dynamic = transformer("gpt2", "eager")

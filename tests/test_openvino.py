@@ -27,9 +27,7 @@ DIMS = {"batch": 2, "seq": 16}
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """The exact preset's output on a legacy BERT export (opset 17: graphopt Gelu and attention)."""
-    module, args, names, dynamic = models.transformer("bert", "eager")
-    path = models.export(module, args, names, dynamic, tmp_path_factory.mktemp("ov") / "bert.onnx", "legacy")
-    return path, graphopt.optimize(path, dims=DIMS).model
+    return models.exact_bert(tmp_path_factory.mktemp("ov"), DIMS)
 
 
 def test_make_portable_inlines_every_graphopt_function(bert):

@@ -113,14 +113,20 @@ def test_heads_first_keys_negatives():
     assert_explained("heads-first-keys", read_twice, "HeadsFirstKeys", "not a MatMul's second input")
 
 
+BERT_DIMS = {"batch": 2, "seq": 16}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return models.exact_bert(tmp_path_factory.mktemp("ov-lowering"), BERT_DIMS)[1]
+
+
 @pytest.mark.parametrize("precision", [None, "int8"])
-def test_openvino_lowering_on_bert(precision, tmp_path):
+def test_openvino_lowering_on_bert(precision, bert):
     """On a legacy BERT export the merged Q/K/V is split again and every key transpose rewritten,
     and the lowered model matches onnxruntime, in OpenVINO too."""
-    module, args, names, dynamic = models.transformer("bert", "eager")
-    path = models.export(module, args, names, dynamic, tmp_path / "bert.onnx", "legacy")
-    dims = {"batch": 2, "seq": 16}
-    model = graphopt.optimize(path, dims=dims).model
+    dims = BERT_DIMS
+    model = bert.clone()
     layers = sum(1 for n in model.ir.graph if n.op_type == "Split")
     assert layers == 2
     if precision:  # every linear layer in int8, as the int8 step emits it (its choice depends on timing)

@@ -12,6 +12,7 @@ import models
 from graphopt import calibration, functions, verify
 from graphopt.backends import openvino
 from graphopt.passes.precision import products
+from graphopt.passes.precision.ranges import ActRange
 from graphopt.shapes import infer_shapes
 from rule_testing import build
 
@@ -21,9 +22,7 @@ DIMS = {"batch": 4, "seq": 16}
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    module, args, names, dynamic = models.transformer("bert", "eager")
-    path = models.export(module, args, names, dynamic, tmp_path_factory.mktemp("products") / "bert.onnx", "legacy")
-    return graphopt.optimize(path, dims=DIMS).model
+    return models.exact_bert(tmp_path_factory.mktemp("products"), DIMS)[1]
 
 
 def _quantized(model, feeds):
@@ -85,7 +84,7 @@ def test_quantized_body_against_its_numpy_model():
              (("q", (2, 3, 5, 4)), ("kt", (2, 3, 4, 6)), ("v", (2, 3, 6, 4)), ("bias", (2, 1, 1, 6)))}
     got = verify.run(model, feeds)["y"]
     want, _ = products.reference(feeds["q"], feeds["kt"], feeds["v"], feeds["bias"], 0.5,
-                                 products.ProbRange(255 * 0.002))
+                                 ActRange(0.0, 255 * 0.002, "max"))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

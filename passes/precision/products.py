@@ -29,43 +29,13 @@ from graphopt import functions, ops
 from graphopt.ir import ir
 from graphopt.library import attention as canonical
 from graphopt.passes._weights import add_initializer
+from graphopt.passes.precision.ranges import ActRange, SymmetricRange
 from graphopt.rewrite import RULE_TAG
 
 RULE = "QuantizeAttentionProducts"
 LAYOUT_OPS = frozenset(ops.OpId(ops.ONNX_DOMAIN, n) for n in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"))
 PERCENTILES = (100.0, 99.999, 99.99, 99.9)
 MAX_SEQUENCES = 4  # calibration sequences (of the first fit batch) the ranges and errors are measured on
-
-
-@dataclasses.dataclass(frozen=True)
-class SymRange:
-    """Symmetric int8 per tensor: scale max / 127, zero point 0 (QuantizeLinear saturates to -128)."""
-
-    bound: float
-    method: str
-
-    @property
-    def scale(self) -> np.float32:
-        return np.float32(max(self.bound, 1e-8) / 127.0)
-
-    def fake(self, x: np.ndarray) -> np.ndarray:
-        s = float(self.scale)
-        return (np.clip(np.round(x / s), -128, 127) * s).astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbRange:
-    """uint8 from 0 for softmax probabilities: scale max / 255, zero point 0."""
-
-    hi: float
-
-    @property
-    def scale(self) -> np.float32:
-        return np.float32(max(min(self.hi, 1.0), 1e-8) / 255.0)
-
-    def fake(self, p: np.ndarray) -> np.ndarray:
-        s = float(self.scale)
-        return (np.clip(np.round(p / s), 0, 255) * s).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -112,7 +82,7 @@ def capture_names(site: AttentionSite) -> list[str]:
     return [v.name for v in site.node.inputs if v is not None]
 
 
-def reference(q, kt, v, bias, scale: float, p_range: ProbRange | None = None):
+def reference(q, kt, v, bias, scale: float, p_range: ActRange | None = None):
     """(Y, P) of the canonical op in numpy; `p_range` rounds P first."""
     s = np.matmul(q, kt) * np.float32(scale)
     if bias is not None:
@@ -127,7 +97,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
-def choose(site: AttentionSite, captured: dict[str, np.ndarray]) -> tuple[list[SymRange], ProbRange, float]:
+def choose(site: AttentionSite, captured: dict[str, np.ndarray]) -> tuple[list[SymmetricRange], ActRange, float]:
     """Ranges for Q, K^T, V (each by the call's output error with it alone rounded), P's range,
     and the call's output error with all four rounded."""
     inputs = [np.asarray(captured[v.name][:MAX_SEQUENCES], np.float32) for v in site.node.inputs[:3]]
@@ -140,19 +110,19 @@ def choose(site: AttentionSite, captured: dict[str, np.ndarray]) -> tuple[list[S
         mags = np.abs(x).ravel()
         best = None
         for pct in PERCENTILES:
-            r = SymRange(float(mags.max() if pct == 100 else np.percentile(mags, pct)),
+            r = SymmetricRange(float(mags.max() if pct == 100 else np.percentile(mags, pct)),
                          "max" if pct == 100 else f"percentile {pct}")
             trial = [r.fake(y) if j == i else y for j, y in enumerate(inputs)]
             err = _rel(reference(*trial, b, scale)[0], exact)
             if best is None or err < best[0]:
                 best = (err, r)
         chosen.append(best[1])
-    p_range = ProbRange(float(p.max()))
+    p_range = ActRange(0.0, min(float(p.max()), 1.0), "max")  # uint8 from 0: zero point 0
     rounded = [r.fake(y) for r, y in zip(chosen, inputs)]
     return chosen, p_range, _rel(reference(*rounded, b, scale, p_range)[0], exact)
 
 
-def quantize(graph: ir.Graph, site: AttentionSite, qkv: list[SymRange], p_range: ProbRange) -> None:
+def quantize(graph: ir.Graph, site: AttentionSite, qkv: list[SymmetricRange], p_range: ActRange) -> None:
     """Quantizers on the three roots, and the call replaced by its quantized variant."""
     for root, r in zip(site.roots, qkv):
         readers = list(root.uses())  # before the quantizer reads it too
@@ -172,7 +142,7 @@ def quantize(graph: ir.Graph, site: AttentionSite, qkv: list[SymRange], p_range:
             reader.replace_input_with(at, dq.outputs[0])
     node = site.node
     p_scale = add_initializer(graph, None, np.array(p_range.scale, np.float32), f"{site.name}_p_scale")
-    p_zero = add_initializer(graph, None, np.array(0, np.uint8), f"{site.name}_p_zero_point")
+    p_zero = add_initializer(graph, None, np.array(p_range.zero_point, np.uint8), f"{site.name}_p_zero_point")
     call = ir.Node(functions.DOMAIN, canonical.QUANTIZED[node.op_type], [*node.inputs, p_scale, p_zero],
                    attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()], name=node.name)
     call.metadata_props[RULE_TAG] = RULE

@@ -35,6 +35,23 @@ class ActRange:
         return ((np.clip(np.round(x / s) + z, 0, 255) - z) * s).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class SymmetricRange:
+    """Symmetric int8 per tensor (signed values: attention's Q, K, V): scale bound / 127, zero
+    point 0; QuantizeLinear saturates to [-128, 127]."""
+
+    bound: float
+    method: str
+
+    @property
+    def scale(self) -> np.float32:
+        return np.float32(max(self.bound, 1e-8) / 127.0)
+
+    def fake(self, x: np.ndarray) -> np.ndarray:
+        s = float(self.scale)
+        return (np.clip(np.round(x / s), -128, 127) * s).astype(np.float32)
+
+
 def weight_scales(w: np.ndarray, axis: int) -> np.ndarray:
     """Per-output-channel symmetric scales (float32, shape [channels])."""
     other = tuple(i for i in range(w.ndim) if i != axis)

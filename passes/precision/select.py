@@ -16,14 +16,20 @@ from typing import Any
 from graphopt import fidelity
 
 
+def faster(layers: list[dict[str, Any]], low: str) -> list[dict[str, Any]]:
+    """The rows whose `low` form was measured faster (1)."""
+    key = f"{low}_ms"
+    return [e for e in layers if e[key] is not None and e[key] < e["float_ms"]]
+
+
 def order(layers: list[dict[str, Any]], low: str) -> list[dict[str, Any]]:
     """The faster-in-`low` rows by gain per error; the others marked float32 (1, 2)."""
     key = f"{low}_ms"
-    faster = [e for e in layers if e[key] is not None and e[key] < e["float_ms"]]
+    faster_rows = faster(layers, low)
     for e in layers:
-        if e not in faster:
+        if e not in faster_rows:
             e["precision"], e["kept_because"] = "float32", f"its {low} form is not faster on this machine"
-    return sorted(faster, key=lambda e: -(e["float_ms"] - e[key]) / ((e["rel_error"] or 1e-3) + 1e-6))
+    return sorted(faster_rows, key=lambda e: -(e["float_ms"] - e[key]) / ((e["rel_error"] or 1e-3) + 1e-6))
 
 
 def longest_prefix(ordered: list[dict[str, Any]], measure: Callable[[int], dict], bound: float) -> tuple[int, dict | None]:

@@ -85,11 +85,13 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
 
     def build(count: int, corrected: bool = True, rows: list | None = None) -> Model:
         trial = work.clone()
+        chosen = sorted((order[:count] if rows is None else rows), key=lambda e: e["index"])
         trial_sites = {s.name: s for s in find_sites(trial.ir.graph)}
-        trial_products = {s.name: s for s in products.find_attention_sites(trial.ir.graph)}
+        calls = [e for e in chosen if e["index"] in planned]
+        trial_products = {s.name: s for s in products.find_attention_sites(trial.ir.graph)} if calls else {}
         shared: dict = {}
-        for e in sorted((order[:count] if rows is None else rows), key=lambda e: e["index"]):
-            if e["index"] in planned:  # graph order: a shared quantizer precedes its readers
+        for e in chosen:  # graph order: a shared quantizer precedes its readers
+            if e["index"] in planned:
                 products.quantize(trial.ir.graph, trial_products[e["node"]], *planned[e["index"]])
                 continue
             site = trial_sites[e["node"]]
@@ -97,8 +99,9 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
             if corrected and shifts[e["index"]] is not None:
                 bias.correct(trial.ir.graph, site, shifts[e["index"]])
         common_passes.RemoveUnusedNodesPass()(trial.ir)
-        functions.ensure(trial.ir)
-        common_passes.RemoveUnusedFunctionsPass()(trial.ir)
+        if calls:  # the quantized attention's definition in, the plain one out where no call is left
+            functions.ensure(trial.ir)
+            common_passes.RemoveUnusedFunctionsPass()(trial.ir)
         return trial
 
     if hint is not None:  # the attention products: where the model runs in OpenVINO (products.py)
@@ -153,7 +156,7 @@ def _products(work: Model, data, first_index: int, planned: dict, build, layers:
         planned[index] = (qkv, p_range)
         rows.append({"index": index, "node": site.name, "op": site.node.op_type, "range": "products: Q K^T, P V",
                      "rel_error": round(err, 6), "float_ms": None, "int8_ms": None, "bias_shift": None})
-    faster = [e for e in layers if e["int8_ms"] is not None and e["int8_ms"] < e["float_ms"]]
+    faster = select.faster(layers, "int8")
     timed = gain.measure_models(build(faster), build(faster + rows), data.fit[0], hint)
     for e in rows:
         e["float_ms"], e["int8_ms"] = (round(t / len(rows), 4) for t in timed)
