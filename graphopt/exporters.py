@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from graphopt import protowire
 from graphopt.backends import ort as ort_backend
 from graphopt.errors import InputError
 from graphopt.ir import ir
@@ -119,29 +120,12 @@ def _inline_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-_GRAPH_FIELD = 7        # ModelProto.graph
-_INITIALIZER_FIELD = 5  # GraphProto.initializer
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload_size: int) -> bytes:
-    """The tag and length of a length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(payload_size)
-
-
 def _write_streamed(model: ir.Model, path: Path) -> None:
     """`model` as one self-contained protobuf file, writing the main graph's initializers one
-    at a time, so saving costs one tensor's serialized copy rather than the whole model's
-    (twice: the ModelProto, then its bytes). Protobuf fields may come in any order and a
-    repeated field's entries may be written apart: the file is the same ModelProto that
+    at a time and each one's raw bytes straight from its array or, for mapped external data,
+    file to file: saving holds no serialized copy of the weights (before, the ModelProto and
+    then its bytes: twice the model). Protobuf fields may come in any order and a repeated
+    field's entries may be written apart: the file parses to the same ModelProto that
     `onnx.save(_inline_proto(model))` writes, its graph's initializers after the nodes."""
     shell = model.clone()  # shares the tensors; the copy loses its main-graph initializers only
     values = list(model.graph.initializers.values())
@@ -150,27 +134,57 @@ def _write_streamed(model: ir.Model, path: Path) -> None:
     graph = proto.graph.SerializeToString()
     proto.ClearField("graph")
     head = proto.SerializeToString()
+    parts = [_tensor_parts(v) for v in values]  # (serialized fields but raw_data, raw_data's size)
+    sizes = [len(fields) + (len(protowire.field_header(protowire.TENSOR_RAW_DATA, raw)) + raw if raw is not None else 0)
+             for fields, raw in parts]
+    total = len(graph) + sum(len(protowire.field_header(protowire.GRAPH_INITIALIZER, n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.write(protowire.field_header(protowire.MODEL_GRAPH, total))
+        f.write(graph)
+        for value, (fields, raw), size in zip(values, parts, sizes):
+            f.write(protowire.field_header(protowire.GRAPH_INITIALIZER, size))
+            f.write(fields)
+            if raw is None:
+                continue
+            f.write(protowire.field_header(protowire.TENSOR_RAW_DATA, raw))
+            start = f.tell()
+            _write_raw(value.const_value, f)
+            if f.tell() - start != raw:  # a tensor's bytes are its nbytes; anything else is a bug
+                raise RuntimeError(f"initializer '{value.name}' wrote {f.tell() - start} bytes, not {raw}")
 
-    def tensor_proto(value: ir.Value) -> onnx.TensorProto:
-        tensor = value.const_value
+
+def _tensor_parts(value: ir.Value) -> tuple[bytes, int | None]:
+    """An initializer as (its TensorProto's fields except raw_data, the raw_data's length),
+    or (its whole serialization, None) for what is not plain raw bytes (strings, small)."""
+    tensor = value.const_value
+    if tensor.dtype == ir.DataType.STRING or tensor.nbytes < STREAMED_BYTES:
         if isinstance(tensor, ir.ExternalTensor):
             tensor = ir.tensor(tensor.numpy(), name=value.name)
         serialized = ir.serde.serialize_tensor(tensor)
         serialized.name = value.name
-        return serialized
+        return serialized.SerializeToString(), None
+    header = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=tensor.shape.numpy())
+    if tensor.doc_string:
+        header.doc_string = tensor.doc_string
+    for key, prop in tensor.metadata_props.items():
+        header.metadata_props.add(key=key, value=prop)
+    return header.SerializeToString(), tensor.nbytes
 
-    sizes = [tensor_proto(v).ByteSize() for v in values]  # the graph's length precedes it
-    total = len(graph) + sum(len(_field(_INITIALIZER_FIELD, n)) + n for n in sizes)
-    with open(path, "wb") as f:
-        f.write(head)
-        f.write(_field(_GRAPH_FIELD, total))
-        f.write(graph)
-        for value, size in zip(values, sizes):
-            data = tensor_proto(value).SerializeToString()
-            if len(data) != size:  # serialization is deterministic; anything else is a bug
-                raise RuntimeError(f"initializer '{value.name}' serialized to {len(data)} bytes, then {size}")
-            f.write(_field(_INITIALIZER_FIELD, size))
-            f.write(data)
+
+def _write_raw(tensor, f) -> None:
+    """A tensor's raw bytes (little-endian, packed as TensorProto.raw_data holds them)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.tofile(f)  # file to file where the kernel can
+        return
+    array = tensor.numpy() if type(tensor) is ir.Tensor and tensor.dtype.bitwidth >= 8 else None
+    if array is not None and array.dtype.kind in "biuf" and np.little_endian:  # numpy-native (not ml_dtypes')
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy of the bytes
+        return
+    f.write(tensor.tobytes())
+
+
+STREAMED_BYTES = 4096  # initializers this large have their raw bytes written without a copy
 
 
 FIRST_IR_WITH_PRIVATE_INITIALIZERS = 4  # IR 3 requires every initializer to be a graph input

@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx
 
-from graphopt import functions, ops
+from graphopt import functions, ops, protowire
 from graphopt.errors import InputError, UnsupportedModelError, first_line
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -66,6 +66,10 @@ def _load_path(path: Path) -> Model:
         raise InputError(f"file not found: {path}")
     if path.is_dir():
         raise InputError(f"{path} is a directory", hint="pass the .onnx file inside it")
+    if path.stat().st_size >= SPLIT_BYTES:
+        split = _split_file(path)
+        if split is not None:
+            return Model(_load_path(split).ir, source=path.resolve())
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish or ValueError
@@ -76,36 +80,44 @@ def _load_path(path: Path) -> Model:
     if not proto.HasField("graph") or not proto.opset_import:
         raise InputError(f"{path} is not an ONNX model (no graph or no opset imports)", hint="check that the file is complete")
     _check_external_data(proto, path.parent, path)
-    if path.stat().st_size >= SPLIT_BYTES and next(_external_tensors(proto.graph), None) is None:
-        split = _split_file(proto, path)
-        del proto  # freed before the split model is read: the peak is about one model
-        return Model(_load_path(split).ir, source=path.resolve())
     try:
         onnx.checker.check_model(os.fspath(path), full_check=False)  # by path: resolves external data beside it
     except onnx.checker.ValidationError as exc:
         raise InputError(f"{path} is not a valid ONNX model: {first_line(exc)}", hint="check that the file is complete") from None
     model = _deserialize(proto, where=str(path))
     ir.external_data.set_base_dir(model.graph, path.parent)
-    del proto  # the weights now live in the ir model (a large single file was split above)
+    del proto  # the weights now live in the ir model (or stay in their mapped files)
     return Model(model, source=path.resolve())
 
 
-def _split_file(proto: onnx.ModelProto, path: Path) -> Path:
-    """Where a single-file model this large is written once more, its weights as external data
-    in a temporary directory (removed when the process exits), to be loaded from there
+def _split_file(path: Path) -> Path | None:
+    """A single-file model this large, written once more with its weights as external data in a
+    temporary directory (removed when the process exits), to be loaded from there
     memory-mapped: the weights are held once, as file pages the kernel can drop, every check
-    feeds them by reference, and the checker reads a small file instead of parsing the whole
-    model again."""
+    feeds them by reference, and neither the loader nor the checker parses the whole model.
+    The split works on the protobuf's wire format (graphopt/protowire.py), so the weights'
+    bytes never pass through the process. None when the file already has external data (it
+    is then loaded as it is)."""
     import atexit
     import shutil
     import tempfile
 
     directory = Path(tempfile.mkdtemp(prefix="graphopt-weights-"))
     atexit.register(shutil.rmtree, directory, True)
-    split = directory / path.name
-    onnx.save_model(proto, os.fspath(split), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.data", size_threshold=1024)
-    return split
+    target = directory / path.name
+    try:
+        done = protowire.split(path, target, location="weights.data")
+    except ValueError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise InputError(f"{path} is not a readable ONNX model ({exc})",
+                         hint="check that the file is complete and really an ONNX protobuf") from None
+    except OSError as exc:  # e.g. no space for the temporary copy: load it whole instead
+        logger.warning("could not split %s into external data in %s (%s); loading it whole", path, directory, exc)
+        done = False
+    if not done:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return target
 
 
 SPLIT_BYTES = 256 << 20  # a single-file model this large holds its weights in a memory-mapped file

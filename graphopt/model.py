@@ -42,6 +42,30 @@ class Model:
         return files
 
 
+def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """The model's initializers read lazily from memory-mapped external data."""
+    return [v.const_value for g in model.graphs() for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def unmap(tensors, *, keep: ir.Model | None = None) -> int:
+    """Close the memory maps of `tensors` (all but those `keep` still reads) so their pages
+    leave the process's resident set; a tensor read again maps again. One whose array is still
+    referenced elsewhere stays mapped. How many were closed."""
+    live = {id(v.const_value) for g in keep.graphs() for v in g.initializers.values()
+            if v.uses() or v.is_graph_output()} if keep is not None else set()  # an unused one is dead here
+    closed = 0
+    for tensor in tensors:
+        if id(tensor) in live or tensor.raw is None:
+            continue
+        try:
+            tensor.release()
+            closed += 1
+        except BufferError:  # a view of the mapping is still alive; its pages stay
+            pass
+    return closed
+
+
 def _tensor_nbytes(tensor) -> int:
     if tensor is None:
         return 0

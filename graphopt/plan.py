@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import registry
+from graphopt import model as model_mod, registry
 from graphopt.errors import GraphoptError
 from graphopt.model import Model
 from graphopt.steps import ExactStep, Options, Stage, Step, StepRecord
@@ -49,13 +49,15 @@ class Plan:
         notes: list[str] = []
         reference = _reference_outputs(model, feeds, notes) if feeds is not None and check else None
         stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain, given=model.clone(),
-                      check_every=check_every)
+                      check_every=check_every, mapped=model_mod.mapped_tensors(model.ir))
         records = []
         for index, step in enumerate(self.steps):
             if progress:
                 progress(index, len(self.steps), step.name)
             records.append(step.run(stage))
+            stage.unmap(live=False)
         stage.settle()
+        stage.unmap()  # what is saved next is copied file to file
         if progress:
             progress(len(self.steps), len(self.steps), "done")
         return PlanResult(stage.model, records, reference, stage.outputs, stage.feeds, stage.approximate, notes)

@@ -29,6 +29,7 @@ import numpy as np
 from graphopt import fidelity, verify
 from graphopt.errors import GraphoptError
 from graphopt.ir import ir
+from graphopt import model as model_mod
 from graphopt.model import Model
 from graphopt.rewrite import Pass, PassKind
 
@@ -96,6 +97,14 @@ class Stage:
     given: Model | None = None  # the plan's input as given (a lowering may find it faster than the rewrite)
     check_every: int = 1  # exact steps that changed the model are checked in groups of this many (0: once, at the end)
     pending: list = dataclasses.field(default_factory=list)  # (record, snapshot before it) not yet checked
+    mapped: list = dataclasses.field(default_factory=list)  # the input's memory-mapped weights (model.mapped_tensors)
+
+    def unmap(self, *, live: bool = True) -> None:
+        """Weights held once: close the maps of the input's weights no model of the stage reads
+        any more (a rewrite replaced them), and with `live` of all of them, so that a rewrite
+        making new weights does not hold the ones it reads twice (a mapped tensor read again
+        maps again, from the page cache)."""
+        model_mod.unmap(self.mapped, keep=None if live else self.model.ir)
 
     def run(self) -> dict[str, np.ndarray]:
         return verify.run(self.model, self.feeds)
@@ -135,6 +144,7 @@ class ExactStep(Step):
 
     def run(self, stage: Stage) -> StepRecord:
         model, p = stage.model, self.p
+        stage.unmap()
         snapshot = model.ir.clone()
         before = fingerprint(model.ir) if stage.outputs is not None else None
         near_misses = p.near_misses(model.ir) if stage.explain else []
@@ -149,6 +159,7 @@ class ExactStep(Step):
                               note=f"raised {type(exc).__name__}: {exc}; rolled back", near_misses=near_misses)
         record = StepRecord(p.name, str(p.kind), rewrites, time.perf_counter() - start,
                             "applied" if sum(rewrites.values()) else "no-op", near_misses=near_misses)
+        stage.unmap(live=False)
         if stage.outputs is None:
             return record
         if not sum(rewrites.values()) and fingerprint(model.ir) == before:
