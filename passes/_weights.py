@@ -30,6 +30,18 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def release_if_unused(value: ir.Value | None) -> None:
+    """A replaced weight that nothing reads any more gives back its memory-mapped pages now
+    rather than at the end of the pass (it maps again if read); a pass that replaces many
+    weights then holds about one of them at a time. Anything else is left alone."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor) and not value.uses() and not value.is_graph_output():
+        try:
+            tensor.release()
+        except BufferError:  # an array of it is still alive
+            pass
+
+
 def new_initializer(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
     """An initializer named after `like` (e.g. `conv.weight_bnfold`), unique in its graph."""
     graph = like.graph

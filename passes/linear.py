@@ -14,7 +14,7 @@ import numpy as np
 
 from graphopt import ops
 from graphopt.ir import MatchResult, ir, pattern
-from graphopt.passes._weights import add_initializer, const_array, new_initializer
+from graphopt.passes._weights import add_initializer, const_array, new_initializer, release_if_unused
 from graphopt.registry import register
 from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
 
@@ -136,8 +136,12 @@ class MergeParallelLinears(Pass):
             part.name, part.type, part.shape = old.name, old.type, old.shape
             old.name = None
             old.replace_all_uses_with(part)
+        old_weights = [b.matmul.inputs[1] for b in branches]
         for branch in branches:
             graph.remove([n for n in (branch.add, branch.matmul) if n is not None], safe=True)
+            branch.weight = branch.bias = None  # the views of the old weights, so they can be released
+        for value in old_weights:
+            release_if_unused(value)
 
 
 def _position(graph: ir.Graph, node: ir.Node) -> int:

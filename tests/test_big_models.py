@@ -211,3 +211,28 @@ def test_a_model_over_2gb_optimizes_end_to_end_with_every_step_checked(tmp_path)
     again = graphopt.load(out)
     assert graphopt.inspect(again)["op_counts"].get("Identity", 0) == 0
     assert graphopt.validate(path, again, dims={"batch": 2}).passed
+
+
+def test_a_merge_releases_the_weights_it_replaced_as_it_goes(tmp_path):
+    """merge-parallel-linears gives back each old projection's mapped pages right after its
+    merge (passes/_weights.release_if_unused), so the pass holds about one layer's old weights
+    at a time; the merged model computes the same."""
+    from graphopt import registry
+
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((64, 32)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [oh.make_node("MatMul", ["x", f"w{i}"], [f"m{i}"]) for i in range(3)]
+    nodes += [oh.make_node("Add", ["m0", "m1"], ["s"]), oh.make_node("Add", ["s", "m2"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", 1, [2, 64])],
+                          [oh.make_tensor_value_info("y", 1, [2, 32])], inits)
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    model = graphopt.load(graphopt.save(graphopt.load(proto), tmp_path / "m.onnx", external_data=True))
+    old = [model.ir.graph.initializers[f"w{i}"].const_value for i in range(3)]
+    assert all(isinstance(t, ir.ExternalTensor) for t in old)
+    for t in old:
+        t.numpy()
+    assert registry.get("merge-parallel-linears")(model.ir) == {"MergeParallelLinears": 1}
+    assert all(t.raw is None for t in old)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(verify.run(model, {"x": x})["y"], verify.run(graphopt.load(proto), {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)
