@@ -130,7 +130,7 @@ class Run:
     peak_rss: int  # bytes
     returncode: int
     killed: bool
-    tail: str
+    output: str  # stdout and stderr together
 
 
 def measure(cmd: list[str], cap: int, env: dict | None = None) -> Run:
@@ -160,7 +160,7 @@ def measure(cmd: list[str], cap: int, env: dict | None = None) -> Run:
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
     text = (output[0] if output else b"").decode(errors="replace")
-    return Run(wall, usage.ru_maxrss * 1024, proc.returncode, killed.is_set(), text[-1500:])
+    return Run(wall, usage.ru_maxrss * 1024, proc.returncode, killed.is_set(), text)
 
 
 def contenders(name: str, model: Path, out: Path, onnxsim_python: str | None) -> dict[str, list[str]]:
@@ -190,9 +190,9 @@ def validate(name: str, model: Path, candidate: Path, cap: int) -> str:
     run = measure([sys.executable, "-m", "graphopt.cli", "validate", str(model), str(candidate),
                    "--dims", DIMS[name], "--json"], cap)
     try:
-        result = json.loads(run.tail[run.tail.index("{"):])
+        result = json.loads(run.output[run.output.index("{"):])
     except ValueError:
-        return f"validate failed: {run.tail.strip().splitlines()[-1] if run.tail.strip() else run.returncode}"
+        return f"validate failed: {run.output.strip().splitlines()[-1] if run.output.strip() else run.returncode}"
     worst = max((o["max_rel_error"] for o in result["outputs"]), default=0.0)
     return f"{'pass' if result['passed'] else 'FAIL'} (max rel {worst:.1e})"
 
@@ -246,7 +246,7 @@ def main() -> int:
             run = measure(cmd, cap)
             status = ("killed: RSS above the cap" if run.killed else
                       "ok" if run.returncode == 0 else f"exit {run.returncode}: "
-                      + (run.tail.strip().splitlines() or [""])[-1][:160])
+                      + (run.output.strip().splitlines() or [""])[-1][:160])
             extra = report_summary(out / OUTPUTS[label].replace(".onnx", ".json")) if label.startswith("graphopt") else ""
             rows[label] = (run, status)
             over = (run.peak_rss - constant) / size

@@ -33,13 +33,7 @@ class Model:
 
     def external_files(self) -> set[Path]:
         """The external-data files the model's lazy tensors read from."""
-        files = set()
-        for g in self.ir.graphs():
-            for v in g.initializers.values():
-                t = v.const_value
-                if isinstance(t, ir.ExternalTensor):
-                    files.add(Path(os.path.join(t.base_dir, t.location)).resolve())
-        return files
+        return {Path(os.path.join(t.base_dir, t.location)).resolve() for t in mapped_tensors(self.ir)}
 
 
 def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
@@ -48,22 +42,30 @@ def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
             if isinstance(v.const_value, ir.ExternalTensor)]
 
 
-def unmap(tensors, *, keep: ir.Model | None = None) -> int:
-    """Close the memory maps of `tensors` (all but those `keep` still reads) so their pages
-    leave the process's resident set; a tensor read again maps again. One whose array is still
-    referenced elsewhere stays mapped. How many were closed."""
-    live = {id(v.const_value) for g in keep.graphs() for v in g.initializers.values()
-            if v.uses() or v.is_graph_output()} if keep is not None else set()  # an unused one is dead here
-    closed = 0
+def is_read(value: ir.Value) -> bool:
+    """Whether anything reads the value: a node, or the graph's outputs."""
+    return bool(value.uses()) or value.is_graph_output()
+
+
+def release(tensor: ir.ExternalTensor) -> None:
+    """Close the tensor's memory map so its pages leave the process's resident set; it maps
+    again when read. One whose array is still referenced elsewhere stays mapped."""
+    if tensor.raw is None:
+        return
+    try:
+        tensor.release()
+    except BufferError:  # a view of the mapping is still alive; its pages stay
+        pass
+
+
+def unmap(tensors, *, keep: ir.Model | None = None) -> None:
+    """`release` every one of `tensors` but those an initializer of `keep` still holds and
+    something reads (an unused initializer is dead here)."""
+    live = {id(v.const_value) for g in keep.graphs() for v in g.initializers.values() if is_read(v)} \
+        if keep is not None else set()
     for tensor in tensors:
-        if id(tensor) in live or tensor.raw is None:
-            continue
-        try:
-            tensor.release()
-            closed += 1
-        except BufferError:  # a view of the mapping is still alive; its pages stay
-            pass
-    return closed
+        if id(tensor) not in live:
+            release(tensor)
 
 
 def _tensor_nbytes(tensor) -> int:

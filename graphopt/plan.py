@@ -54,8 +54,8 @@ class Plan:
         for index, step in enumerate(self.steps):
             if progress:
                 progress(index, len(self.steps), step.name)
+            stage.unmap()  # a step that makes new weights does not also hold the old ones it reads
             records.append(step.run(stage))
-            stage.unmap(live=False)
         stage.settle()
         stage.unmap()  # what is saved next is copied file to file
         if progress:

@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import fidelity, verify
+from graphopt import fidelity, model as model_mod, verify
 from graphopt.errors import GraphoptError
 from graphopt.ir import ir
-from graphopt import model as model_mod
 from graphopt.model import Model
 from graphopt.rewrite import Pass, PassKind
 
@@ -144,7 +143,6 @@ class ExactStep(Step):
 
     def run(self, stage: Stage) -> StepRecord:
         model, p = stage.model, self.p
-        stage.unmap()
         snapshot = model.ir.clone()
         before = fingerprint(model.ir) if stage.outputs is not None else None
         near_misses = p.near_misses(model.ir) if stage.explain else []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt import ops
+from graphopt import model as model_mod, ops
 from graphopt.ir import ir
 
 
@@ -35,11 +35,8 @@ def release_if_unused(value: ir.Value | None) -> None:
     rather than at the end of the pass (it maps again if read); a pass that replaces many
     weights then holds about one of them at a time. Anything else is left alone."""
     tensor = value.const_value if value is not None else None
-    if isinstance(tensor, ir.ExternalTensor) and not value.uses() and not value.is_graph_output():
-        try:
-            tensor.release()
-        except BufferError:  # an array of it is still alive
-            pass
+    if isinstance(tensor, ir.ExternalTensor) and not model_mod.is_read(value):
+        model_mod.release(tensor)
 
 
 def new_initializer(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
