@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--capped-window", type=int, default=2,
                     help="also run the window mixer with this max window: the hybrid's window on these sentences "
                          "(a quarter of the median sentence), so the two share a window size (0: skip)")
+    ap.add_argument("--features", type=int, default=1, help="the Hedgehog map's width in head sizes (hedgehog, hybrid)")
     ap.add_argument("--json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -67,7 +68,8 @@ def main() -> None:
     for mixer, cap in runs:
         for layers, label in (("best:3", "half (3/6)"), ("all", "all (6/6)")):
             with console.status(f"{mixer}, {label}"):
-                result = swap_mixers(exact, mixer, calib=calib, layers=layers, steps=args.steps, max_window=cap)
+                result = swap_mixers(exact, mixer, calib=calib, layers=layers, steps=args.steps, max_window=cap,
+                                     features=args.features if mixer in ("linear:hedgehog", "hybrid") else 1)
             mixer_label = mixer if cap is None else f"{mixer} (max window {cap})"
             report = result.report
             plain = next(iter(graphopt.fidelity.end_to_end(references, result.uncorrected or result.model, held).values()))

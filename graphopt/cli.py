@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
     s.add_argument("--max-window", type=int, help="with --mixer window or hybrid: the largest softmax window "
                    "(tokens of distance) calibration may choose")
+    s.add_argument("--features", type=int, default=1, help="with --mixer linear:hedgehog or hybrid: the Hedgehog map's "
+                   "width in head sizes (2 x N x head size features; wider fits softmax closer, costs more per token)")
     s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
     s.add_argument("--fidelity", type=float, default=0.99, help="the end-to-end cosine bound: for --layers auto, and for "
                    "a reduced --precision")
@@ -254,7 +256,7 @@ def cmd_optimize(args) -> int:
                                    mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
                                    calib_steps=args.calib_steps, portable=args.portable, precision=args.precision,
                                    check_every=args.check_every, step_progress=step_progress,
-                                   max_window=args.max_window)
+                                   max_window=args.max_window, features=args.features)
     report = result.report
     out.print(report.tables())
     if args.explain:

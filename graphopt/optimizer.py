@@ -51,6 +51,7 @@ def optimize(
     check_every: int = 1,
     step_progress: Callable[[int, int, str], None] | None = None,
     max_window: int | None = None,
+    features: int = 1,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
@@ -75,6 +76,8 @@ def optimize(
     (the function changed on purpose).
     step_progress: (done, total, what) from inside a long step (a mixer's fit, layer by layer).
     max_window: the largest softmax window (tokens of distance) a window or hybrid mixer keeps.
+    features: the Hedgehog map's width in head sizes (linear:hedgehog, hybrid; 2 x features x D
+    features): wider fits softmax closer, at more cost per token.
     """
     source = importers.load(model)
     work = source.clone()
@@ -87,7 +90,7 @@ def optimize(
         raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(p for p in PRECISIONS if p)}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_steps=calib_steps, layers=layers,
                       use_cache=use_cache, precision=precision, target=target, progress=step_progress,
-                      max_window=max_window)
+                      max_window=max_window, features=features)
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=[PORTABLE] if portable else [])
     feeds = source_desc = None

@@ -76,6 +76,7 @@ class Options:
     calib_steps: int = 300
     layers: str | Sequence[int] = "all"
     max_window: int | None = None  # the largest softmax window a window / hybrid mixer may keep
+    features: int = 1  # the Hedgehog map's width in head sizes (linear:hedgehog, hybrid)
     use_cache: bool = True
     precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
     target: str | None = None  # the lowering target, for steps whose form depends on it

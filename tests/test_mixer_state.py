@@ -61,16 +61,23 @@ def _decode(model: graphopt.Model, ids: np.ndarray, prefill: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("mixer", ["linear:elu", "linear:hedgehog", "linear:performer"])
-def test_decoding_with_states_equals_the_parallel_model(decoders, arch, mixer):
+@pytest.mark.parametrize("mixer,features", [("linear:elu", 1), ("linear:hedgehog", 1), ("linear:hedgehog", 3),
+                                            ("linear:performer", 1)])
+def test_decoding_with_states_equals_the_parallel_model(decoders, arch, mixer, features):
     """Every layer swapped: the KV caches are gone, states and `past_length` replace them, and
     prefill + step-by-step decoding gives the parallel swapped model's outputs (fp32 tolerance).
-    Hedgehog without fitting (identity W) and Performer (seeded per layer) have the same
-    parameters in both models."""
+    Hedgehog without fitting (identity W, seeded extra columns when wider) and Performer (seeded
+    per layer) have the same parameters in both models; a 3x wider Hedgehog map carries a state
+    of 6 x head size features."""
     cached, plain = decoders[arch]
-    recurrent = swap_mixers(cached, mixer, steps=0, dims=CACHED_DIMS)
+    recurrent = swap_mixers(cached, mixer, steps=0, dims=CACHED_DIMS, features=features)
     assert recurrent.report["correction"]["why"].startswith("the swapped model reads decoding states")
-    parallel = swap_mixers(plain, mixer, steps=0, dims={"batch": 2, "seq": 16}, correction=False)  # the same weights
+    parallel = swap_mixers(plain, mixer, steps=0, dims={"batch": 2, "seq": 16}, correction=False,
+                           features=features)  # the same weights
+    if mixer == "linear:hedgehog":
+        state = next(v for v in recurrent.model.ir.graph.inputs if v.name == "past_state.0")
+        w = next(i for n, i in parallel.model.ir.graph.initializers.items() if n.startswith("w_hedgehog_"))  # [H, D, F]
+        assert w.shape[-1] == features * w.shape[-2] and state.shape[2] == 2 * w.shape[-1]
     names = {v.name for v in recurrent.model.ir.graph.inputs}
     assert not any(n.startswith("past_") and n[5:].isdigit() for n in names)  # no KV cache left
     assert {"past_state.0", "past_normalizer.0", "past_state.1", "past_normalizer.1", mixer_state.PAST_LENGTH} <= names

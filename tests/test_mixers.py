@@ -315,6 +315,41 @@ def test_auto_layers_respect_the_fidelity_threshold(bert_and_gpt2):
     assert loose["layers_swapped"] == [0, 1]
 
 
+def test_a_wider_hedgehog_map_in_every_body():
+    """features = 3: W [H, D, 3 D] (6 D features): the linear forms (non-causal, chunked causal)
+    and the banded hybrid give their torch references' outputs."""
+    q, kt, v, keymask = _inputs(s=70, t=70)
+    rng = np.random.default_rng(2)
+    w = np.concatenate([np.tile(np.eye(4, dtype=np.float32), (2, 1, 1)), 0.3 * rng.standard_normal((2, 4, 8))], -1)
+    w = w.astype(np.float32)
+    for causal in (False, True):
+        got = _run_function(linear.linear_name("Hedgehog", causal, False), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w})
+        want = linear.linear_attention("Hedgehog", *map(torch.as_tensor, (q, kt, v, keymask)), 0.3, torch.as_tensor(w), causal)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+        gamma = np.array([0.5, 2.0], np.float32).reshape(1, 2, 1, 1)
+        attrs = {"scale": 0.3, "window": 5, "sinks": 2 if causal else 0}
+        banded = _run_function(hybrid.banded_name(causal), {"Q": q, "KT": kt, "V": v, "keymask": keymask, "W": w, "G": gamma},
+                               **attrs)
+        bias = torch.as_tensor(_mask_bias(keymask, 70, causal))
+        want = hybrid.hybrid_attention(*map(torch.as_tensor, (q, kt, v)), bias, 0.3, 5, attrs["sinks"], torch.as_tensor(w),
+                                       torch.as_tensor(gamma)).numpy()
+        real = keymask[:, 0, :, 0] > 0
+        np.testing.assert_allclose(banded.transpose(0, 2, 1, 3)[real], want.transpose(0, 2, 1, 3)[real], rtol=1e-4, atol=1e-5)
+
+
+def test_wider_hedgehog_maps_are_fitted_and_reported(bert_and_gpt2):
+    from graphopt.passes.mixers import swap_mixers
+
+    exact = graphopt.optimize(bert_and_gpt2["bert"], dims={"batch": 2, "seq": 16}).model
+    for mixer in ("linear:hedgehog", "hybrid"):
+        result = swap_mixers(exact, mixer, steps=5, dims={"batch": 2, "seq": 16}, features=2, correction=False)
+        assert result.report["features"] == 2
+        weights = [i for name, i in result.model.ir.graph.initializers.items() if name.startswith(("w_hedgehog_", "w_hybrid_w_"))]
+        assert len(weights) == 2 and all(i.shape[-1] == 2 * i.shape[-2] for i in weights)
+        out = graphopt.verify.run(result.model, graphopt.feeds.make_inputs(result.model, dims={"batch": 2, "seq": 16}))
+        assert all(np.isfinite(a).all() for a in out.values())
+
+
 def test_bad_mixer_requests(bert_and_gpt2):
     with pytest.raises(InputError, match="needs a mixer"):
         graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", dims={"batch": 2, "seq": 16})
@@ -322,6 +357,10 @@ def test_bad_mixer_requests(bert_and_gpt2):
         graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="linear:cosine", dims={"batch": 2, "seq": 16})
     with pytest.raises(InputError, match="attention layers 0..1"):
         graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="pool", layers=[5], dims={"batch": 2, "seq": 16})
+    with pytest.raises(InputError, match="widens a Hedgehog feature map; mixer 'linear:elu' has none"):
+        graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="linear:elu", features=2, dims={"batch": 2, "seq": 16})
+    with pytest.raises(InputError, match="at least 1"):
+        graphopt.optimize(bert_and_gpt2["bert"], preset="mixers", mixer="hybrid", features=0, dims={"batch": 2, "seq": 16})
 
 
 def test_window_body_matches_torch():
@@ -340,7 +379,7 @@ def _mask_bias(keymask, t, causal):
     return bias.astype(np.float32)
 
 
-BAND_CASES = [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20)]
+BAND_CASES = [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20), (33, 5), (70, 7)]  # odd windows: blocks of ceil(w / 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -67,8 +67,9 @@ def _banded_body(causal: bool):
         f_dim = op.Shape(pq, start=-1)
         pqb, pkb = b.blocked(pq, b.q_pads, f_dim), b.blocked(pk, b.kv_pads, f_dim)
         # softmax inside the window: the row max over the band (and sinks), for stability only
-        row = op.Concat(b.masked_band, b.masked_s, axis=-1) if causal else b.masked_band
-        row_max = c.reduce("Max", row, [-1])
+        row_max = c.reduce("Max", b.masked_band, [-1])
+        if causal:
+            row_max = op.Max(row_max, c.reduce("Max", b.masked_s, [-1]))
         m = op.Where(op.Greater(row_max, c.f32(HIDDEN)), row_max, c.f32(0.0))
         e_band = op.Exp(op.Sub(b.masked_band, m))
         num_w, den_w = op.MatMul(e_band, b.vband), c.reduce("Sum", e_band, [-1])
@@ -76,14 +77,13 @@ def _banded_body(causal: bool):
             e_s = op.Exp(op.Sub(b.masked_s, m))
             num_w, den_w = op.Add(num_w, op.MatMul(e_s, b.vs5)), op.Add(den_w, c.reduce("Sum", e_s, [-1]))
         if causal:  # running sums over the query blocks: earlier blocks (exclusive CumSum) + this block (masked)
-            lo, hi = c.i64([1]), b.bounds[1][1]
-            pk_cur_t = op.Transpose(op.Slice(pkb, lo, hi, axis2), perm=[0, 1, 2, 4, 3])
-            v_cur = op.Slice(b.vb, lo, hi, axis2)
-            kv_before = op.CumSum(op.MatMul(pk_cur_t, v_cur), c.i64(2), exclusive=1)
-            z_before = op.CumSum(c.reduce("Sum", pk_cur_t, [-1]), c.i64(2), exclusive=1)
-            a_self = op.Trilu(op.MatMul(pqb, pk_cur_t), upper=0)
+            pk_cur, v_cur = b.current(pkb), b.current(b.vb)
+            swap = [0, 1, 2, 4, 3]  # each transpose has one reader, so onnxruntime folds it into that MatMul
+            kv_before = op.CumSum(op.MatMul(op.Transpose(pk_cur, perm=swap), v_cur), c.i64(2), exclusive=1)
+            z_before = op.CumSum(c.reduce("Sum", pk_cur, [-2]), c.i64(2), exclusive=1)  # [.., 1, F]
+            a_self = op.Trilu(op.MatMul(pqb, op.Transpose(pk_cur, perm=swap)), upper=0)
             num_all = op.Add(op.MatMul(pqb, kv_before), op.MatMul(a_self, v_cur))
-            den_all = op.Add(op.MatMul(pqb, z_before), c.reduce("Sum", a_self, [-1]))
+            den_all = op.Add(op.MatMul(pqb, op.Transpose(z_before, perm=swap)), c.reduce("Sum", a_self, [-1]))
         else:
             pk_t = op.Transpose(pk, perm=[0, 1, 3, 2])
             num_all = op.MatMul(pqb, op.Unsqueeze(op.MatMul(pk_t, v), axis2))
@@ -145,7 +145,7 @@ def _log_mass_ratio(batches, scale: float, window: int, sinks: int, w) -> object
     return (num / count.clamp(min=1)).reshape(1, -1, 1, 1)
 
 
-def fit_hybrid(cap, held, node, window: int, steps: int, seed: int) -> dict:
+def fit_hybrid(cap, held, node, window: int, steps: int, seed: int, features: int = 1, layer: int = 0) -> dict:
     """The hybrid's W and per-head gamma. The linear part's maps are fitted first (Hedgehog
     attention transfer); each head then starts as (nearly) the better part on the fit data,
     gamma = ratio * e^(+-SATURATE); W and log gamma are fitted together with the held-out error
@@ -157,7 +157,8 @@ def fit_hybrid(cap, held, node, window: int, steps: int, seed: int) -> dict:
     from graphopt.passes.mixers.linear import fit_hedgehog
 
     scale, sinks = specs.scale_of(node), specs.sinks_for(node)
-    w_lin = fit_hedgehog(cap, node, specs.per_head_identity(node, "the hybrid mixer"), steps, seed)
+    w_lin = fit_hedgehog(cap, node, specs.per_head_identity(node, "the hybrid mixer", features, seed * 1000 + layer), steps,
+                         seed)
     data, checks = transfer.batches(cap), transfer.batches(held)
     ratio = _log_mass_ratio(data, scale, window, sinks, torch.as_tensor(w_lin))
 
@@ -224,7 +225,7 @@ class Hybrid(specs.MixerKind):
 
     def fit(self, spec, node, layer, fit, held, steps, seed):
         window = spec.cap(min(window_kind.choose_window(fit, node, HYBRID_COVERAGE), max_window(fit, node)))
-        w = fit_hybrid(fit, held, node, window, steps, seed)
+        w = fit_hybrid(fit, held, node, window, steps, seed, spec.features, layer)
         return w | {"mask_only": window_kind.mask_only(fit) and window_kind.mask_only(held)}
 
     def fitted(self, spec):

@@ -219,7 +219,7 @@ def linear_state(kind: str, kt, v, keymask, scale: float, w=None):
 def initial_weights(spec: specs.MixerSpec, node: ir.Node, layer: int, seed: int = 0) -> np.ndarray | None:
     """Hedgehog: identity per head [H, D, D]; Performer: Gaussian features [D, 4 D], seeded per layer."""
     if spec.feature_map == "Hedgehog":
-        return specs.per_head_identity(node, "Hedgehog")
+        return specs.per_head_identity(node, "Hedgehog", spec.features, seed * 1000 + layer)
     if spec.feature_map == "Performer":
         size = node.attributes.get_int("head_size", 0)
         if not size:
@@ -298,7 +298,7 @@ def quadratic(spec: specs.MixerSpec, node: ir.Node, seq: int) -> bool:
     if spec.kind != "linear":
         return False
     d = node.attributes.get_int("head_size", 0) or 64
-    f = 2 * d if spec.feature_map == "Hedgehog" else 4 * d if spec.feature_map == "Performer" else d
+    f = 2 * d * spec.features if spec.feature_map == "Hedgehog" else 4 * d if spec.feature_map == "Performer" else d
     return seq * (f + d) < 2 * f * d
 
 

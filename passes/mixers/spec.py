@@ -17,6 +17,7 @@ from graphopt.ir import ir
 from graphopt.library.attention import is_canonical
 
 SINKS = 4  # causal layers keep the first tokens visible in window attention (attention sinks)
+WIDE_INIT = 0.3  # scale of the extra columns a wider Hedgehog map starts with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class MixerSpec:
     feature_map: str | None = None  # Elu, Relu, Hedgehog, Performer
     dwc: bool = False  # SLAB's depthwise convolution branch on V, added to the linear attention
     max_window: int | None = None  # the largest softmax window (window, hybrid) the user allows; not in the name
+    features: int = 1  # the Hedgehog map's width in head sizes (linear:hedgehog, hybrid): 2 x features x D; not in the name
 
     @classmethod
     def parse(cls, text: str) -> MixerSpec:
@@ -46,6 +48,15 @@ class MixerSpec:
     @property
     def has_weights(self) -> bool:
         return self.feature_map in ("Hedgehog", "Performer")
+
+    def with_options(self, *, max_window: int | None = None, features: int = 1) -> MixerSpec:
+        """This request with the user's options, checked: `features` widens a Hedgehog map only."""
+        if features < 1:
+            raise InputError(f"--features {features}: the Hedgehog map's width is a whole number of head sizes, at least 1")
+        if features != 1 and self.feature_map != "Hedgehog" and self.kind != "hybrid":
+            raise InputError(f"--features widens a Hedgehog feature map; mixer '{self.name}' has none",
+                             hint="use it with linear:hedgehog or hybrid")
+        return dataclasses.replace(self, max_window=max_window, features=features)
 
 
 class MixerKind:
@@ -120,7 +131,12 @@ def heads_and_size(node: ir.Node, needed_by: str) -> tuple[int, int]:
     return heads, size
 
 
-def per_head_identity(node: ir.Node, needed_by: str) -> np.ndarray:
-    """[H, D, D] identities: the feature-map weights a fit starts from."""
+def per_head_identity(node: ir.Node, needed_by: str, features: int = 1, seed: int = 0) -> np.ndarray:
+    """[H, D, features x D]: per head the identity, then (features > 1) seeded Gaussian columns
+    of scale WIDE_INIT: the feature-map weights a Hedgehog fit starts from."""
     heads, size = heads_and_size(node, needed_by)
-    return np.tile(np.eye(size, dtype=np.float32), (heads, 1, 1))
+    eye = np.tile(np.eye(size, dtype=np.float32), (heads, 1, 1))
+    if features == 1:
+        return eye
+    extra = WIDE_INIT * np.random.default_rng(seed).standard_normal((heads, size, (features - 1) * size))
+    return np.concatenate([eye, extra.astype(np.float32)], axis=-1)

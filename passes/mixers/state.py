@@ -291,7 +291,8 @@ def swap_recurrent(b: edit.Builder, spec, caches: tuple[Cache, Cache], keymask: 
         raise InputError(f"attention '{node.name}' has unknown heads or head size; its recurrent state needs them")
     dv = node.inputs[2].shape[-1] if node.inputs[2].shape is not None else size
     dv = dv if isinstance(dv, int) else size
-    features = {"Hedgehog": 2 * size, "Performer": params[0].shape[-1] if params else 0}.get(spec.feature_map, size)
+    width = params[0].shape[-1] if params else 0  # Hedgehog: [H, D, F] (2 F features); Performer: [D, F]
+    features = {"Hedgehog": 2 * width, "Performer": width}.get(spec.feature_map, size)
     batch = caches[0].past.shape[0]
     state, normalizer = state_inputs(graph, layer, batch, heads, features, dv)
     # the key mask of the new tokens: the last S of the mask over past + new keys

@@ -80,15 +80,16 @@ def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) ->
 def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
                 fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
                 progress: Callable[[int, int, str], None] | None = None, seq: int | None = None,
-                correction: bool = True, max_window: int | None = None) -> MixResult:
+                correction: bool = True, max_window: int | None = None, features: int = 1) -> MixResult:
     """`layers`: "all", "auto", "best:N" (the N layers whose swap alone moves the output least) or
     indices. `holdout`: explicit held-out batches (else half of `calib` is held out).
     `seq`: the sequence length the model will run at, which picks each linear mixer's
     evaluation order (default: the calibration data's). `correction`: refit each swapped
     layer's output projection against the original's output (correct.py), kept where the
     held-out end-to-end fidelity says so. `max_window`: the largest softmax window (window and
-    hybrid mixers) the user allows, in tokens of distance."""
-    spec = dataclasses.replace(specs.MixerSpec.parse(mixer), max_window=max_window)
+    hybrid mixers) the user allows, in tokens of distance. `features`: the Hedgehog map's width
+    in head sizes (linear:hedgehog, hybrid): wider maps fit softmax closer and cost more per token."""
+    spec = specs.MixerSpec.parse(mixer).with_options(max_window=max_window, features=features)
     kind = specs.kind_of(spec)
     work = model.clone()
     infer_shapes(work.ir)
@@ -135,6 +136,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     fit_seconds = sum(e["fit_seconds"] for e in per_layer)
     report = {
         "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
+        **({"features": spec.features} if spec.feature_map == "Hedgehog" or spec.kind == "hybrid" else {}),
         "per_layer": per_layer, "end_to_end": end_to_end,
         "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0, "fit_seconds": round(fit_seconds, 2),
                         "fit_seconds_per_layer": round(fit_seconds / len(per_layer), 3)},
@@ -253,12 +255,14 @@ class SwapMixers(ApproximateStep):
 
     def __init__(self, mixer: str, options: Options) -> None:
         super().__init__(options)
-        self.spec = specs.MixerSpec.parse(mixer)  # an unknown mixer fails before any work
+        # an unknown mixer, or options it does not take, fail before any work
+        self.spec = specs.MixerSpec.parse(mixer).with_options(max_window=options.max_window, features=options.features)
 
     def approximate(self, model: Model) -> Approximation:
         o = self.options
         mixed = swap_mixers(model, self.spec.name, calib=o.calib, layers=o.layers, fidelity=o.fidelity, steps=o.calib_steps,
-                            seed=o.seed, dims=o.dims, progress=o.progress, max_window=o.max_window)
+                            seed=o.seed, dims=o.dims, progress=o.progress, max_window=o.max_window,
+                            features=o.features)
         return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
                              mixed.convert and mixed.feeds_for)
 
