@@ -2,15 +2,17 @@
 every attention layer swapped, at the lengths where mixers pay.
 
 The model: GPT-2 shape (4 layers, hidden 128, 4 heads, byte vocabulary, 2048 positions) trained
-here on Python's standard-library sources for a fixed number of steps at `--train-length`
-tokens (seeded, so every run trains the same model). Mixers are calibrated on training text at
-1024 tokens; windows (window, hybrid) are capped at 1/8 of that length (`--max-window`, 128).
-Perplexity: held-out stdlib text the model and the calibration never saw, at each length;
-the held-out half of the calibration text makes the mixers' own choices. Latency: batch 1,
-onnxruntime default session, every model interleaved in this process, medians.
+here on Python's standard-library sources by `--train` (default: 1500 steps of 16 x 256 tokens,
+then 300 steps of 4 x 1024 tokens: the model is trained at 1024 tokens of context; seeded and by
+step count, so every run trains the same model, and cached in ~/.cache/graphopt, about 18 min
+on 2 idle cores). Mixers are calibrated on training text at 1024 tokens; windows (window,
+hybrid) are capped at 1/8 of that length (`--max-window`, 128). Perplexity: held-out stdlib text
+the model and the calibration never saw, at each length; the held-out half of the calibration
+text makes the mixers' own choices. Latency: batch 1, onnxruntime default session, every model
+interleaved in this process, medians.
 
-    .venv/bin/python benchmarks/long_context.py [--train-steps 400] [--lengths 1024,2048]
-        [--mixers hybrid,linear:hedgehog,...] [--rounds 5] [--json out.json]
+    .venv/bin/python benchmarks/long_context.py [--train 1500x256x16,300x1024x4] [--lengths 1024,2048]
+        [--mixers hybrid,linear:hedgehog,...] [--features 1] [--rounds 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import sysconfig
 import tempfile
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import task_mixers  # noqa: E402  (the char-LM task's export wrapper)
 
 CALIB_LENGTH = 1024
+TRAIN = "1500x256x16,300x1024x4"  # steps x length x batch: short windows first, the full context last
 
 
 def corpus() -> tuple[np.ndarray, np.ndarray]:
@@ -47,28 +51,69 @@ def corpus() -> tuple[np.ndarray, np.ndarray]:
     return data[:split], data[split:]
 
 
-def train(data: np.ndarray, steps: int, length: int, batch: int):
+def cache_dir() -> Path:
+    """Where trained models are kept between runs: $XDG_CACHE_HOME/graphopt (~/.cache/graphopt)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphopt"
+
+
+def parse_schedule(text: str) -> list[tuple[int, int, int]]:
+    """"1500x256x16,200x1024x4" -> [(steps, length, batch), ...]: the training phases in order."""
+    try:
+        phases = [tuple(int(n) for n in part.split("x")) for part in text.split(",")]
+    except ValueError:
+        phases = []
+    if not phases or any(len(p) != 3 or min(p) < 1 for p in phases):
+        raise SystemExit(f"--train '{text}': give phases as STEPSxLENGTHxBATCH, comma-separated (e.g. 1500x256x16,200x1024x4)")
+    return phases
+
+
+def train(data: np.ndarray, schedule: str, cache: bool = True):
+    """The seeded char-LM trained by `schedule` (phases of steps x length x batch, one learning-rate
+    cycle over all of them); (model, seconds, last loss). Short windows first make most steps
+    cheap (attention is quadratic in the window); the last phase trains at the full context.
+    Each window starts at a random position offset, so every one of the 2048 positions is
+    trained (the model reads at most the last phase's length back). No dropout: the model is
+    trained far short of convergence. With `cache`, a model trained before with the same
+    schedule is loaded instead."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    phases = parse_schedule(schedule)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=256, n_positions=2048, n_embd=128, n_layer=4, n_head=4, bos_token_id=0,
-                        eos_token_id=0, attn_implementation="sdpa")
+                        eos_token_id=0, attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
+    kept = cache_dir() / f"charlm-{schedule.replace(',', '+')}-seed0-torch{torch.__version__.split('+')[0]}.pt"
+    if cache and kept.exists():
+        saved = torch.load(kept)
+        model.load_state_dict(saved["state"])
+        return model.eval(), saved["seconds"], saved["loss"]
+    total = sum(steps for steps, _, _ in phases)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=total, pct_start=0.1)
     g = torch.Generator().manual_seed(0)
     tensor = torch.as_tensor(data)
-    start = time.perf_counter()
-    for _ in range(steps):
-        starts = torch.randint(0, len(tensor) - length - 1, (batch,), generator=g)
-        x = torch.stack([tensor[s:s + length + 1] for s in starts])
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).logits.reshape(-1, 256), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval(), time.perf_counter() - start, float(loss)
+    start, done = time.perf_counter(), 0
+    for steps, length, batch in phases:
+        for _ in range(steps):
+            starts = torch.randint(0, len(tensor) - length - 1, (batch,), generator=g)
+            x = torch.stack([tensor[s:s + length + 1] for s in starts])
+            offsets = torch.randint(0, config.n_positions - length + 1, (batch, 1), generator=g)
+            logits = model(x[:, :-1], position_ids=offsets + torch.arange(length)).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            if done % 100 == 0:
+                print(f"  training step {done}/{total} ({length} x {batch}): loss {float(loss.detach()):.3f} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+    seconds, last = time.perf_counter() - start, float(loss.detach())
+    if cache:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "seconds": seconds, "loss": last}, kept)
+    return model.eval(), seconds, last
 
 
 def windows(data: np.ndarray, length: int, count: int, offset: int = 0) -> np.ndarray:
@@ -89,12 +134,12 @@ def perplexity(model: graphopt.Model, text: np.ndarray) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-steps", type=int, default=400)
-    ap.add_argument("--train-length", type=int, default=1024)
-    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train", default=TRAIN, help="training phases, STEPSxLENGTHxBATCH comma-separated (default %(default)s)")
+    ap.add_argument("--no-cache", action="store_true", help="train even if a model with these settings is cached")
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--mixers", default=",".join(MIXERS))
     ap.add_argument("--max-window", type=int, default=CALIB_LENGTH // 8)
+    ap.add_argument("--features", type=int, default=1, help="the Hedgehog map's width in head sizes (hedgehog, hybrid)")
     ap.add_argument("--steps", type=int, default=300, help="calibration steps per layer")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
@@ -105,8 +150,8 @@ def main() -> int:
     print(machine.line(), flush=True)  # the machines differ from day to day: name the CPU
     lengths = [int(n) for n in args.lengths.split(",")]
     train_data, test_data = corpus()
-    module, seconds, loss = train(train_data, args.train_steps, args.train_length, args.train_batch)
-    print(f"trained {args.train_steps} steps at {args.train_length} x {args.train_batch} tokens in {seconds:.0f} s "
+    module, seconds, loss = train(train_data, args.train, cache=not args.no_cache)
+    print(f"trained {args.train} (steps x length x batch) in {seconds:.0f} s "
           f"(last loss {loss:.3f})", flush=True)
 
     example = torch.as_tensor(train_data[: 2 * 256].reshape(2, 256))
@@ -116,14 +161,15 @@ def main() -> int:
     calib = [{"x": w[None, :-1]} for w in calib_text]
     exact = graphopt.optimize(model, inputs=calib[0]).model
     tests = {n: windows(test_data, n, max(1, 8192 // n)) for n in lengths}
-    results: dict = {"machine": machine.describe(), "train": {"steps": args.train_steps, "length": args.train_length,
-                                                              "batch": args.train_batch, "seconds": round(seconds, 1)}}
+    results: dict = {"machine": machine.describe(), "train": {"schedule": args.train, "seconds": round(seconds, 1),
+                                                              "last_loss": round(loss, 4)}}
     models = {"original": exact}
     results["original"] = {"perplexity": {n: perplexity(exact, t) for n, t in tests.items()}}
     print("original", results["original"], flush=True)
     for mixer in args.mixers.split(","):
         start = time.perf_counter()
-        mixed = swap_mixers(exact, mixer, calib=calib, layers="all", steps=args.steps, max_window=args.max_window,
+        wide = args.features if mixer in ("linear:hedgehog", "hybrid") else 1
+        mixed = swap_mixers(exact, mixer, calib=calib, layers="all", steps=args.steps, max_window=args.max_window, features=wide,
                             seq=max(lengths))
         fit = time.perf_counter() - start
         models[mixer] = mixed.model
