@@ -143,6 +143,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="calibration steps per layer")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--save", help="directory to keep the original and swapped models in (ONNX), to time or inspect later")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -182,7 +183,9 @@ def main() -> int:
                           "correction_kept": (report.get("correction") or {}).get("kept")}
         print(mixer, results[mixer], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {k: ort_select.session_for(str(graphopt.save(m, Path(tmp) / f"{k.replace(':', '_')}.onnx")), disabled=())
+        where = Path(args.save or tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        sessions = {k: ort_select.session_for(str(graphopt.save(m, where / f"{k.replace(':', '_')}.onnx")), disabled=())
                     for k, m in models.items()}
         for n in lengths:
             feeds = {"x": test_data[None, :n]}

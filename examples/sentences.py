@@ -99,8 +99,20 @@ def sentences(count_per_family: int = 30, seed: int = 0) -> list[str]:
     return out
 
 
-def split(seed: int = 0) -> tuple[list[str], list[str]]:
-    """(calibration, held-out): disjoint, about half each (270 sentences in all)."""
+def split(seed: int = 0, calibration: int | None = None) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): disjoint, about half each of 270 sentences. With `calibration`,
+    that many calibration sentences: the first half, then sentences the same families make with
+    other seeds, none of them in the held-out half (which stays the same 135)."""
     items = sentences(seed=seed)
     half = len(items) // 2
-    return items[:half], items[half:]
+    calib, held = items[:half], items[half:]
+    taken = set(items)
+    more_seed = seed
+    while calibration is not None and len(calib) < calibration:
+        more_seed += 1
+        fresh = [s for s in sentences(seed=more_seed) if s not in taken]
+        if not fresh:
+            raise ValueError(f"the sentence families make fewer than {calibration} distinct calibration sentences")
+        taken.update(fresh)
+        calib += fresh[: calibration - len(calib)]
+    return calib[:calibration] if calibration is not None else calib, held
