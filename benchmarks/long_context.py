@@ -4,7 +4,7 @@ every attention layer swapped, at the lengths where mixers pay.
 The model: GPT-2 shape (4 layers, hidden 128, 4 heads, byte vocabulary, 2048 positions) trained
 here on Python's standard-library sources by `--train` (default: 1500 steps of 16 x 256 tokens,
 then 300 steps of 4 x 1024 tokens: the model is trained at 1024 tokens of context; seeded and by
-step count, so every run trains the same model, and cached in ~/.cache/graphopt, about 18 min
+step count, so every run trains the same model, and cached in ~/.cache/graphopt, about 20 min
 on 2 idle cores). Mixers are calibrated on training text at 1024 tokens; windows (window,
 hybrid) are capped at 1/8 of that length (`--max-window`, 128). Perplexity: held-out stdlib text
 the model and the calibration never saw, at each length; the held-out half of the calibration

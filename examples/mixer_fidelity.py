@@ -48,9 +48,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--mixers", default=",".join(MIXERS))
-    ap.add_argument("--capped-window", type=int, default=2,
+    ap.add_argument("--capped-window", type=int, default=1,
                     help="also run the window mixer with this max window: the hybrid's window on these sentences "
-                         "(a quarter of the median sentence), so the two share a window size (0: skip)")
+                         "(a quarter of the median sentence, 15 tokens: window 1), so the two share a window size (0: skip)")
     ap.add_argument("--calib-sentences", type=int, default=615,
                     help="calibration sentences (the first 135 of the split, then more the same families make, never a held-out one)")
     ap.add_argument("--layer-sets", default="best:3,all", help="comma-separated --layers values to run (default: best:3,all)")
