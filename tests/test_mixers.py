@@ -390,7 +390,7 @@ def _mask_bias(keymask, t, causal):
     return bias.astype(np.float32)
 
 
-BAND_CASES = [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20), (33, 5), (70, 7)]  # odd windows: blocks of ceil(w / 2)
+BAND_CASES = [(1, 2), (5, 1), (13, 3), (40, 8), (40, 0), (9, 20), (33, 5), (70, 7), (100, 37)]  # odd windows: blocks of ceil(w / 2); causal hybrid: at least 16
 
 
 @pytest.mark.parametrize("causal", [False, True])

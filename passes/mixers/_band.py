@@ -3,7 +3,7 @@
 `full_band`: the [S, T] mask of keys within `window` of query i (at position i + T - S among
 the keys) or among the first `sinks`, for bodies that score every key.
 `blocks`: the same band computed in linear time when S == T and the bias only hides keys:
-queries go in blocks of c = ceil(window / r), r = PER_WINDOW; the keys within the window of
+queries go in blocks of c = max(ceil(window / r), min_block), r = PER_WINDOW; the keys within the window of
 block b lie in key blocks b-r .. b+r (causal: b-r .. b), so a causal query scores (r + 1) c,
 about 1.5 windows of keys (2 with blocks of the window's size), a non-causal one (2r + 1) c,
 about 2.5 (3); plus, causal layers, the `sinks` first keys where they are outside its band
@@ -68,14 +68,16 @@ class Blocks:
         return op.Slice(flat, c.i64([0]), self.t_len, c.i64([2]))
 
 
-def blocks(op, c, q, kt, v, keymask, causal: bool) -> Blocks:
-    """Blocks of ceil(window / PER_WINDOW) queries, the band scores, and (causal) the sink scores."""
+def blocks(op, c, q, kt, v, keymask, causal: bool, min_block: int = 1) -> Blocks:
+    """Blocks of max(ceil(window / PER_WINDOW), min_block) queries, the band scores, and
+    (causal) the sink scores. Blocks larger than the window needs stay exact: the band then
+    holds more keys than the window, and the mask hides them."""
     scale, window = c.attr("scale"), c.attr("window", ir.AttributeType.INT)
     hidden, half, masked, zero_f = c.f32(LOWEST), c.f32(0.5), c.f32(MASKED), c.f32(0.0)
     zero, one, zero_1d, one_1d, axis2 = c.i64(0), c.i64(1), c.i64([0]), c.i64([1]), c.i64([2])
     per = c.i64([PER_WINDOW])
     k = op.Transpose(kt, perm=[0, 1, 3, 2])
-    block = op.Max(op.Div(op.Add(op.Reshape(window, one_1d), c.i64([PER_WINDOW - 1])), per), one_1d)
+    block = op.Max(op.Div(op.Add(op.Reshape(window, one_1d), c.i64([PER_WINDOW - 1])), per), c.i64([min_block]))
     t_len = op.Shape(q, start=-2, end=-1)
     # a layer without a bias passes a [1, 1, 1, 1] key mask: broadcast it over the keys first
     keymask = op.Expand(keymask, op.Concat(op.Shape(keymask, end=2), t_len, one_1d, axis=0))
