@@ -249,6 +249,21 @@ def test_correction_solve_recovers_a_linear_change_and_leaves_an_exact_layer_alo
     assert same["rank"] == 0 and same["dw"] is None
 
 
+@pytest.mark.parametrize("shape", [(16, 8), (8, 16), (12, 12)])
+def test_correction_truncations_are_the_svd_ones(shape):
+    """Each rank-r truncation equals the one from the SVD, on full-rank and rank-deficient dW."""
+    from graphopt.passes.mixers import correct
+
+    rng = np.random.default_rng(3)
+    full = rng.standard_normal(shape)
+    deficient = rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1]))
+    for dw in (full, deficient):
+        u, sv, vt = np.linalg.svd(dw, full_matrices=False)
+        got = correct.truncations(dw, [1, 3, 5, min(shape)])
+        for r, dw_r in got.items():
+            np.testing.assert_allclose(dw_r, (u[:, :r] * sv[:r]) @ vt[:r], rtol=1e-7, atol=1e-9)
+
+
 def test_correction_needs_a_projection_after_the_attention(bert_and_gpt2):
     """A layer whose attention output reaches anything but one constant MatMul (through layout
     ops) is left alone, and the report says why."""

@@ -9,7 +9,7 @@ bias when there is one, that read the attention output through its transposes an
 where t = x W + b is the original model's projection output and x' the swapped model's
 projection input on the same calibration rows (padded tokens excluded). Closed form (ridge
 towards W): [dW; db] = (X'^T X' + lam I)^-1 X'^T (t - x' W - b), X' = [x', 1]; then dW is
-truncated to rank r by its SVD. Held-out rows choose lam and r, rank 0 (no correction)
+truncated to rank r (`truncate`). Held-out rows choose lam and r, rank 0 (no correction)
 included, so a layer's held-out error never rises. W + dW replaces W: the swapped model keeps
 its shapes, its ops and its speed.
 
@@ -116,6 +116,15 @@ def query_masks(cap: dict) -> list[np.ndarray | None]:
     return masks
 
 
+def truncations(dw: np.ndarray, ranks: Sequence[int]) -> dict[int, np.ndarray]:
+    """The best rank-r approximation of dw for each r (Eckart-Young): dw V_r V_r^T, V_r the
+    eigenvectors of dw^T dw with the r largest eigenvalues, i.e. dw's top right singular vectors.
+    Not np.linalg.svd: OpenBLAS's SVD intermittently fails to converge on finite matrices (it
+    did here on a rank-deficient dW, numpy/numpy#11887); the symmetric eigensolver does not."""
+    _, vecs = np.linalg.eigh(dw.T @ dw)  # ascending eigenvalues
+    return {r: dw @ vecs[:, -r:] @ vecs[:, -r:].T for r in ranks}
+
+
 def solve(x: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None, x_held: np.ndarray,
           t_held: np.ndarray) -> dict[str, Any]:
     """The correction (dW, db) with the lowest held-out error over lam x rank (rank 0 included)."""
@@ -136,10 +145,7 @@ def solve(x: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None, x_h
     for lam in RIDGE:
         delta = np.linalg.solve(gram + lam * scale * np.eye(len(gram)), rhs)
         dw, db = (delta[:-1], delta[-1]) if with_bias else (delta, None)
-        u, sv, vt = np.linalg.svd(dw, full_matrices=False)
-        for frac in RANK_FRACTIONS:
-            r = max(1, int(round(frac * full)))
-            dw_r = (u[:, :r] * sv[:r]) @ vt[:r]
+        for r, dw_r in truncations(dw, [max(1, int(round(frac * full))) for frac in RANK_FRACTIONS]).items():
             err = float(np.linalg.norm(x_held @ (w + dw_r) + bias + (0 if db is None else db) - t_held)) / norm
             if err < best["error"]:
                 best = {"rank": r, "ridge": lam, "error": err, "dw": dw_r, "db": db}
