@@ -189,12 +189,12 @@ def main() -> int:
         paths = {k: str(graphopt.save(m, where / f"{k.replace(':', '_')}.onnx")) for k, m in models.items()}
         # quiet: threads sleep after each run, models interleaved call by call; plain: a default
         # session (threads spin), each model timed in blocks of consecutive calls
-        for mode, spinning, measure in (("seconds", False, timing.interleaved), ("seconds_plain", True, timing.in_blocks)):
+        for mode, spinning, block in (("seconds", False, 1), ("seconds_plain", True, 3)):
             sessions = {k: ort_select.session_for(p, disabled=(), spinning=spinning) for k, p in paths.items()}
             for n in lengths:
                 feeds = {"x": test_data[None, :n]}
                 runs = {k: (lambda s=s: s.run(feeds)) for k, s in sessions.items()}
-                for k, t in timing.medians(measure(runs, rounds=args.rounds, warmup=1)).items():
+                for k, t in timing.medians(timing.interleaved(runs, rounds=args.rounds, warmup=1, block=block)).items():
                     results[k].setdefault(mode, {})[n] = round(t, 4)
             del sessions
     base = results["original"]

@@ -1,7 +1,5 @@
-"""Timing contenders in one process. `interleaved`: every contender runs once per round, so
-machine noise (other tenants, frequency changes) spreads over all of them alike. `in_blocks`:
-each contender runs a few calls in a row per round, for contenders that disturb whoever runs
-right after them (onnxruntime sessions whose threads spin)."""
+"""Timing contenders in one process, in rounds: every contender runs in every round, so machine
+noise (other tenants, frequency changes) spreads over all of them alike."""
 
 from __future__ import annotations
 
@@ -10,26 +8,12 @@ import time
 from collections.abc import Callable, Mapping
 
 
-def interleaved(contenders: Mapping[str, Callable[[], object]], *, rounds: int = 20, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call, per contender: `warmup` untimed rounds, then `rounds` timed ones."""
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def in_blocks(contenders: Mapping[str, Callable[[], object]], *, rounds: int = 5, block: int = 3,
-              warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call, per contender: each round runs every contender `block` times in a row
-    and keeps its fastest call. For sessions whose threads spin (onnxruntime's default): a
-    session's pool spins on after each run and takes cores from the next one, so interleaving
-    call by call would charge one session for another's spinning."""
+def interleaved(contenders: Mapping[str, Callable[[], object]], *, rounds: int = 20, warmup: int = 3,
+                block: int = 1) -> dict[str, list[float]]:
+    """Seconds per call, per contender: `warmup` untimed rounds, then `rounds` timed ones. Each
+    round runs every contender `block` times in a row and keeps its fastest call. block=1 is
+    call by call; larger blocks are for contenders that disturb whoever runs right after them
+    (onnxruntime sessions whose threads spin on after a run and take cores from the next one)."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()

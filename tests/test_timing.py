@@ -33,10 +33,10 @@ def test_interleaved_runs_each_contender_once_per_round(monkeypatch):
     assert times == {"a": [1, 2], "b": [3, 4]}
 
 
-def test_in_blocks_runs_consecutive_calls_and_keeps_the_fastest_of_each_block(monkeypatch):
+def test_blocks_run_consecutive_calls_and_keep_the_fastest_of_each_block(monkeypatch):
     monkeypatch.setattr(timing.time, "perf_counter", _Clock())
     log = []
-    times = timing.in_blocks({"a": _recorder(log, "a", [9, 5, 1, 7, 2, 3, 8]),
+    times = timing.interleaved({"a": _recorder(log, "a", [9, 5, 1, 7, 2, 3, 8]),
                               "b": _recorder(log, "b", [9, 4, 6, 5, 1, 1, 2])}, rounds=2, block=3, warmup=1)
     assert log == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert times == {"a": [1, 2], "b": [4, 1]}

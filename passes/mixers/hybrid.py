@@ -161,8 +161,8 @@ def fit_hybrid(cap, held, node, window: int, steps: int, seed: int, features: in
     from graphopt.passes.mixers.linear import fit_hedgehog
 
     scale, sinks = specs.scale_of(node), specs.sinks_for(node)
-    w_lin = fit_hedgehog(cap, node, specs.per_head_identity(node, "the hybrid mixer", features, seed * 1000 + layer), steps,
-                         seed)
+    start = specs.per_head_identity(node, "the hybrid mixer", features, specs.layer_seed(seed, layer))
+    w_lin = fit_hedgehog(cap, node, start, steps, seed)
     data, checks = transfer.batches(cap), transfer.batches(held)
     ratio = _log_mass_ratio(data, scale, window, sinks, torch.as_tensor(w_lin))
 

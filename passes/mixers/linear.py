@@ -219,12 +219,12 @@ def linear_state(kind: str, kt, v, keymask, scale: float, w=None):
 def initial_weights(spec: specs.MixerSpec, node: ir.Node, layer: int, seed: int = 0) -> np.ndarray | None:
     """Hedgehog: identity per head [H, D, D]; Performer: Gaussian features [D, 4 D], seeded per layer."""
     if spec.feature_map == "Hedgehog":
-        return specs.per_head_identity(node, "Hedgehog", spec.features, seed * 1000 + layer)
+        return specs.per_head_identity(node, "Hedgehog", spec.features, specs.layer_seed(seed, layer))
     if spec.feature_map == "Performer":
         size = node.attributes.get_int("head_size", 0)
         if not size:
             raise InputError(f"attention '{node.name}' has an unknown head size; Performer needs it")
-        return np.random.default_rng(seed * 1000 + layer).standard_normal((size, 4 * size)).astype(np.float32)
+        return np.random.default_rng(specs.layer_seed(seed, layer)).standard_normal((size, 4 * size)).astype(np.float32)
     return None
 
 

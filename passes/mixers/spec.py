@@ -131,6 +131,11 @@ def heads_and_size(node: ir.Node, needed_by: str) -> tuple[int, int]:
     return heads, size
 
 
+def layer_seed(seed: int, layer: int) -> int:
+    """The seed of layer `layer`'s random initial weights: each layer draws its own."""
+    return seed * 1000 + layer
+
+
 def per_head_identity(node: ir.Node, needed_by: str, features: int = 1, seed: int = 0) -> np.ndarray:
     """[H, D, features x D]: per head the identity, then (features > 1) seeded Gaussian columns
     of scale WIDE_INIT: the feature-map weights a Hedgehog fit starts from."""
