@@ -74,7 +74,7 @@ class OrtExecutable:
         try:
             results = self.session.run(None, dict(feeds))
         except Exception as exc:
-            raise BackendError(f"onnxruntime failed to run the model: {first_line(exc, 400)}") from None
+            raise BackendError(f"onnxruntime failed to run the model: {first_line(exc, 1000)}") from None
         return dict(zip(self.output_names, results))
 
 

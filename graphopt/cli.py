@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="write the report here: a self-contained page for .html, else JSON")
     _add_input_args(s)
     s.add_argument("--no-validate", action="store_true", help="skip per-pass checks and the final validation")
+    s.add_argument("--allow-unchecked", action="store_true", help="when no generated input runs the model (or --inputs "
+                   "do not), write the output without numeric checks instead of stopping (every step still has to load)")
     s.add_argument("--explain", action="store_true", help="show why rules did not fire")
     s.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     s.add_argument("--force", action="store_true", help="allow overwriting the input file")
@@ -183,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_input_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--inputs", help=".npz with one array per model input (default: seeded generated inputs)")
-    s.add_argument("--dims", type=_dims, default=None, help="symbolic dims for generated inputs, e.g. batch=1,seq=128")
+    s.add_argument("--dims", type=_dims, default=None, help="sizes of free dims for generated inputs, by name or by "
+                   "input:axis (unnamed or -1 dims), e.g. batch=1,seq=128 or x:0=1,x:2=48")
     s.add_argument("--seed", type=int, default=0)
 
 
@@ -204,7 +207,7 @@ def _dims(text: str) -> dict[str, int]:
     try:
         return {k.strip(): int(v) for k, v in (item.split("=") for item in _csv(text))}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected name=int pairs like batch=1,seq=128, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected name=int or input:axis=int pairs like batch=1,x:2=48, got {text!r}") from None
 
 
 def cmd_inspect(args) -> int:
@@ -256,7 +259,8 @@ def cmd_optimize(args) -> int:
                                    mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
                                    calib_steps=args.calib_steps, portable=args.portable, precision=args.precision,
                                    check_every=args.check_every, step_progress=step_progress,
-                                   max_window=args.max_window, features=args.features)
+                                   max_window=args.max_window, features=args.features,
+                                   allow_unchecked=args.allow_unchecked)
     report = result.report
     out.print(report.tables())
     if args.explain:

@@ -1,7 +1,8 @@
 """Model inputs: seeded generation and `.npz` loading, both checked against the model.
 
-Generated inputs respect dtypes, bind symbolic dims to defaults the user can
-override, and keep integer inputs that are token ids, positions or masks valid.
+Generated inputs respect dtypes, bind free dims (symbolic, unnamed or -1) to defaults the user
+can override by name or by input and axis, and keep integer inputs that are token ids,
+positions or masks valid. `graphopt/fitting.py` searches for sizes the model runs at.
 Strings are seeded words over a fixed alphabet; a sequence is SEQUENCE_LENGTH generated tensors
 of its element type and shape; an optional input gets its contained type. A type nothing here
 can generate raises `CannotGenerate` (optimize then runs without numeric checks, and says so).
@@ -31,11 +32,33 @@ class CannotGenerate(InputError):
 _PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity"})
 
 
-def make_inputs(model: Model, *, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input that is not an initializer."""
+def make_inputs(model: Model, *, seed: int = 0, dims: Mapping[str, int] | None = None,
+                values: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input that is not an initializer.
+
+    dims: sizes of free dims, by dim name ("seq") or by input and axis ("x:0"); a free dim is
+    a symbolic one, an unnamed one or one declared negative (-1). values: inputs filled with
+    one value (a scalar that selects an If branch, e.g. a sample rate), by input name."""
     dims = {**DEFAULT_DIMS, **(dims or {})}
     rng = np.random.default_rng(seed)
-    return {v.name: _make_one(v, rng, dims) for v in _runtime_inputs(model)}
+    made = {v.name: _make_one(v, rng, dims) for v in _runtime_inputs(model)}
+    for name, value in (values or {}).items():
+        if name in made and isinstance(made[name], np.ndarray):
+            made[name] = np.full_like(made[name], value)
+    return made
+
+
+def free_dims(model: Model) -> dict[str, list[tuple[str, int]]]:
+    """The dims generation binds, by the key `dims` takes (a dim's name, or "input:axis" for
+    an unnamed or negative one), each with the (input, axis) places it sizes."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for value in _runtime_inputs(model):
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, int) and dim >= 0:
+                continue
+            name = dim.value if isinstance(dim, ir.SymbolicDim) and _named(dim) else f"{value.name}:{axis}"
+            found.setdefault(name, []).append((value.name, axis))
+    return found
 
 
 def shapes(feeds: Mapping[str, object]) -> dict[str, list[int]]:
@@ -91,10 +114,10 @@ def check_inputs(feeds: Mapping[str, np.ndarray], model: Model, *, where: str = 
             problems.append(f"'{name}' has shape {list(array.shape)}, the model wants rank {len(value.shape)} {_shape_str(value.shape)}")
             continue
         for axis, (dim, got) in enumerate(zip(value.shape, array.shape)):
-            if isinstance(dim, int) and dim != got:
+            if isinstance(dim, int) and dim >= 0 and dim != got:  # -1: any size
                 problems.append(f"'{name}' has shape {list(array.shape)}, the model wants {_shape_str(value.shape)} (axis {axis})")
                 break
-            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+            if isinstance(dim, ir.SymbolicDim) and _named(dim):
                 first = bound.setdefault(dim.value, (got, name))
                 if first[0] != got:
                     problems.append(f"dim '{dim.value}' is {first[0]} in '{first[1]}' but {got} in '{name}'")
@@ -124,13 +147,20 @@ def _bind_shape(value: ir.Value, dims: Mapping[str, int]) -> tuple[int, ...]:
         raise InputError(f"input '{value.name}' has no shape", hint="pass inputs with --inputs data.npz")
     out = []
     for axis, dim in enumerate(value.shape):
-        if isinstance(dim, int):
+        if isinstance(dim, int) and dim >= 0:
             out.append(dim)
-        elif dim.value is None:
+        elif f"{value.name}:{axis}" in dims:
+            out.append(dims[f"{value.name}:{axis}"])
+        elif isinstance(dim, int) or not _named(dim):  # unnamed ("", "?"), or declared -1
             out.append(dims["batch"] if axis == 0 else dims["seq"])
         else:
             out.append(_bind_named(dim.value, axis, dims))
     return tuple(out)
+
+
+def _named(dim: ir.SymbolicDim) -> bool:
+    """A dim with a name of its own; exporters write "?" (Paddle) or "" for none."""
+    return bool(dim.value) and dim.value != "?"
 
 
 def _bind_named(name: str, axis: int, dims: Mapping[str, int]) -> int:

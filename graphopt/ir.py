@@ -12,6 +12,7 @@ from onnx_ir.passes import common as common_passes
 from onnx_ir.passes.common._c_api_utils import call_onnx_api as onnx_api_call  # strips weights around onnx C API calls
 from onnxscript import optimizer as onnxscript_optimizer
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter._pattern_ir import NodeOutputPattern, StringConstantPattern  # pattern internals (rewrite._Anchors)
 from onnxscript.rewriter.pattern import (
     MatchingTracer,
     MatchResult,
@@ -27,6 +28,8 @@ __all__ = [
     "onnx_api_call",
     "onnxscript_optimizer",
     "pattern",
+    "NodeOutputPattern",
+    "StringConstantPattern",
     "MatchingTracer",
     "MatchResult",
     "MatchStatus",

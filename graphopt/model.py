@@ -36,6 +36,19 @@ class Model:
         return {Path(os.path.join(t.base_dir, t.location)).resolve() for t in mapped_tensors(self.ir)}
 
 
+def fingerprint(model: ir.Model) -> tuple:
+    """What a pass can change, cheaply: every node's op and wiring, every initializer's tensor
+    object (rewrites make new tensors; none edits one in place; shape inference re-registers
+    them in another order), the functions."""
+    graph = model.graph
+    return (tuple((n.domain, n.op_type, tuple(id(v) for v in n.inputs), tuple(id(v) for v in n.outputs),
+                   tuple((k, id(a.value) if a.type == ir.AttributeType.TENSOR else repr(a.value))
+                         for k, a in n.attributes.items()))
+                  for n in graph),
+            tuple(sorted((name, id(v.const_value)) for name, v in graph.initializers.items())),  # order: not the function
+            tuple(id(v) for v in graph.outputs), tuple(sorted(model.functions)))
+
+
 def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
     """The model's initializers read lazily from memory-mapped external data."""
     return [v.const_value for g in model.graphs() for v in g.initializers.values()

@@ -6,14 +6,15 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graphopt import feeds as feeds_mod, importers, plan as plan_mod, presets, summary, verify
-from graphopt.errors import InputError
+from graphopt import feeds as feeds_mod, fitting, importers, plan as plan_mod, presets, summary, verify
+from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
 from graphopt.report import Report
 from graphopt.steps import Options
 
 PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
+RUNTIME_KEY = "graphopt.runtime"  # model metadata: the runtime --target cpu chose (backends/cpu.py writes it)
 PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "int4", "auto")
 
 
@@ -52,6 +53,7 @@ def optimize(
     step_progress: Callable[[int, int, str], None] | None = None,
     max_window: int | None = None,
     features: int = 1,
+    allow_unchecked: bool = False,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
@@ -78,6 +80,9 @@ def optimize(
     max_window: the largest softmax window (tokens of distance) a window or hybrid mixer keeps.
     features: the Hedgehog map's width in head sizes (linear:hedgehog, hybrid; 2 x features x D
     features): wider fits softmax closer, at more cost per token.
+    allow_unchecked: when no input can be generated or found that the model runs on (or the
+    given inputs do not run it), optimize without numeric checks instead of raising
+    InputError; every step is still checked to load, and the report says what was not checked.
     """
     source = importers.load(model)
     work = source.clone()
@@ -93,18 +98,24 @@ def optimize(
                       max_window=max_window, features=features)
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=[PORTABLE] if portable else [])
-    feeds = source_desc = None
+    feeds = source_desc = reference = None
     unchecked: list[str] = []
-    if validate or target:
-        try:
-            feeds, source_desc = verify.resolve_inputs(work, inputs, seed=seed, dims=dims)
-        except feeds_mod.CannotGenerate as exc:  # optimize anyway; say what was not checked
-            if target:
-                raise
-            unchecked.append(f"not checked numerically: {exc} (pass --inputs to check every step)")
     if check_every < 0:
         raise InputError(f"check_every must be >= 0, got {check_every}", hint="1: every step; 0: once, at the end")
-    result = plan.run(work, feeds=feeds, check=validate, explain=explain, progress=progress, check_every=check_every)
+    if validate or target:
+        try:
+            if inputs is None:  # generated: sizes (and branch selectors) the model runs at
+                found = fitting.fit(work, verify.run, seed=seed, dims=dims)
+                feeds, reference, source_desc = found.feeds, found.outputs if validate else None, found.describe(seed)
+            else:
+                feeds, source_desc = verify.resolve_inputs(work, inputs, seed=seed, dims=dims)
+        except (feeds_mod.CannotGenerate, fitting.NoFittingInputs) as exc:
+            if target or not allow_unchecked:
+                raise
+            unchecked.append(f"not checked numerically (--allow-unchecked): {exc}".rstrip("."))
+    result = plan.run(work, feeds=feeds, check=validate, explain=explain, progress=progress, check_every=check_every,
+                      reference=reference, allow_unchecked=allow_unchecked)
+    _check_loads(result)
     validation = None
     if result.reference_outputs is not None and not result.approximate:
         checks = verify.compare_outputs(result.reference_outputs, result.final_outputs)
@@ -121,6 +132,17 @@ def optimize(
             if result.approximate else []),
     )
     return OptimizeResult(result.model, report)
+
+
+def _check_loads(result: plan_mod.PlanResult) -> None:
+    """Nothing invalid leaves: the output passes onnx.checker (where the input does) and, when
+    no numbers were compared (where a run would have loaded it), loads in onnxruntime. Every
+    step was checked so already; this is the last line, and failing it is a graphopt bug."""
+    meant_for_ort = result.model.ir.metadata_props.get(RUNTIME_KEY, "onnxruntime") == "onnxruntime"
+    runtime = result.reference_outputs is None and not result.approximate and meant_for_ort
+    if problem := verify.load_problem(result.model, runtime=runtime, checker=result.checker):
+        raise GraphoptError(f"the optimized model does not load ({problem}); nothing was written",
+                            hint="rerun with --debug and report it, or pick passes with --passes to avoid the one that broke it")
 
 
 def _precision_notes(precision: str | None, target: str | None) -> list[str]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import model as model_mod, registry
-from graphopt.errors import GraphoptError
+from graphopt import model as model_mod, registry, verify
+from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.steps import ExactStep, Options, Stage, Step, StepRecord
 
@@ -29,6 +29,7 @@ class PlanResult:
     feeds: dict[str, np.ndarray] | None  # the check feeds, as the final model takes them
     approximate: bool  # an approximate step ran: the final model is compared by fidelity
     notes: list[str]
+    checker: bool = True  # the input passes onnx.checker's full check, so the output must too
 
 
 @dataclasses.dataclass
@@ -40,16 +41,25 @@ class Plan:
         return [s.name for s in self.steps]
 
     def run(self, model: Model, *, feeds: Mapping[str, np.ndarray] | None = None, check: bool = True,
-            explain: bool = False, progress: Progress | None = None, check_every: int = 1) -> PlanResult:
+            explain: bool = False, progress: Progress | None = None, check_every: int = 1,
+            reference: Mapping[str, np.ndarray] | None = None, allow_unchecked: bool = False) -> PlanResult:
         """Run every step on `model` in place. `feeds`: inputs for the checks (with `check`) and
-        for the lowering measurements; without them nothing is checked. `check_every`: exact
-        steps that changed the model are checked in groups of this many (0: one group, checked
-        before the first approximate or lowering step and at the end); steps that changed
-        nothing are not run again."""
+        for the lowering measurements; without them nothing is checked. `reference`: the
+        model's outputs on `feeds`, when the caller has run it already. A model that does not
+        run on `feeds` is an InputError, unless `allow_unchecked` (then nothing is compared,
+        and a note says so). `check_every`: exact steps that changed the model are checked in
+        groups of this many (0: one group, checked before the first approximate or lowering
+        step and at the end); steps that changed nothing are not run again. Every step that
+        changed the model must still load (onnx.checker, and onnxruntime where numbers are
+        not compared), or it is rolled back."""
         notes: list[str] = []
-        reference = _reference_outputs(model, feeds, notes) if feeds is not None and check else None
+        if reference is None and feeds is not None and check:
+            reference = _reference_outputs(model, feeds, notes, allow_unchecked)
+        if given_problem := verify.load_problem(model, runtime=False):
+            notes.append(f"the input model does not pass onnx.checker ({given_problem}): steps are kept if they load "
+                         "in onnxruntime, not checked against onnx.checker")
         stage = Stage(model, dict(feeds) if feeds is not None else None, reference, explain, given=model.clone(),
-                      check_every=check_every, mapped=model_mod.mapped_tensors(model.ir))
+                      check_every=check_every, mapped=model_mod.mapped_tensors(model.ir), checker=given_problem is None)
         records = []
         for index, step in enumerate(self.steps):
             if progress:
@@ -60,7 +70,8 @@ class Plan:
         stage.unmap()  # what is saved next is copied file to file
         if progress:
             progress(len(self.steps), len(self.steps), "done")
-        return PlanResult(stage.model, records, reference, stage.outputs, stage.feeds, stage.approximate, notes)
+        return PlanResult(stage.model, records, reference, stage.outputs, stage.feeds, stage.approximate, notes,
+                          stage.checker)
 
 
 def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = None, target: str | None = None,
@@ -80,11 +91,13 @@ def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = 
     return Plan(steps)
 
 
-def _reference_outputs(model: Model, feeds, notes: list[str]):
-    from graphopt import verify
-
+def _reference_outputs(model: Model, feeds, notes: list[str], allow_unchecked: bool):
     try:
         return verify.run(model, feeds)
     except GraphoptError as exc:
-        notes.append(f"per-pass numeric checks are off: the input model does not run in onnxruntime ({exc})")
+        if not allow_unchecked:
+            raise InputError(f"the model does not run on these inputs, so no step could be checked: {exc}".rstrip("."),
+                             hint="pass inputs it runs on (--inputs data.npz or --dims), or --allow-unchecked "
+                                  "to write the output without numeric checks") from None
+        notes.append(f"not checked numerically (--allow-unchecked): the input model does not run in onnxruntime ({exc})")
         return None

@@ -11,13 +11,15 @@ tags every node a rule creates with the rule's name in its metadata.
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import enum
 import logging
 from typing import Any, ClassVar
 
 from graphopt import functions
-from graphopt.ir import MatchingTracer, MatchStatus, RewriteRuleClassBase, RewriteRuleSet, common_passes, ir
+from graphopt.ir import (MatchingTracer, MatchStatus, NodeOutputPattern, RewriteRuleClassBase, RewriteRuleSet,
+                         StringConstantPattern, common_passes, ir)
 from graphopt.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -102,8 +104,11 @@ class RulePass(Pass):
     @functools.cache
     def _rule_set(rule_cls: type[Rule]) -> RewriteRuleSet:
         """Built once per process: commuting a pattern copies it 2^k times (k commutative nodes).
-        Safe to share because graphopt rules keep no per-model state."""
-        return RewriteRuleSet([rule_cls.rule(**v) for v in rule_cls.variants], commute=rule_cls.commute)
+        Safe to share because graphopt rules keep no per-model state. Each rule is anchored
+        (`_Anchors`): tried only at nodes where a match can be rooted."""
+        rule_set = RewriteRuleSet([rule_cls.rule(**v) for v in rule_cls.variants], commute=rule_cls.commute)
+        rule_set.anchors = _Anchors(rule_set.rules)
+        return rule_set
 
     def run(self, model: ir.Model) -> dict[str, int]:
         counts = {rule.__name__: 0 for rule in self.rules}
@@ -112,7 +117,9 @@ class RulePass(Pass):
         for _ in range(self.max_rounds):
             fired = 0
             for rule in rules:
-                n = self._rule_set(rule).apply_to_model(model)
+                rule_set = self._rule_set(rule)
+                with rule_set.anchors.on(model) as anywhere:
+                    n = rule_set.apply_to_model(model) if anywhere else 0
                 counts[rule.__name__] += n
                 fired += n
             if not fired:
@@ -128,7 +135,10 @@ class RulePass(Pass):
         best: dict[tuple[str, int], tuple[int, str]] = {}
         for rule in self.rules:
             tracer = MatchingTracer()
-            self._rule_set(rule).apply_to_model(model, tracer=tracer)
+            rule_set = self._rule_set(rule)
+            with rule_set.anchors.on(model) as anywhere:
+                if anywhere:
+                    rule_set.apply_to_model(model, tracer=tracer)
             for infos in tracer.best_matches_map.values():
                 for info in infos:
                     matched = len(info.match_result.nodes)
@@ -139,6 +149,83 @@ class RulePass(Pass):
                         best[key] = (score, _near_miss_line(rule.__name__, info))
         return [line for _, line in sorted(best.values(), key=lambda x: -x[0])]
 
+
+
+class _Anchors:
+    """Where each rule of a rule set can match, so that matching costs what the graph holds,
+    not rules x nodes (a commuted pattern has hundreds of copies; each copy tried at every
+    node made fuse-activations take 48 s on a 3,600-node model).
+
+    A single-output pattern matches at its output node, walking producers from there, so a
+    match's root is a node of the pattern's output op type lying at most (pattern nodes - 1)
+    consumer steps below a node of each op type in the pattern. The rarest such op type in
+    the model is the anchor; the roots are the nodes that close to one of its nodes. Nodes a
+    rewrite adds during a round are not roots until the next round (a RulePass runs rounds
+    until none fires). Patterns with several outputs, or an op type given by a variable, are
+    tried everywhere, as onnxscript does."""
+
+    def __init__(self, rules) -> None:
+        self.rules = rules
+        self.roots: dict[int, frozenset | None] = {}  # id(rule) -> the nodes it may be rooted at (None: any)
+        for rule in rules:
+            rule.try_rewrite = self._anchored(rule, rule.try_rewrite)
+
+    def _anchored(self, rule, try_rewrite):
+        def anchored(model, graph, node, **kwargs):
+            roots = self.roots.get(id(rule))
+            if roots is not None and node not in roots:
+                return None
+            return try_rewrite(model, graph, node, **kwargs)
+        return anchored
+
+    @contextlib.contextmanager
+    def on(self, model: ir.Model):
+        """Anchor the rules on `model` for the duration; yields whether any rule can match."""
+        nodes = [*ir.traversal.RecursiveGraphIterator(model.graph), *(n for f in model.functions.values() for n in f)]
+        by_op: dict[tuple[str, str], list] = {}
+        for node in nodes:
+            by_op.setdefault((_domain(node.domain), node.op_type), []).append(node)
+        found: dict[tuple, frozenset] = {}
+        for rule in self.rules:
+            key = _anchor_key(rule, by_op)
+            if key is not None and key not in found:
+                anchor, depth, root = key
+                found[key] = _below(by_op.get(anchor, ()), depth) & frozenset(by_op.get(root, ()))
+            self.roots[id(rule)] = None if key is None else found[key]
+        try:
+            yield any(roots is None or roots for roots in self.roots.values())  # False: no rule can match anywhere
+        finally:
+            self.roots.clear()
+
+
+def _anchor_key(rule, by_op) -> tuple | None:
+    """(anchor op, depth, root op) of a rule's pattern, or None when it cannot be anchored."""
+    pattern = rule._target_pattern
+    if len(pattern.output_nodes) != 1:
+        return None
+    root = pattern.output_nodes[0]
+    ops, frontier = [], [root]
+    while frontier:  # every node a match must contain: not those under an alternative (OrValue)
+        node = frontier.pop()
+        if not isinstance(node.domain, StringConstantPattern) or not isinstance(node.op, StringConstantPattern):
+            return None
+        ops.append((_domain(node.domain.value()), node.op.value()))
+        frontier += [v.producer() for v in node.inputs if isinstance(v, NodeOutputPattern)]
+    anchor = min(set(ops), key=lambda op: len(by_op.get(op, ())))
+    return anchor, len(pattern._nodes), ops[0]
+
+
+def _domain(domain: str | None) -> str:
+    return "" if domain in (None, "", "ai.onnx") else domain
+
+
+def _below(starts, depth: int) -> frozenset:
+    """`starts` and every node at most `depth` consumer steps below one of them."""
+    seen, frontier = set(starts), list(starts)
+    for _ in range(depth):
+        frontier = [user for node in frontier for out in node.outputs for user, _ in out.uses() if user not in seen]
+        seen.update(frontier)
+    return frozenset(seen)
 
 
 def _op_types(model: ir.Model) -> set[str]:

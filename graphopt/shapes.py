@@ -13,12 +13,22 @@ import logging
 import onnx
 
 from graphopt.ir import ir, onnx_api_call
+from graphopt.model import fingerprint
 
 logger = logging.getLogger(__name__)
 
 
+INFERRED = "graphopt.shapes_inferred_for"  # model.meta: the structure shapes were last inferred for
+
+
 def infer_shapes(model: ir.Model) -> bool:
-    """Best effort: on failure log and leave the model unchanged. Returns whether anything changed."""
+    """Best effort: on failure log and leave the model unchanged. Returns whether anything changed.
+    A model whose structure and input types have not changed since the last inference is not
+    inferred again (passes that need shapes run back to back on a 3,600-node model: 0.6 s each)."""
+    key = (fingerprint(model), tuple((v.name, str(v.type), str(v.shape)) for v in model.graph.inputs))
+    if model.meta.get(INFERRED) == key:
+        return False
+    model.meta[INFERRED] = key
     try:
         inferred = ir.serde.deserialize_model(onnx_api_call(lambda p: onnx.shape_inference.infer_shapes(p, data_prop=True), model))
     except Exception as exc:  # exotic models can trip onnx's shape inference

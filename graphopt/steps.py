@@ -29,7 +29,7 @@ import numpy as np
 from graphopt import fidelity, model as model_mod, verify
 from graphopt.errors import GraphoptError
 from graphopt.ir import ir
-from graphopt.model import Model
+from graphopt.model import Model, fingerprint
 from graphopt.rewrite import Pass, PassKind
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,15 @@ class Stage:
     check_every: int = 1  # exact steps that changed the model are checked in groups of this many (0: once, at the end)
     pending: list = dataclasses.field(default_factory=list)  # (record, snapshot before it) not yet checked
     mapped: list = dataclasses.field(default_factory=list)  # the input's memory-mapped weights (model.mapped_tensors)
+    checker: bool = True  # onnx.checker's full check holds for the input, so every step must keep it
+
+    def load_problem(self, *, runtime: bool) -> str | None:
+        """Why the stage's model would not load (onnx.checker where the input passes it; with
+        `runtime`, an onnxruntime session), or None. Run after every step that changed the
+        model, so that nothing invalid is kept, whether or not its numbers can be compared."""
+        if not self.checker and not runtime:
+            return None
+        return verify.load_problem(self.model, runtime=runtime, checker=self.checker)
 
     def unmap(self, *, live: bool = True) -> None:
         """Weights held once: close the maps of the input's weights no model of the stage reads
@@ -145,7 +154,7 @@ class ExactStep(Step):
     def run(self, stage: Stage) -> StepRecord:
         model, p = stage.model, self.p
         snapshot = model.ir.clone()
-        before = fingerprint(model.ir) if stage.outputs is not None else None
+        before = fingerprint(model.ir)
         near_misses = p.near_misses(model.ir) if stage.explain else []
         start = time.perf_counter()
         try:
@@ -159,10 +168,17 @@ class ExactStep(Step):
         record = StepRecord(p.name, str(p.kind), rewrites, time.perf_counter() - start,
                             "applied" if sum(rewrites.values()) else "no-op", near_misses=near_misses)
         stage.unmap(live=False)
-        if stage.outputs is None:
-            return record
         if not sum(rewrites.values()) and fingerprint(model.ir) == before:
-            record.check = {"skipped": "the pass changed nothing"}
+            if stage.outputs is not None:
+                record.check = {"skipped": "the pass changed nothing"}
+            return record
+        if problem := stage.load_problem(runtime=stage.outputs is None):  # a numeric check loads it in onnxruntime
+            model.ir = snapshot
+            record.status, record.note = "rolled-back", f"the rewritten model does not load: {problem}; rolled back"
+            record.check = {"passed": False, "error": problem}
+            logger.warning("step %s made a model that does not load (%s); rolled back", p.name, problem)
+            return record
+        if stage.outputs is None:
             return record
         exact = p.kind != PassKind.APPROXIMATE
         if not exact or stage.check_every == 1:
@@ -172,18 +188,6 @@ class ExactStep(Step):
         if stage.check_every and len(stage.pending) >= stage.check_every:
             stage.settle()
         return record
-
-
-def fingerprint(model: ir.Model) -> tuple:
-    """What a pass can change, cheaply: every node's op and wiring, every initializer's tensor
-    object (rewrites make new tensors; none edits one in place), the functions."""
-    graph = model.graph
-    return (tuple((n.domain, n.op_type, tuple(id(v) for v in n.inputs), tuple(id(v) for v in n.outputs),
-                   tuple((k, id(a.value) if a.type == ir.AttributeType.TENSOR else repr(a.value))
-                         for k, a in n.attributes.items()))
-                  for n in graph),
-            tuple((name, id(v.const_value)) for name, v in graph.initializers.items()),
-            tuple(id(v) for v in graph.outputs), tuple(sorted(model.functions)))
 
 
 QUANTIZED_EQUAL_COSINE = 1 - 1e-5
@@ -258,6 +262,10 @@ class ApproximateStep(Step):
         stage.settle()
         start = time.perf_counter()
         made = self.approximate(stage.model)
+        if stage.checker and (problem := verify.load_problem(made.model, runtime=False)):  # made on a copy: nothing to undo
+            return StepRecord(self.name, str(self.kind), {}, time.perf_counter() - start, "rolled-back",
+                              check={"passed": False, "error": problem},
+                              note=f"the approximate model does not load: {problem}; rolled back")
         stage.model.ir = made.model.ir
         stage.approximate = True
         if stage.feeds is not None and made.convert is not None:
@@ -326,5 +334,9 @@ class LoweringStep(Step):
             stage.approximate, stage.outputs = True, None
             return record
         if stage.outputs is None:
+            if problem := stage.load_problem(runtime=False):  # the target may not be onnxruntime's CPU provider
+                stage.model.ir = snapshot
+                record.status, record.note = "rolled-back", f"the lowered model does not load: {problem}; rolled back"
+                record.check = {"passed": False, "error": problem}
             return record
         return check_equal(stage, record, snapshot)

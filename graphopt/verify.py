@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import onnx
 
-from graphopt import exporters, feeds as feeds_mod, importers
+from graphopt import exporters, feeds as feeds_mod, fitting, importers
 from graphopt.backends import ort as ort_backend
-from graphopt.errors import InputError
+from graphopt.errors import BackendError, InputError, first_line
 from graphopt.model import Model
 
 # (rtol, atol) per dtype: fp32 is tight enough that a wrong rewrite cannot hide.
@@ -87,12 +88,33 @@ def run(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return ort_backend.session(loadable).run({**feeds, **weights})
 
 
+def load_problem(model: Model, *, runtime: bool = True, checker: bool = True) -> str | None:
+    """Why `model` would not load in an ONNX consumer, or None: onnx.checker's full check
+    (types and shapes inferred strictly), then, with `runtime`, an onnxruntime session. Only
+    the graph is serialized (large weights become graph inputs), so this is cheap enough to
+    run after every step whose numbers cannot be compared."""
+    with exporters.ort_weightless(model) as (loadable, _):
+        try:
+            if checker:
+                onnx.checker.check_model(loadable, full_check=True)
+        except Exception as exc:  # onnx raises ValidationError, InferenceError and others
+            return f"onnx.checker refuses it: {first_line(exc)}"
+        if runtime:
+            try:
+                ort_backend.session(loadable)
+            except BackendError as exc:
+                return str(exc).rstrip(".")
+    return None
+
+
 def resolve_inputs(
     model: Model, inputs: Any = None, *, seed: int = 0, dims: Mapping[str, int] | None = None
 ) -> tuple[dict[str, np.ndarray], str]:
-    """Feeds from an .npz path, a dict of arrays, or seeded generation; with a description."""
+    """Feeds from an .npz path, a dict of arrays, or seeded generation at sizes the model runs
+    at (graphopt/fitting.py); with a description."""
     if inputs is None:
-        return feeds_mod.make_inputs(model, seed=seed, dims=dims), f"generated (seed {seed})"
+        found = fitting.fit(model, run, seed=seed, dims=dims)
+        return found.feeds, found.describe(seed)
     if isinstance(inputs, (str, os.PathLike)):
         return feeds_mod.load_inputs(inputs, model), os.fspath(inputs)
     arrays = {k: np.asarray(v) for k, v in inputs.items()}

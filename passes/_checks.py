@@ -12,8 +12,11 @@ def forwarding_blocker(source: ir.Value, replaced: ir.Value) -> str | None:
 
     onnxscript's replacement hands `replaced`'s name to `source`. That renames the
     model's interface when `source` is a graph input or an initializer, and merges
-    two outputs into one when both are graph outputs. (fold-constants forwards
-    initializers through Identity itself.)
+    two outputs into one when both are graph outputs. A subgraph (an If branch, a Loop
+    or Scan body) cannot return a value of an enclosing graph directly: onnxruntime
+    refuses such a model ("an outer scope value being returned directly"), so an
+    Identity that returns an outer value from a subgraph stays. (fold-constants
+    forwards initializers through Identity itself.)
     """
     if source.is_graph_input():
         return f"'{source.name}' is a graph input; forwarding it would rename it to '{replaced.name}'"
@@ -21,7 +24,15 @@ def forwarding_blocker(source: ir.Value, replaced: ir.Value) -> str | None:
         return f"'{source.name}' is an initializer; forwarding it would rename it to '{replaced.name}'"
     if replaced.is_graph_output() and source.is_graph_output():
         return f"'{replaced.name}' and '{source.name}' are both graph outputs"
+    if replaced.is_graph_output() and _owner(source) is not _owner(replaced):
+        return f"'{replaced.name}' is a subgraph output and '{source.name}' comes from an enclosing graph"
     return None
+
+
+def _owner(value: ir.Value) -> ir.Graph | None:
+    """The graph that defines `value`: its producer's, or the graph it is an input of."""
+    node = value.producer()
+    return node.graph if node is not None else value.graph
 
 
 def inference_batchnorm_blocker(bn: ir.Node) -> str | None:

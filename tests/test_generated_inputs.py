@@ -1,6 +1,6 @@
 """Inputs of every type (issue 14, item 3): strings, sequences and optional inputs are generated,
-and a model whose inputs cannot be generated is optimized anyway with a note saying what was not
-checked. The matrix: every ONNX backend node case with such an input that onnxruntime runs."""
+and a model whose inputs cannot be generated stops (issue 27) unless unchecked output is allowed,
+then is optimized with a note saying what was not checked. The matrix: every ONNX backend node case with such an input that onnxruntime runs."""
 
 from __future__ import annotations
 
@@ -40,15 +40,19 @@ def test_strings_sequences_and_optionals_are_generated():
     assert result.report.validation is not None and result.report.validation.passed
 
 
-def test_an_input_that_cannot_be_generated_is_optimized_unchecked_and_said():
+def test_an_input_that_cannot_be_generated_stops_unless_unchecked_is_allowed():
+    """Issue 27: checks are never switched off without asking; with allow_unchecked the run goes
+    on unchecked and says so."""
     unknown = oh.make_sequence_type_proto(oh.make_tensor_type_proto(1, None))  # elements of no known shape
     model = _model([oh.make_value_info("m", unknown)], [oh.make_node("SequenceLength", ["m"], ["y"])],
                    [oh.make_tensor_value_info("y", 7, [])])
     with pytest.raises(feeds.CannotGenerate):
         feeds.make_inputs(model)
-    result = graphopt.optimize(model)
+    with pytest.raises(feeds.CannotGenerate, match="input 'm' has no shape"):
+        graphopt.optimize(model)
+    result = graphopt.optimize(model, allow_unchecked=True)
     assert result.report.validation is None
-    assert any(n.startswith("not checked numerically: input 'm' has no shape") for n in result.report.notes)
+    assert any(n.startswith("not checked numerically (--allow-unchecked): input 'm' has no shape") for n in result.report.notes)
 
 
 def _non_numeric_cases() -> list[str]:
@@ -71,7 +75,7 @@ def test_node_cases_with_non_numeric_inputs_optimize_without_user_inputs(name):
     except node_suite.NotRunnable as exc:
         pytest.skip(f"onnxruntime itself does not run this case correctly: {exc}")
     model = graphopt.load(case.model)
-    result = graphopt.optimize(model)  # no inputs: generated ones check every step, or a note says why not
+    result = graphopt.optimize(model, allow_unchecked=True)  # generated inputs check every step, or a note says why not
     checked = result.report.validation is not None
     assert checked or any("not checked" in n or "checks are off" in n for n in result.report.notes), result.report.notes
     if checked:
