@@ -192,7 +192,7 @@ def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int]
         words = ["".join(rng.choice(ALPHABET, int(n))) for n in lengths.ravel()]
         return np.array(words, dtype=object).reshape(shape)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # an array even for a scalar (onnxruntime takes no numpy.bool)
     if dtype.kind in "iu":
         if "mask" in name:
             return np.ones(shape, dtype)
@@ -206,7 +206,7 @@ def _make_one(value: ir.Value, rng: np.random.Generator, dims: Mapping[str, int]
             return np.zeros(shape, dtype)
         high = _index_bound(value) or 2
         return rng.integers(0, high, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
+    return np.asarray(rng.standard_normal(shape), dtype=dtype)
 
 
 def _tensor_dtype(type_) -> np.dtype | None:
