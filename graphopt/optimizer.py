@@ -14,6 +14,7 @@ from graphopt.report import Report
 from graphopt.steps import Options
 
 PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
+STANDARD_CONTRIB = "standardize-contrib-ops"  # before it, unless an onnxruntime target wants contrib ops
 RUNTIME_KEY = "graphopt.runtime"  # model metadata: the runtime --target cpu chose (backends/cpu.py writes it)
 PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "int4", "auto")
 
@@ -97,7 +98,7 @@ def optimize(
                       use_cache=use_cache, precision=precision, target=target, progress=step_progress,
                       max_window=max_window, features=features)
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
-                          finish=[PORTABLE] if portable else [])
+                          finish=_portable_passes(target) if portable else [])
     feeds = source_desc = reference = None
     unchecked: list[str] = []
     if check_every < 0:
@@ -127,11 +128,16 @@ def optimize(
         validation=validation,
         before=summary.summarize(source),
         after=summary.summarize(result.model),
-        notes=unchecked + result.notes + ([] if unchecked else _input_notes(validate, inputs)) + _precision_notes(precision, target) + (
+        notes=unchecked + result.notes + _portable_notes(result.model, portable, target) + ([] if unchecked else _input_notes(validate, inputs)) + _precision_notes(precision, target) + (
             ["approximate steps ran: outputs are compared by the fidelity report, not validated as equal"]
             if result.approximate else []),
     )
     return OptimizeResult(result.model, report)
+
+
+def _portable_passes(target: str | None) -> list[str]:
+    """Standard ONNX only; contrib ops stay only for the onnxruntime targets that chose them."""
+    return [PORTABLE] if target and target.startswith("ort-") else [STANDARD_CONTRIB, PORTABLE]
 
 
 def _check_loads(result: plan_mod.PlanResult) -> None:
@@ -143,6 +149,15 @@ def _check_loads(result: plan_mod.PlanResult) -> None:
     if problem := verify.load_problem(result.model, runtime=runtime, checker=result.checker):
         raise GraphoptError(f"the optimized model does not load ({problem}); nothing was written",
                             hint="rerun with --debug and report it, or pick passes with --passes to avoid the one that broke it")
+
+
+def _portable_notes(model: Model, portable: bool, target: str | None) -> list[str]:
+    from graphopt.passes import contrib
+
+    if not (portable or target == "cpu") or (target or "").startswith("ort-"):
+        return []
+    note = contrib.remaining_note(model.ir)
+    return [note] if note else []
 
 
 def _precision_notes(precision: str | None, target: str | None) -> list[str]:

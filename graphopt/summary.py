@@ -22,12 +22,14 @@ def summarize(model: Model, *, attention: bool = False) -> dict[str, Any]:
     m = model.ir
     op_counts = Counter(str(ops.OpId(n.domain, n.op_type)) for n in ir.traversal.RecursiveGraphIterator(m.graph))
     params = [v for g in m.graphs() for v in g.initializers.values() if v.const_value is not None]
+    in_constants = constant_weights(m)
     return {
         "inputs": [_value_info(v) for v in m.graph.inputs if not v.is_initializer()],
         "outputs": [_value_info(v) for v in m.graph.outputs],
         "op_counts": dict(sorted(op_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         "num_nodes": count_nodes(m),
-        "num_params": int(sum(v.const_value.size for v in params)),
+        "num_params": int(sum(v.const_value.size for v in params)) + int(sum(t.size for t in in_constants)),
+        "constant_params": int(sum(t.size for t in in_constants)),  # of num_params: held in Constant nodes
         "param_bytes": model.parameter_bytes(),
         "opsets": {(k or "ai.onnx"): v for k, v in sorted(m.opset_imports.items())},
         "functions": [f"{f.domain}::{f.name}" for f in m.functions.values()],
@@ -36,6 +38,19 @@ def summarize(model: Model, *, attention: bool = False) -> dict[str, Any]:
         "source": str(model.source) if model.source else None,
         **({"attention": attention_layers(model)} if attention else {}),
     }
+
+
+def constant_weights(model: ir.Model) -> list[ir.TensorProtocol]:
+    """Weights held in Constant nodes (Paddle and some torch exports write every weight so):
+    float tensors of more than one element in a Constant's `value`, in every graph."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if (ops.normalize_domain(node.domain), node.op_type) != ops.CONSTANT or "value" not in node.attributes:
+            continue
+        tensor = node.attributes["value"].value
+        if tensor.dtype.is_floating_point() and tensor.size > 1:
+            found.append(tensor)
+    return found
 
 
 def attention_layers(model: Model) -> list[dict[str, Any]]:
