@@ -31,13 +31,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from graphopt import exporters, machine, registry, timing, verify
+from graphopt import exporters, machine, model as model_mod, registry, timing, verify
 from graphopt.errors import GraphoptError, first_line
 from graphopt.model import Model
 from graphopt.steps import Lowering, LoweringStep, Stage
 from graphopt.backends import ort_select
 
-RUNTIME_KEY = "graphopt.runtime"  # "onnxruntime" or "openvino"
+RUNTIME_KEY = model_mod.RUNTIME_KEY  # "onnxruntime" or "openvino", defined once in the core
 PRECISION_KEY = "graphopt.openvino.precision"
 REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
 PRUNE = 1.5  # a candidate this many times slower than the fastest after the screening rounds is out

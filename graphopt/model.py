@@ -8,6 +8,8 @@ from pathlib import Path
 
 from graphopt.ir import ir
 
+RUNTIME_KEY = "graphopt.runtime"  # model metadata: the runtime --target cpu chose ("onnxruntime" or "openvino")
+
 
 @dataclasses.dataclass
 class Model:

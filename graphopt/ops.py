@@ -18,6 +18,8 @@ GRAPHOPT_DOMAIN = "graphopt"
 SCHEMA_DOMAINS = (*ONNX_DOMAIN_ALIASES, ONNX_ML_DOMAIN, ONNX_TRAINING_DOMAIN)
 # Domains onnxruntime implements without schemas in `onnx`.
 RUNTIME_DOMAINS = (ORT_CONTRIB_DOMAIN,)
+# Who runs the ops of a non-standard domain (the portable output's note names them).
+RUNTIMES = {ORT_CONTRIB_DOMAIN: "onnxruntime only"}
 
 
 class OpId(NamedTuple):

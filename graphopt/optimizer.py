@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graphopt import feeds as feeds_mod, fitting, importers, plan as plan_mod, presets, summary, verify
+from graphopt import feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, summary, verify
 from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -15,7 +15,6 @@ from graphopt.steps import Options
 
 PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
 STANDARD_CONTRIB = "standardize-contrib-ops"  # before it, unless an onnxruntime target wants contrib ops
-RUNTIME_KEY = "graphopt.runtime"  # model metadata: the runtime --target cpu chose (backends/cpu.py writes it)
 PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "int4", "auto")
 
 
@@ -144,7 +143,7 @@ def _check_loads(result: plan_mod.PlanResult) -> None:
     """Nothing invalid leaves: the output passes onnx.checker (where the input does) and, when
     no numbers were compared (where a run would have loaded it), loads in onnxruntime. Every
     step was checked so already; this is the last line, and failing it is a graphopt bug."""
-    meant_for_ort = result.model.ir.metadata_props.get(RUNTIME_KEY, "onnxruntime") == "onnxruntime"
+    meant_for_ort = result.model.ir.metadata_props.get(model_mod.RUNTIME_KEY, "onnxruntime") == "onnxruntime"
     runtime = result.reference_outputs is None and not result.approximate and meant_for_ort
     if problem := verify.load_problem(result.model, runtime=runtime, checker=result.checker):
         raise GraphoptError(f"the optimized model does not load ({problem}); nothing was written",
@@ -152,11 +151,9 @@ def _check_loads(result: plan_mod.PlanResult) -> None:
 
 
 def _portable_notes(model: Model, portable: bool, target: str | None) -> list[str]:
-    from graphopt.passes import contrib
-
     if not (portable or target == "cpu") or (target or "").startswith("ort-"):
         return []
-    note = contrib.remaining_note(model.ir)
+    note = summary.nonstandard_note(model.ir)
     return [note] if note else []
 
 

@@ -63,3 +63,25 @@ def attention_layers(model: Model) -> list[dict[str, Any]]:
 def _value_info(v: ir.Value) -> dict[str, Any]:
     shape = None if v.shape is None else [d if isinstance(d, int) else (d.value or "?") for d in v.shape]
     return {"name": v.name, "dtype": str(v.dtype.name.lower()) if v.dtype is not None else str(v.type), "shape": shape}
+
+
+def nonstandard_ops(model: ir.Model) -> Counter:
+    """Non-standard ops left in the model (graphopt functions excluded: make-portable inlines
+    them), as {"domain::op": count}."""
+    found: Counter = Counter()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if ops.normalize_domain(node.domain) not in (*ops.SCHEMA_DOMAINS, ops.GRAPHOPT_DOMAIN):
+            found[str(ops.OpId(node.domain, node.op_type))] += 1
+    return found
+
+
+def nonstandard_note(model: ir.Model) -> str | None:
+    """A warning naming the non-standard ops a portable model keeps and who runs them."""
+    left = nonstandard_ops(model)
+    if not left:
+        return None
+    listed = ", ".join(f"{op} x{n}" for op, n in sorted(left.items()))
+    domains = sorted({op.split("::")[0] for op in left})
+    who = "; ".join(f"{d}: {ops.RUNTIMES.get(d, 'its own runtime only')}" for d in domains)
+    return (f"the portable model keeps non-standard ops with no exact standard form: {listed} ({who}); "
+            "other ONNX consumers (OpenVINO, TVM) may not load it")

@@ -2,7 +2,7 @@
 
 ORT-optimized graphs (the output of onnxruntime's graph optimizer, saved; some shipped models
 are) hold `com.microsoft` ops that only onnxruntime runs. `make-portable` converts those with a
-standard form here and names the rest (`remaining`). Each converter is one identity:
+standard form here; `summary.nonstandard_note` names the rest. Each converter is one identity:
 
     FastGelu(x[, b])                       = Gelu(x + b, approximate="tanh")           (opset >= 20)
     Gelu(x), BiasGelu(x, b)                = Gelu(x [+ b])                             (opset >= 20)
@@ -16,12 +16,11 @@ Preconditions, per converter:
     2. Only the outputs the standard form computes are read (SkipLayerNormalization's mean and
        inverse std outputs are not).
     3. FusedMatMul: transBatchA / transBatchB are 0, and the rank is known where a transpose is needed.
-A node that fails a precondition stays, and `remaining` names it.
+A node that fails a precondition stays, and the portable output's note names it.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -35,8 +34,6 @@ from graphopt.rewrite import RULE_TAG, Pass, PassKind
 
 GELU_OPSET, LAYER_NORM_OPSET = 20, 17
 RULE = "StandardizeContribOp"
-# Who runs an op of a domain graphopt leaves in place (for the warning that names them).
-RUNTIMES = {ops.ORT_CONTRIB_DOMAIN: "onnxruntime only"}
 
 
 def _gelu(graph, node, opset) -> list[ir.Node] | None:
@@ -135,25 +132,3 @@ class StandardizeContribOps(Pass):
                 graph.remove(node, safe=True)
                 done += 1
         return {RULE: done}
-
-
-def remaining(model: ir.Model) -> Counter:
-    """Non-standard ops left in the model (graphopt functions excluded: make-portable inlines
-    them), as {"domain::op": count}."""
-    found: Counter = Counter()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if ops.normalize_domain(node.domain) not in (*ops.SCHEMA_DOMAINS, ops.GRAPHOPT_DOMAIN):
-            found[str(ops.OpId(node.domain, node.op_type))] += 1
-    return found
-
-
-def remaining_note(model: ir.Model) -> str | None:
-    """A warning naming the non-standard ops a portable model keeps and who runs them."""
-    left = remaining(model)
-    if not left:
-        return None
-    listed = ", ".join(f"{op} x{n}" for op, n in sorted(left.items()))
-    domains = sorted({op.split("::")[0] for op in left})
-    who = "; ".join(f"{d}: {RUNTIMES.get(d, 'its own runtime only')}" for d in domains)
-    return (f"the portable model keeps non-standard ops with no exact standard form: {listed} ({who}); "
-            "other ONNX consumers (OpenVINO, TVM) may not load it")
