@@ -188,15 +188,9 @@ def _readers_through(value: ir.Value, depth: int = 4) -> list[ir.Node]:
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        if producer is None or producer.op_type != "Constant" or "value" not in producer.attributes:
-            return None
-        tensor = producer.attributes["value"].value
+    """An initializer's or Constant node's contents (onnx_ir's get_const_tensor), or None."""
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
     try:
-        return tensor.numpy()
+        return None if tensor is None else tensor.numpy()
     except Exception:  # a type numpy cannot hold
         return None
