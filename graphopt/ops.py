@@ -49,6 +49,22 @@ NONDETERMINISTIC = frozenset(
     for name in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
 )
 
+# Reductions with `keepdims` (axes as attribute below opset 18, as input from 18; ReduceSum from 13).
+REDUCTIONS = frozenset(
+    OpId(ONNX_DOMAIN, name)
+    for name in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare",
+                 "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")
+)
+
+# Elementwise ops with numpy broadcasting: each output element depends on the same position
+# of its inputs only, so inserting unit axes into every input inserts them into the output.
+ELEMENTWISE = frozenset(
+    OpId(ONNX_DOMAIN, name)
+    for name in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp",
+                 "Log", "Relu", "Sigmoid", "Tanh", "Erf", "Cast", "Identity", "Clip", "Where", "Equal", "Less",
+                 "Greater", "Not", "Floor", "Ceil")
+)
+
 
 def normalize_domain(domain: str) -> str:
     return ONNX_DOMAIN if domain in ONNX_DOMAIN_ALIASES else domain

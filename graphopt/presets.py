@@ -20,6 +20,9 @@ _CLEANUP = (
 
 _EXACT = (
     *_CLEANUP[:-1],  # cleanup first: rules see folded constants (Identity/Cast-wrapped weights unwrapped)
+    # Before every fusion: jax2tf's reductions drop their axes and broadcast them back, and
+    # the norm and softmax patterns are written with the axes kept.
+    "restore-keepdims",
     # Norm fusion after identity elimination: legacy exports wrap RMSNorm in same-type Casts
     # that would otherwise sit between the norm and its weight.
     "fuse-norms",

@@ -63,13 +63,15 @@ def specialize(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
         for out in node.outputs:
             out.shape = None
     infer_shapes(work.ir)
-    for _ in range(4):  # fills unlock folding, folding unlocks fills
+    for _ in range(8):  # fills unlock folding, folding unlocks fills and shapes, shapes unlock folding
         for name in ("fold-constants", "eliminate-dead-code"):
             registry.get(name)(work.ir)
-        infer_shapes(work.ir)
-        if not _materialize_fills(graph):
+        reshaped = infer_shapes(work.ir)  # a Pad whose pads just folded gets a static shape: fold its Shape next
+        filled = _materialize_fills(graph)
+        if filled:
+            infer_shapes(work.ir)
+        elif not reshaped:
             break
-        infer_shapes(work.ir)
     return work
 
 

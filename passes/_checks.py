@@ -95,6 +95,20 @@ def constant_blocker(value: ir.Value | None, expected: float, role: str, rtol: f
     return None
 
 
+def reduced_axes(node: ir.Node) -> tuple[int, ...] | None:
+    """The axes a reduction reduces, normalized; None when unknown or all (no axes)."""
+    rank = None if node.inputs[0].shape is None else len(node.inputs[0].shape)
+    if rank is None:
+        return None
+    axes = node.attributes.get_ints("axes", None)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = const_array(node.inputs[1])
+        axes = None if array is None else [int(a) for a in array.reshape(-1)]
+    if not axes:
+        return None
+    return tuple(sorted(a % rank for a in axes))
+
+
 def last_axis_blocker(reduce: ir.Node, data: ir.Value) -> str | None:
     """A ReduceMean over the last axis only, keeping dims (axes as attribute or input)."""
     if reduce.attributes.get_int("keepdims", 1) != 1:

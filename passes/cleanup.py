@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.ir import MatchResult, common_passes, ir, onnxscript_optimizer
-from graphopt.passes._weights import add_initializer
+from graphopt.passes._weights import add_initializer, const_array
 from graphopt.passes._checks import forwarding_blocker
 from graphopt.summary import count_nodes
 from graphopt.registry import register
@@ -97,14 +97,48 @@ class RemoveIdentityTranspose(Rule):
         return x
 
 
+class RemoveUnitFactor(Rule):
+    """x * 1 = 1 * x = x / 1 = x (exact in IEEE arithmetic, signed zeros and NaNs included).
+
+    Paddle writes swish as x * sigmoid(x * 1.0), which hides the SiLU.
+    Preconditions:
+        1. The factor is a constant with every element 1 and a single element.
+        2. Broadcasting does not grow x: the factor's rank is at most x's (known) rank.
+        3. x is not a graph input or initializer, and not both x and the result are graph outputs.
+    """
+
+    commute = True
+    variants = ({"op": "Mul"}, {"op": "Div"})
+
+    def pattern(self, op, x, one):
+        return op.Mul(x, one) if self.op == "Mul" else op.Div(x, one)
+
+    def check(self, context, x, one, **_):
+        result = MatchResult()
+        factor = const_array(one)
+        if factor is None or factor.size != 1 or factor.reshape(-1)[0] != 1:
+            return result.fail(f"'{one.name}' is not a constant 1", one)
+        rank = None if x.shape is None else len(x.shape)
+        if factor.ndim > 0 and (rank is None or factor.ndim > rank):
+            return result.fail(f"multiplying by '{one.name}' (rank {factor.ndim}) may add a dimension to '{x.name}'", x)
+        if x.dtype is not None and one.dtype is not None and x.dtype != one.dtype:
+            return result.fail(f"'{one.name}' has type {one.dtype}, '{x.name}' {x.dtype}", one)
+        if reason := forwarding_blocker(x, context.output_values[0]):
+            return result.fail(reason, x)
+        return result
+
+    def rewrite(self, op, x, one):
+        return x
+
+
 @register
 class EliminateIdentity(RulePass):
-    """Remove Identity nodes, Casts to the same type and identity Transposes."""
+    """Remove Identity nodes, Casts to the same type, identity Transposes and unit factors."""
 
     name = "eliminate-identity"
     kind = PassKind.EXACT
-    requires_shapes = True  # RemoveSameTypeCast compares element types
-    rules = (RemoveIdentity, RemoveSameTypeCast, RemoveIdentityTranspose)
+    requires_shapes = True  # RemoveSameTypeCast compares element types, RemoveUnitFactor ranks
+    rules = (RemoveIdentity, RemoveSameTypeCast, RemoveIdentityTranspose, RemoveUnitFactor)
 
 
 @register

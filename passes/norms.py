@@ -56,44 +56,124 @@ def _inverse_std(op, std, form: str):
     return op.Div(pattern.Var("one"), std)
 
 
+class SumToMean(Rule):
+    """A sum over axes times one over their size is the mean (jax2tf writes every mean so).
+
+    Math (n the product of x's dims over the reduced axes A):
+        ReduceSum(x, A) * (1 / n) = ReduceSum(x, A) / n = ReduceMean(x, A)
+    Preconditions:
+        1. The axes are constants (not empty) and x's dims over them are static.
+        2. The factor is a scalar constant equal to 1 / n (or the divisor to n).
+    """
+
+    commute = True
+    variants = ({"op": "Mul"}, {"op": "Div"})
+
+    def pattern(self, op, x, factor):
+        total = op.ReduceSum(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["total"])
+        return op.Mul(total, factor) if self.op == "Mul" else op.Div(total, factor)
+
+    def check(self, context, x, factor, total, **_):
+        result = MatchResult()
+        axes = self._axes(total.producer(), x)
+        if axes is None:
+            return result.fail(f"ReduceSum '{total.producer().name}' has no constant axes over static dims", x)
+        n = float(np.prod([x.shape[a] for a in axes]))
+        if reason := constant_blocker(factor, 1 / n if self.op == "Mul" else n, "the factor"):
+            return result.fail(reason, factor)
+        return result
+
+    @staticmethod
+    def _axes(node: ir.Node, x: ir.Value) -> list[int] | None:
+        if x.shape is None or len(node.inputs) < 2 or node.inputs[1] is None:
+            return None
+        array = const_array(node.inputs[1])
+        rank = len(x.shape)
+        if array is None or array.size == 0:
+            return None
+        axes = sorted({int(a) % rank for a in array.reshape(-1)})
+        return axes if all(isinstance(x.shape[a], int) for a in axes) else None
+
+    def rewrite(self, op, x, factor, total, **_):
+        node = total.producer()
+        keepdims = node.attributes.get_int("keepdims", 1)
+        if opset_of(x) >= 18:
+            return op.ReduceMean(x, node.inputs[1], keepdims=keepdims)
+        return op.ReduceMean(x, axes=self._axes(node, x), keepdims=keepdims)
+
+
 class FuseLayerNorm(Rule):
     """Fuse the decomposed LayerNorm core into LayerNormalization with unit scale.
 
-    Math (mean and variance over the last axis):
-        d = x - mean(x);  y = d / sqrt(mean(d * d) + eps)  =  LayerNormalization(x, 1, 0, eps)
-    Forms: d^2 as Pow(d, 2) or Mul(d, d); division as Div(d, std), Mul(d, Reciprocal(std))
-    or Mul(d, Div(1, std)). Not fused: eps added outside the square root,
-    d / (sqrt(var) + eps), which is a different function.
+    Math (mean and variance over the last axis, m = mean(x)):
+        d = x - m;  y = d / sqrt(var + eps)  =  LayerNormalization(x, 1, 0, eps)
+        var = mean(d * d), or the moments form Flax writes: max(mean(x * x) - m * m, 0)
+        (the same in exact arithmetic; onnxruntime's kernel computes it so)
+    Forms: squares as Pow(., 2) or Mul(., .); division as Div(d, std), Mul(d, Reciprocal(std))
+    or Mul(d, Div(1, std)); with `scaled`, the scale multiplied into the inverse first,
+    d * (Reciprocal(std) * w) (jax2tf), fused with w as the norm's scale. Not fused: eps added
+    outside the square root, d / (sqrt(var) + eps), which is a different function.
     Preconditions:
-        1. The exponent is 2 and the numerator (if any) is 1.
+        1. The exponent is 2, the numerator (if any) 1 and the clamp (if any) 0.
         2. epsilon is a non-negative scalar constant.
         3. Both ReduceMeans reduce only the last axis and keep it.
         4. The last dimension of x is static.
         5. Below opset 17 (the graphopt function) and opset 15, x is float32.
+        6. A scale multiplied into the inverse is a constant varying along the last axis only.
     """
 
     commute = True
-    variants = ({"form": "div"}, {"form": "reciprocal"}, {"form": "one-over"})
+    variants = tuple({"form": form, "scaled": False} for form in ("div", "reciprocal", "one-over")) + (
+        {"form": "reciprocal", "scaled": True},)
 
     def pattern(self, op, x, eps):
-        d = op.Sub(x, op.ReduceMean(x, _allow_other_inputs=True, _outputs=["mean"]))
-        square = pattern.OrValue([op.Pow(d, pattern.Var("two")), op.Mul(d, d)])
-        var = op.ReduceMean(square, _allow_other_inputs=True, _outputs=["var"])
+        mean = op.ReduceMean(x, _allow_other_inputs=True, _outputs=["mean"])
+        d = op.Sub(x, mean)
+        centered = op.ReduceMean(pattern.OrValue([op.Pow(d, pattern.Var("two")), op.Mul(d, d)]), _allow_other_inputs=True)
+        moments = op.Sub(op.ReduceMean(pattern.OrValue([op.Pow(x, pattern.Var("two")), op.Mul(x, x)]), _allow_other_inputs=True),
+                         pattern.OrValue([op.Pow(mean, pattern.Var("two_m")), op.Mul(mean, mean)]))
+        zero = pattern.Var("zero")
+        var = pattern.OrValue([centered, moments, op.Max(moments, zero), op.Max(zero, moments)],
+                                name="var", tag_var="variance", tag_values=("centered", "moments", "clamped", "clamped"))
         std = op.Sqrt(op.Add(var, eps))
         if self.form == "div":
             return op.Div(d, std)
+        if self.scaled:
+            return op.Mul(d, op.Mul(op.Reciprocal(std), pattern.Var("w")))
         return op.Mul(d, _inverse_std(op, std, self.form))
 
-    def check(self, context, x, eps, mean, var, two=None, one=None, **_):
+    def check(self, context, x, eps, mean, var, two=None, one=None, **bound):
         result = MatchResult()
-        if reason := _core_blockers(x, [mean.producer(), var.producer()], mean.producer().outputs[0], two, one, eps) or _function_blocker(x, LAYER_NORM_OPSET):
+        square = self._second_moment(var)
+        base = mean.producer().outputs[0] if square.producer().inputs[0] is not x else x
+        if reason := (_core_blockers(x, [mean.producer(), square.producer()], base, two, one, eps)
+                      or (bound.get("two_m") is not None and constant_blocker(bound["two_m"], 2.0, "the exponent"))
+                      or (bound.get("zero") is not None and constant_blocker(bound["zero"], 0.0, "the clamp"))
+                      or _function_blocker(x, LAYER_NORM_OPSET)):
             return result.fail(reason, x)
+        if self.scaled:
+            w = const_array(bound["w"])
+            if w is None or (w.ndim > 0 and (w.size != w.shape[-1] or w.shape[-1] not in (1, _last_dim(x)))):
+                return result.fail(f"'{bound['w'].name}' is not a constant varying along the last axis only", bound["w"])
         return result
 
-    def rewrite(self, op, x, eps, **_):
+    @staticmethod
+    def _second_moment(var: ir.Value) -> ir.Value:
+        """The ReduceMean of squares inside the variance (centered, moments or clamped moments)."""
+        node = var.producer()
+        if node.op_type == "Max":  # Max(moments, 0) in either order
+            node = next(v.producer() for v in node.inputs if v.producer() is not None and v.producer().op_type == "Sub")
+        if node.op_type == "Sub":
+            node = node.inputs[0].producer()
+        return node.outputs[0]
+
+    def rewrite(self, op, x, eps, **bound):
         d = _last_dim(x)
         dtype = x.dtype.numpy() if x.dtype is not None else np.float32
-        scale = new_initializer(op, x, np.ones(d, dtype), "ln_scale")
+        scale = np.ones(d, dtype)
+        if self.scaled:
+            scale = np.broadcast_to(const_array(bound["w"]).reshape(-1), (d,)).astype(dtype)
+        scale = new_initializer(op, x, scale, "ln_scale")
         bias = new_initializer(op, x, np.zeros(d, dtype), "ln_bias")
         if opset_of(x) >= LAYER_NORM_OPSET:
             return op.LayerNormalization(x, scale, bias, axis=-1, epsilon=scalar(eps))
@@ -271,7 +351,7 @@ class FuseNorms(RulePass):
     name = "fuse-norms"
     kind = PassKind.EXACT
     requires_shapes = True  # axis and hidden size checks
-    rules = (FuseLayerNorm, FuseRMSNorm, FoldCastIslandIntoNorm, AbsorbNormAffine)
+    rules = (SumToMean, FuseLayerNorm, FuseRMSNorm, FoldCastIslandIntoNorm, AbsorbNormAffine)
 
 
 def _linear_readers(value: ir.Value) -> list[tuple[ir.Node, ir.Node | None]] | str:

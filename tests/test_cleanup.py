@@ -46,7 +46,7 @@ def op_types(model):
 
 def test_eliminate_identity_positive():
     original, model, counts = run_pass("eliminate-identity", NOOPS)
-    assert counts == {"RemoveIdentity": 1, "RemoveSameTypeCast": 1, "RemoveIdentityTranspose": 1}
+    assert counts == {"RemoveIdentity": 1, "RemoveSameTypeCast": 1, "RemoveIdentityTranspose": 1, "RemoveUnitFactor": 0}
     assert op_types(model) == ["Relu", "Transpose"]
     assert_equivalent(original, model)
     assert registry.get("eliminate-identity")(model.ir) == dict.fromkeys(counts, 0)  # idempotent

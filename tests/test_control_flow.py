@@ -83,7 +83,7 @@ def test_identity_returning_an_outer_value_from_a_subgraph_stays(name):
     model = graphopt.load(make())
     counts = registry.get("eliminate-identity")(model.ir)
     # Only the if model's Cast (inside the else branch, on a value of its own) is removable.
-    assert counts == {"RemoveIdentity": 0, "RemoveSameTypeCast": int(name == "if"), "RemoveIdentityTranspose": 0}
+    assert counts == {"RemoveIdentity": 0, "RemoveSameTypeCast": int(name == "if"), "RemoveIdentityTranspose": 0, "RemoveUnitFactor": 0}
     assert verify.load_problem(model) is None
 
 

@@ -595,3 +595,82 @@ def test_a_model_without_attention_is_refused_with_what_inspect_found(tmp):
     path = convnets.export(convnets.trained(convnets.RepVGGBlock), tmp / "repvgg.onnx", "legacy")
     with pytest.raises(InputError, match="no attention layers: nothing for a token mixer.*inspect finds none.*Conv"):
         graphopt.optimize(path, preset="mixers", mixer="linear:elu", dims={"batch": 2})
+
+
+CONSTANT_BIAS = """
+g (float[B, 6, 8] x) => (float[B, 6, 8] y) <float[8, 8] wq, float[8, 8] wk, float[8, 8] wv, float[8, 8] wo, float[1, 2, 6, 6] rel> {
+    q0 = MatMul(x, wq)
+    k0 = MatMul(x, wk)
+    v0 = MatMul(x, wv)
+    shp = Constant<value = int64[4] {0, 6, 2, 4}>()
+    q1 = Reshape(q0, shp)
+    k1 = Reshape(k0, shp)
+    v1 = Reshape(v0, shp)
+    q = Transpose<perm = [0, 2, 1, 3]>(q1)
+    k = Transpose<perm = [0, 2, 3, 1]>(k1)
+    v = Transpose<perm = [0, 2, 1, 3]>(v1)
+    s = MatMul(q, k)
+    sb = Add(s, rel)
+    p = Softmax<axis = -1>(sb)
+    o = MatMul(p, v)
+    ot = Transpose<perm = [0, 2, 1, 3]>(o)
+    back = Constant<value = int64[3] {0, 6, 8}>()
+    om = Reshape(ot, back)
+    y = MatMul(om, wo)
+}"""
+
+
+@pytest.mark.parametrize("mixer", ["window", "linear:elu", "pool"])
+def test_attention_with_a_constant_bias_is_captured(mixer):
+    """BEiT's relative position bias (and DeiT's folded inputs in dynamo exports) are constants
+    among the canonical op's inputs: read from the model, not run (once a KeyError)."""
+    from rule_testing import build, header
+
+    model = build(header(18) + CONSTANT_BIAS, wq=[8, 8], wk=[8, 8], wv=[8, 8], wo=[8, 8], rel=[1, 2, 6, 6])
+    result = graphopt.optimize(model, preset="mixers", mixer=mixer, fidelity=0.0, dims={"B": 2})
+    step = result.report.passes[-1]
+    assert step.status == "applied" and step.fidelity["layers_swapped"] == [0], step
+
+
+HELD_OUT = {  # architectures of the held-out export zoo (issue 27 item 6), tiny, random weights
+    "gpt_neox": ("GPTNeoXModel", "GPTNeoXConfig", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=64, max_position_embeddings=64)),
+    "phi3": ("Phi3Model", "Phi3Config", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64, pad_token_id=0)),
+    "swin": ("SwinModel", "SwinConfig", dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, image_size=32, patch_size=4)),
+}
+
+
+def _held_out_export(arch, exporter, tmp):
+    import transformers
+
+    model_cls, config_cls, kwargs = HELD_OUT[arch]
+    torch.manual_seed(0)
+    module = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")).eval()
+    if arch == "swin":
+        return models.export(models.PixelLastHidden(module), (torch.randn(2, 3, 32, 32),), ["pixel_values"],
+                             {"pixel_values": {0: "batch"}}, tmp / "m.onnx", exporter)
+    return models.export(models.LastHidden(module), models.token_inputs(128, 2, 16), ["input_ids", "attention_mask"],
+                         models.DYNAMIC, tmp / "m.onnx", exporter)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt_neox", "phi3"])
+def test_heads_are_read_through_legacy_partial_rotary_reshapes(arch, tmp):
+    """Legacy GPT-NeoX and Phi-3 exports: view(batch, seq, -1, head) and a rotary slice whose end
+    is computed; shape refinement gives the heads, so Hedgehog (which needs them) swaps both layers."""
+    path = _held_out_export(arch, "legacy", tmp)
+    layers = graphopt.summary.attention_layers(graphopt.load(path))
+    assert [(a["heads"], a["kv_heads"], a["head_size"]) for a in layers] == [(4, 4, 8)] * 2
+    result = graphopt.optimize(path, preset="mixers", mixer="linear:hedgehog", fidelity=0.0, dims={"batch": 2, "seq": 16})
+    assert result.report.passes[-1].fidelity["layers_swapped"] == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("mixer", ["window", "linear:hedgehog"])
+def test_mixers_on_swin_windowed_attention(exporter, mixer, tmp):
+    """Swin's windowed attention adds a constant relative position bias (once a KeyError)."""
+    path = _held_out_export("swin", exporter, tmp)
+    result = graphopt.optimize(path, preset="mixers", mixer=mixer, fidelity=0.0, dims={"batch": 2})
+    assert result.report.passes[-1].fidelity["layers_swapped"] == [0, 1]

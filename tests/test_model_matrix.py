@@ -19,7 +19,7 @@ from openvino_check import assert_matches_in_openvino
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_exact.json").read_text())
-CLEANUP = {"FoldConstants", "RemoveSameTypeCast", "RemoveIdentity", "RemoveIdentityTranspose",
+CLEANUP = {"FoldConstants", "RemoveSameTypeCast", "RemoveIdentity", "RemoveIdentityTranspose", "RemoveUnitFactor",
            "MergeCommonSubexpressions", "RemoveDeadNodes", "RemoveDeadInitializers", "RemoveDeadFunctions"}
 
 

@@ -65,11 +65,14 @@ def swap(model: ir.Model, node: ir.Node, spec: specs.MixerSpec, weights=None, *,
 def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) -> list[dict[str, list[np.ndarray]]]:
     """Per canonical op: lists (one entry per batch) of q, kt, v, bias (or None) and y."""
     wanted = [[v.name if v is not None else None for v in (*node.inputs, node.outputs[0])] for node in nodes]
-    results = calibration.run_exposed(model, [n for row in wanted for n in row if n], batches)
+    # Constant inputs (a folded bias, a scale; BEiT's and DeiT's dynamo exports) are read, not run.
+    constants = {v.name: np.array(t.numpy()) for node in nodes for v in node.inputs
+                 if v is not None and (t := ir.convenience.get_const_tensor(v)) is not None}
+    results = calibration.run_exposed(model, [n for row in wanted for n in row if n and n not in constants], batches)
     caps = []
     for row in wanted:
         keys = ("q", "kt", "v", "bias", "y") if len(row) == 5 else ("q", "kt", "v", "y")
-        entry = {k: [r[n] for r in results] for k, n in zip(keys, row)}
+        entry = {k: [constants[n] if n in constants else r[n] for r in results] for k, n in zip(keys, row)}
         entry.setdefault("bias", [None] * len(results))
         # a [S, T] (or [H, S, T]) bias broadcasts over batch and heads: captured as [1, 1, S, T]
         entry["bias"] = [b if b is None or b.ndim >= 4 else b.reshape((1,) * (4 - b.ndim) + b.shape) for b in entry["bias"]]
