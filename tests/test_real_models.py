@@ -101,3 +101,27 @@ def test_silero_runs_at_the_sizes_the_search_finds():
     found = fitting.fit(graphopt.load(path_of("silero-vad")), verify.run)
     assert found.feeds["state"].shape[1] == found.feeds["input"].shape[0]  # the state's unnamed batch
     assert np.isfinite(found.outputs["output"]).all()
+
+
+@pytest.mark.parametrize("name", ["ppocr-cls", "magika", "tashkeel-bilstm-int8"])
+def test_target_cpu_writes_a_model_its_chosen_runtime_runs(name, tmp_path, monkeypatch):
+    """--target cpu on real models: the runtime chosen by measurement on this CPU runs the
+    written file, and its outputs match the original's in onnxruntime (fp32 only: no bound given)."""
+    pytest.importorskip("openvino")
+    from graphopt import fitting
+    from graphopt.backends import cpu
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    source = graphopt.load(path_of(name))
+    result = graphopt.optimize(source, target="cpu")
+    assert result.passed and result.report.lowering["chosen"] in result.report.lowering["candidates"]
+    out = tmp_path / "out.onnx"
+    graphopt.save(result.model, out)
+    written = graphopt.load(out)
+    assert verify.load_problem(written) is None
+    feeds = fitting.fit(source, verify.run).feeds
+    want = verify.run(source, feeds)
+    got = cpu.executable(written).run(feeds)
+    # OpenVINO (f32 hint) and onnxruntime sum in different orders
+    checks = verify.compare_outputs(want, got, rtol=1e-4, atol=1e-5)
+    assert all(c.passed for c in checks), checks
