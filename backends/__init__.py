@@ -1,4 +1,6 @@
-"""Backends that run or compile graphopt models: onnxruntime (`ort`, with the measured lowering
-in `ort_select`) and TVM (`tvm`). Each runtime other than onnxruntime is imported only inside
-its own module. `ort_select` registers the `ort-cpu` / `ort-cuda` lowering steps when the
-registry loads the built-in families."""
+"""The runtimes graphopt lowers to, one package each, each behind graphopt.runtimes.Runtime:
+`ort/` (onnxruntime: its lowering rewrites and measured selection; its sessions are in the core,
+graphopt/sessions.py, because every check runs in one), `openvino/` and `tvm/` (each the only
+package importing its runtime, lazily), and `cpu.py`, the `--target cpu` choice among them.
+The registry imports them (graphopt/families.py); nothing in the core or in passes/ imports a
+runtime package by name, except the CLI's compile command for runtime-specific options."""

@@ -3,14 +3,14 @@
 Candidates, each built, checked against onnxruntime fp32 on the stage's inputs, and timed in one
 process, interleaved:
     ort             onnxruntime, a default session (what a user gets loading the file)
-    ort-lowered     graphopt's measured ORT lowering (backends/ort_select.py), timed in a default
+    ort-lowered     graphopt's measured ORT lowering (backends/ort/select.py), timed in a default
                     session too: the output needs no session options to be as fast as measured
-    openvino-f32    OpenVINO, portable ONNX, INFERENCE_PRECISION_HINT f32
-and, only when the user allows reduced precision (`precision` bf16 / f16 / auto) and OpenVINO
+    openvino-fp32   OpenVINO, portable ONNX, INFERENCE_PRECISION_HINT f32
+and, only when the user allows reduced precision (`precision` bf16 / fp16 / auto) and OpenVINO
 reports the capability on this CPU:
     openvino-bf16   OpenVINO with the bf16 hint (AVX512-BF16 / AMX)
-    openvino-f16    OpenVINO with the f16 hint
-    openvino-bf16-graph, openvino-f16-graph
+    openvino-fp16   OpenVINO with the f16 hint
+    openvino-bf16-graph, openvino-fp16-graph
                     the graph itself converted (passes/precision/half.py: inputs, outputs and the
                     accumulating ops float32), compiled with the f32 hint: the file computes in 16
                     bits in any consumer, no hint needed
@@ -22,28 +22,26 @@ onnxruntime survives the screening. The fastest kept candidate wins: an ORT win 
 lowering; an OpenVINO win writes portable ONNX (graphopt functions inlined, then openvino.LOWERING's
 exact rewrites into the forms OpenVINO fuses) with the runtime and
 precision hint in the model's metadata (RUNTIME_KEY, PRECISION_KEY), which `graphopt run`,
-`graphopt bench` and `graphopt compile --backend openvino` read. The choice is cached per
-machine, model structure, input shapes and runtime versions.
+`graphopt bench` and `graphopt compile --backend openvino` read (graphopt/runtimes.py). The
+choice is cached per machine, model structure, input shapes and runtime versions (graphopt/choices.py).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from graphopt import exporters, machine, model as model_mod, registry, timing, verify
+from graphopt import choices, exporters, machine, registry, sessions, timing, verify
+from graphopt.backends.ort import select as ort_select
 from graphopt.errors import GraphoptError, first_line
-from graphopt.model import Model
+from graphopt.model import PRECISION_KEY, RUNTIME_KEY, Model
 from graphopt.steps import Lowering, LoweringStep, Stage
-from graphopt.backends import ort_select
 
-RUNTIME_KEY = model_mod.RUNTIME_KEY  # "onnxruntime" or "openvino", defined once in the core
-PRECISION_KEY = "graphopt.openvino.precision"
-REDUCED = {"bf16": ("bf16",), "fp16": ("f16",), "f16": ("f16",), "auto": ("bf16", "f16")}
+REDUCED = {"bf16": ("bf16",), "fp16": ("fp16",), "auto": ("bf16", "fp16")}  # --precision -> OpenVINO hints tried
 PRUNE = 1.5  # a candidate this many times slower than the fastest after the screening rounds is out
 SCREEN_ROUNDS = 3
 GRAPH_MARGIN = 0.03  # a converted graph replaces its precision hint only when this much faster
-CACHE_VERSION = 4  # 2: the converted-graph candidates; 3: OpenVINO's own lowering passes; 4: screening
+CACHE_VERSION = 5  # 2: the converted-graph candidates; 3: OpenVINO's own lowering passes; 4: screening; 5: fp names
+CACHE_KIND = "cpu-select"
 
 
 class CpuLowering(LoweringStep):
@@ -54,22 +52,13 @@ class CpuLowering(LoweringStep):
         if feeds is None:
             raise GraphoptError(f"target '{self.target}' needs inputs to measure the candidates on")
         precisions = REDUCED.get(self.options.precision or "", ())
-        key = ort_select.cache_key(stage.model.ir, feeds, self._salt(precisions))
-        path = ort_select.cache_dir("cpu-select") / f"{key}.json"
-        if self.options.use_cache and path.is_file():
-            try:
-                measured = json.loads(path.read_text())
-                return self._lowering(stage, measured | {"cached": True})
-            except (ValueError, KeyError):
-                pass  # a damaged entry is measured again
+        key = choices.key(stage.model.ir, feeds, self._salt(precisions))
+        cached = choices.read(CACHE_KIND, key) if self.options.use_cache else None
+        if cached is not None and "chosen" in cached:
+            return self._lowering(stage, cached | {"cached": True})
         measured = self._measure(stage.model, feeds, precisions)
         if self.options.use_cache:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".tmp").write_text(json.dumps(measured, indent=1))
-                path.with_suffix(".tmp").replace(path)
-            except OSError:
-                pass
+            choices.write(CACHE_KIND, key, measured)
         return self._lowering(stage, measured | {"cached": False})
 
     def _salt(self, precisions) -> str:
@@ -99,15 +88,15 @@ class CpuLowering(LoweringStep):
             return read[0]
 
         builders = {
-            "ort": lambda: ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=()),
-            "openvino-f32": lambda: openvino.compile(portable(), precision="f32"),
+            "ort": lambda: sessions.session_for(exporters.to_proto(model).SerializeToString(), disabled=()),
+            "openvino-fp32": lambda: openvino.compile(portable(), precision="fp32"),
         }
         skipped = {}
         for precision in precisions:
             if openvino.supports(precision):
                 builders[f"openvino-{precision}"] = lambda p=precision: openvino.compile(portable(), precision=p)
                 builders[f"openvino-{precision}-graph"] = lambda p=precision: openvino.compile(
-                    _converted(portable_model(), p), precision="f32")
+                    _converted(portable_model(), p), precision="fp32")
             else:
                 skipped[f"openvino-{precision}"] = f"OpenVINO reports no {openvino.CAPABILITY[precision]} on this CPU"
         candidates: dict[str, dict[str, Any]] = {}
@@ -128,7 +117,7 @@ class CpuLowering(LoweringStep):
         if "ort" in runners:
             ort_lowering = ort_select.select(model.ir, feeds, "ort-cpu", use_cache=self.options.use_cache)
             # timed as a user runs it: a default session, no transformers disabled
-            self._build({"ort-lowered": lambda: ort_select.session_for(_lowered(model, ort_lowering.passes), disabled=())},
+            self._build({"ort-lowered": lambda: sessions.session_for(_lowered(model, ort_lowering.passes), disabled=())},
                         reference, feeds, candidates, runners)
         else:
             ort = candidates["ort"]
@@ -158,7 +147,7 @@ class CpuLowering(LoweringStep):
                 candidates[name] = {"error": first_line(exc, 200)}
                 continue
             candidates[name] = {"min_cosine": round(fidelity, 6)}
-            exact = name in ("ort", "ort-lowered", "openvino-f32")
+            exact = name in ("ort", "ort-lowered", "openvino-fp32")
             if not exact and fidelity < self.options.fidelity:
                 candidates[name]["rejected"] = f"min cosine {fidelity:.5f} < bound {self.options.fidelity}"
                 continue
@@ -174,7 +163,7 @@ class CpuLowering(LoweringStep):
 
             def annotate(model: Model) -> None:
                 model.ir.metadata_props[RUNTIME_KEY] = "openvino"
-                model.ir.metadata_props[PRECISION_KEY] = "f32" if graph else precision
+                model.ir.metadata_props[PRECISION_KEY] = "fp32" if graph else precision
             if not graph:
                 return Lowering([registry.get(n) for n in openvino.LOWERING], measured, annotate)
             fid = {"min_cosine": measured["candidates"][chosen]["min_cosine"], "bound": self.options.fidelity,
@@ -191,21 +180,11 @@ class CpuLowering(LoweringStep):
         return Lowering([registry.get(n) for n in [*lowering, "make-portable"]], measured, annotate_ort)
 
 
-def executable(model: Model):
-    """Something with `.run(feeds)` for `model` where `--target cpu` chose it to run: OpenVINO
-    with the recorded precision hint, else a default onnxruntime session."""
-    if model.ir.metadata_props.get(RUNTIME_KEY) == "openvino":
-        from graphopt.backends import openvino
-
-        return openvino.compile(model, precision=model.ir.metadata_props.get(PRECISION_KEY))
-    return ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=())
-
-
 def _converted(model: Model, precision: str) -> Model:
-    """`model` (already portable) as a 16-bit graph; OpenVINO's precision names to half's."""
+    """`model` (already portable) as a 16-bit graph."""
     from graphopt.passes.precision import half
 
-    return half.convert(model, {"f16": "fp16"}.get(precision, precision))[0]
+    return half.convert(model, precision)[0]
 
 
 def _lowered(model: Model, passes) -> bytes:

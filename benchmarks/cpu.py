@@ -8,7 +8,7 @@ are sentence embeddings):
     ort-optimizer   onnxruntime.transformers.optimizer
     onnxscript      onnxscript's optimize_for_ort
     openvino        OpenVINO's default on the original (its own precision: bf16 where the CPU has it)
-    openvino-f32    OpenVINO with the f32 hint
+    openvino-fp32   OpenVINO with the fp32 hint
     graphopt ort-cpu    optimize(target="ort-cpu"): exact preset + the measured ORT lowering, run in a
                     default session (no session options)
     graphopt cpu    optimize(target="cpu"): exact preset, then the fastest runtime, fp32 only
@@ -39,7 +39,7 @@ import models  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt import benchmark, machine  # noqa: E402
 
-ANCHORS = ("original", "ort-optimizer", "onnxscript", "openvino", "openvino-f32")
+ANCHORS = ("original", "ort-optimizer", "onnxscript", "openvino", "openvino-fp32")
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 

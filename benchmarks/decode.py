@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt.sessions import session_for  # noqa: E402
 from graphopt import machine  # noqa: E402
 from graphopt import timing  # noqa: E402
-from graphopt.backends import ort_select  # noqa: E402
 from graphopt.passes.mixers import swap_mixers  # noqa: E402
 from graphopt.passes.mixers import state as mixer_state  # noqa: E402
 
@@ -94,7 +94,7 @@ def main() -> None:
             for mixer in args.mixers.split(","):
                 result = swap_mixers(original, mixer, steps=0, dims=DIMS)
                 contenders[f"{mixer} (state)"] = result.model
-        sessions = {name: ort_select.session_for(str(graphopt.save(m, tmp / f"{i}.onnx")), disabled=())
+        sessions = {name: session_for(str(graphopt.save(m, tmp / f"{i}.onnx")), disabled=())
                     for i, (name, m) in enumerate(contenders.items())}
         results: dict[str, dict[int, float]] = {}
         carried: dict[str, dict[int, int]] = {}

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 import graphopt
+from graphopt.sessions import session_for
 from graphopt import machine, timing
-from graphopt.backends import ort_select
 from graphopt.passes.mixers import MIXERS, swap_mixers
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
@@ -190,7 +190,7 @@ def main() -> int:
         # quiet: threads sleep after each run, models interleaved call by call; plain: a default
         # session (threads spin), each model timed in blocks of consecutive calls
         for mode, spinning, block in (("seconds", False, 1), ("seconds_plain", True, 3)):
-            sessions = {k: ort_select.session_for(p, disabled=(), spinning=spinning) for k, p in paths.items()}
+            sessions = {k: session_for(p, disabled=(), spinning=spinning) for k, p in paths.items()}
             for n in lengths:
                 feeds = {"x": test_data[None, :n]}
                 runs = {k: (lambda s=s: s.run(feeds)) for k, s in sessions.items()}

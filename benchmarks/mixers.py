@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt.sessions import session_for  # noqa: E402
 from graphopt import machine  # noqa: E402
 from graphopt import timing  # noqa: E402
-from graphopt.backends import ort_select  # noqa: E402
 from graphopt.passes.mixers import swap_mixers  # noqa: E402
 
 MIXERS = ("linear:elu", "linear:relu", "linear:relu+dwc", "linear:hedgehog", "linear:performer", "window", "hybrid", "pool")
@@ -123,7 +123,7 @@ def main() -> None:
         sessions, paths = {}, {}
         for name, model in models_.items():
             paths[name] = graphopt.save(model, tmp / f"{name.replace(':', '_').split(' ')[0]}.onnx")
-            sessions[name] = ort_select.session_for(str(paths[name]), disabled=())
+            sessions[name] = session_for(str(paths[name]), disabled=())
         for seq in lengths:
             f = feeds(seq)
             with console.status(f"seq {seq}"):

@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import machine, timing  # noqa: E402
-from graphopt.backends import cpu, openvino, ort_select  # noqa: E402
+from graphopt.sessions import session_for  # noqa: E402
+from graphopt import machine, runtimes, timing  # noqa: E402
+from graphopt.backends import openvino  # noqa: E402
 
 BOUNDS = (0.999, 0.995)
 
@@ -190,7 +191,7 @@ class _OV:
 
 def runner(model):
     """onnxruntime (default session) or OpenVINO, as graphopt's --target cpu chose."""
-    return cpu.executable(model)
+    return runtimes.executable_for(model)
 
 
 def cosines(reference, got) -> np.ndarray:
@@ -221,11 +222,11 @@ def main() -> int:
             t = task(name, out, args.calib)
             path, fit, held = t["path"], t["fit"], t["held"]
             source = graphopt.load(path)
-            runners = {"ort-fp32": ort_select.session_for(str(path), disabled=())}
+            runners = {"ort-fp32": session_for(str(path), disabled=())}
             notes = {}
             for key, made in ort_quantizers(path, fit, out).items():
                 if isinstance(made, Path):
-                    runners[key] = ort_select.session_for(str(made), disabled=())
+                    runners[key] = session_for(str(made), disabled=())
                 else:
                     notes[key] = made
             runners["openvino"] = openvino.compile(source, precision=None)

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import models  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt.sessions import session_for  # noqa: E402
 from graphopt import machine  # noqa: E402
 from graphopt import exporters, timing  # noqa: E402
-from graphopt.backends import ort_select  # noqa: E402
 from graphopt.backends import tvm as tvm_backend  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main() -> None:
                                            progress=lambda n, total: status.update(f"tuning: {n} records in {db}"))
         tune_s = time.perf_counter() - start
         tuned = tvm_backend.prepare(compiled)
-        ort = ort_select.session_for(exporters.to_proto(model).SerializeToString(), disabled=())
+        ort = session_for(exporters.to_proto(model).SerializeToString(), disabled=())
         reference = ort.run(feeds)
         for name, ex in (("tvm untuned", untuned), ("tvm tuned", tuned)):
             got = ex.run(feeds)

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import machine  # noqa: E402,F401  (graphopt.machine in the table title)
+from graphopt.sessions import session_for  # noqa: E402
+from graphopt import machine, runtimes  # noqa: E402,F401  (graphopt.machine in the table title)
 
 SENTENCES = [
     "A deployment engineer hands graphopt a trained model.",
@@ -82,9 +83,8 @@ def main() -> int:
 
     with torch.no_grad():
         expected = module(enc["input_ids"], enc["attention_mask"]).numpy()
-    from graphopt.backends import cpu
 
-    got = next(iter(cpu.executable(result.model).run(feeds).values()))  # where --target cpu chose to run it
+    got = next(iter(runtimes.executable_for(result.model).run(feeds).values()))  # where --target cpu chose to run it
     cosine = _min_cosine(expected, got)
     console.print(f"optimized ONNX vs torch: min cosine {cosine:.7f}, max abs error {np.abs(expected - got).max():.2e}")
     if not result.passed:
@@ -112,17 +112,17 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def side_by_side(original, result, feeds, rounds: int = 30):
     """(name, median seconds, lowest cosine to ORT fp32 on the original) per contender."""
     from graphopt import timing
-    from graphopt.backends import cpu, openvino, ort_select
-
+    from graphopt.backends import openvino
+    
     ort_bytes = graphopt.exporters.to_proto(original).SerializeToString()
     chosen = result.report.lowering["chosen"]
     contenders = {
-        "original, onnxruntime": ort_select.session_for(ort_bytes, disabled=()),
+        "original, onnxruntime": session_for(ort_bytes, disabled=()),
         f"original, OpenVINO default ({openvino.default_precision()})": openvino.compile(original, precision=None),
         "original, OpenVINO f32": openvino.compile(original, precision="f32"),
-        "graphopt exact, onnxruntime": ort_select.session_for(
+        "graphopt exact, onnxruntime": session_for(
             graphopt.exporters.to_proto(graphopt.optimize(original, inputs=feeds).model).SerializeToString(), disabled=()),
-        f"graphopt --target cpu ({chosen})": cpu.executable(result.model),
+        f"graphopt --target cpu ({chosen})": runtimes.executable_for(result.model),
     }
     reference = next(iter(contenders["original, onnxruntime"].run(feeds).values()))
     cosines = {name: _min_cosine(reference, next(iter(c.run(feeds).values()))) for name, c in contenders.items()}

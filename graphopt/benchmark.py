@@ -5,10 +5,10 @@ Contenders (each an onnxruntime session on the same provider, ORT_ENABLE_ALL):
     original       the model as given
     ort-optimizer  onnxruntime.transformers.optimizer.optimize_model (model_type "bert")
     onnxscript     onnxscript.rewriter.ort_fusions.optimize_for_ort
-and, when asked for (--against openvino,openvino-f32):
+and, when asked for (--against openvino,openvino-fp32):
     openvino       OpenVINO's default on the original model (its own precision choice: bf16 on
                    CPUs with AVX512-BF16 or AMX)
-    openvino-f32   OpenVINO on the original with the f32 precision hint
+    openvino-fp32  OpenVINO on the original with the fp32 precision hint
 With target "cpu", graphopt's contender runs where `optimize(target="cpu")` chose (onnxruntime
 or OpenVINO, with its precision hint).
 A contender that fails to build or to run is reported with its error, not dropped
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import exporters, feeds as feeds_mod, importers, timing, verify
+from graphopt import exporters, feeds as feeds_mod, importers, registry, runtimes, sessions, timing, verify
 from graphopt.errors import InputError, first_line
 from graphopt.model import Model
 
 ANCHORS = ("original", "ort-optimizer", "onnxscript")  # the default contenders
-OPTIONAL = ("openvino", "openvino-f32")  # timed when named in `against`
+OPTIONAL = ("openvino", "openvino-fp32")  # timed when named in `against`
 
 
 @dataclasses.dataclass
@@ -75,30 +75,30 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
     {contender name: model} to time several;
     `tvm_artifact`: a compiled TVM artifact timed as one more contender ("tvm").
     `precision`, `fidelity`: what graphopt's optimize may use (target "cpu")."""
-    from graphopt.backends import ort_select
+    from graphopt.backends.ort import select as ort_select
 
     unknown = sorted(set(against) - set(ANCHORS) - set(OPTIONAL))
     if unknown:
         raise InputError(f"unknown contender(s) {', '.join(unknown)}", hint=f"choose from {', '.join(ANCHORS + OPTIONAL)}")
-    provider = ort_select.CPU if target == "cpu" else ort_select.provider_for(target)
+    provider = sessions.CPU if target == "cpu" else ort_select.provider_for(target)
     source = importers.load(model)
     feeds, _ = verify.resolve_inputs(source, inputs, dims=dims)
     builders: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
         **({name: (lambda m=m: _graphopt(source, m, feeds, target, preset, provider, precision, fidelity))
             for name, m in optimized.items()} if isinstance(optimized, Mapping) else
            {"graphopt": lambda: _graphopt(source, optimized, feeds, target, preset, provider, precision, fidelity)}),
-        "original": lambda: (ort_select.session_for(_bytes(source), provider, disabled=()), {}),
+        "original": lambda: (sessions.session_for(_bytes(source), provider, disabled=()), {}),
         "ort-optimizer": lambda: _ort_optimizer(source, provider),
         "onnxscript": lambda: _onnxscript(source, provider),
         "tvm": lambda: (_tvm_executable(tvm_artifact), {"artifact": str(tvm_artifact)}),
         "openvino": lambda: _openvino(source, None),
-        "openvino-f32": lambda: _openvino(source, "f32"),
+        "openvino-fp32": lambda: _openvino(source, "fp32"),
     }
     ours = list(optimized) if isinstance(optimized, Mapping) else ["graphopt"]
     names = [*ours, *(["tvm"] if tvm_artifact else []), *[a for a in ANCHORS + OPTIONAL if a in against]]
     if "original" not in names:
         names.append("original")  # the reference for errors and ratios
-    contenders, sessions, reference, report = [], {}, None, None
+    contenders, runners, reference, report = [], {}, None, None
     for name in names:
         contender = Contender(name)
         contenders.append(contender)
@@ -111,7 +111,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
         except Exception as exc:  # an anchor that breaks is a result, not a crash
             contender.error = first_line(exc, 300)
             continue
-        sessions[name] = session
+        runners[name] = session
         if name == "original":
             reference = outputs
         contender.detail["outputs"] = outputs
@@ -121,7 +121,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
             contender.max_abs_error = float(max((np.max(np.abs(np.asarray(reference[k], np.float64) - np.asarray(v, np.float64)))
                                                  for k, v in outputs.items() if k in reference), default=0.0))
             contender.min_cosine = verify.min_cosine(reference, outputs)
-    medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()}, rounds=rounds))
+    medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(feeds)) for n, s in runners.items()}, rounds=rounds))
     base = medians.get("original")
     for contender in contenders:
         if contender.name in medians:
@@ -131,9 +131,7 @@ def bench(model: Any, *, target: str = "ort-cpu", against: Sequence[str] = ANCHO
 
 
 def _tvm_executable(path):
-    from graphopt.backends import tvm
-
-    return tvm.load(path)
+    return registry.runtime("tvm").load(path)
 
 
 def _bytes(model: Model) -> bytes:
@@ -142,7 +140,6 @@ def _bytes(model: Model) -> bytes:
 
 def _graphopt(source: Model, optimized: Any, feeds, target: str, preset: str | None, provider: str,
               precision: str | None, fidelity: float):
-    from graphopt.backends import cpu, ort_select
     from graphopt.optimizer import optimize
 
     if optimized is None:
@@ -152,17 +149,14 @@ def _graphopt(source: Model, optimized: Any, feeds, target: str, preset: str | N
                                        "report": result.report}
     else:
         model, detail = importers.load(optimized), {}
-    if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":
-        precision = model.ir.metadata_props.get(cpu.PRECISION_KEY)
-        return _openvino(model, precision)[0], detail | {"runtime": f"openvino {precision}"}
-    data = _bytes(model)
-    return ort_select.session_for(data, provider), detail
+    runtime, meant = runtimes.runtime_for(model)
+    detail["runtime"] = runtime.name + (f" {meant}" if meant else "")
+    return runtime.compile(model, meant, provider=provider), detail
 
 
 def _openvino(model: Model, precision: str | None):
-    from graphopt.backends import openvino
-
-    return openvino.compile(model, precision=precision), {"precision": precision or openvino.default_precision()}
+    openvino = registry.runtime("openvino")
+    return openvino.compile(model, precision), {"precision": precision or openvino.default_precision()}
 
 
 def _ort_optimizer(source: Model, provider: str):
@@ -171,14 +165,13 @@ def _ort_optimizer(source: Model, provider: str):
 
     from onnxruntime.transformers import optimizer
 
-    from graphopt.backends import ort_select
 
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-") as tmp:
         path = exporters.save(source.clone(), Path(tmp) / "model.onnx")
         optimized = optimizer.optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0)
         out = Path(tmp) / "optimized.onnx"
         optimized.save_model_to_file(str(out), use_external_data_format=source.parameter_bytes() > exporters.PROTOBUF_LIMIT)
-        session = ort_select.session_for(str(out), provider, disabled=())
+        session = sessions.session_for(str(out), provider, disabled=())
     fused = optimized.get_fused_operator_statistics()
     return session, {"fused": {k: v for k, v in fused.items() if v}}
 
@@ -186,10 +179,9 @@ def _ort_optimizer(source: Model, provider: str):
 def _onnxscript(source: Model, provider: str):
     from onnxscript.rewriter import ort_fusions
 
-    from graphopt.backends import ort_select
 
     model, counts = ort_fusions.optimize_for_ort(source.clone().ir)
-    return ort_select.session_for(_bytes(Model(model)), provider, disabled=()), {"fused": {k: v for k, v in counts.items() if v}}
+    return sessions.session_for(_bytes(Model(model)), provider, disabled=()), {"fused": {k: v for k, v in counts.items() if v}}
 
 
 def format_rows(result: BenchResult) -> list[tuple[str, ...]]:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt import benchmark as bench_mod, machine
-from graphopt import exporters, presets, registry
+from graphopt import exporters, presets, registry, runtimes
 from graphopt.benchmark import ANCHORS, OPTIONAL
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
@@ -124,8 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                    "model.so.json), model.xml (+ model.bin) for OpenVINO")
     s.add_argument("--backend", choices=["tvm", "openvino"], default="tvm")
     s.add_argument("--target", choices=["llvm", "cuda"], default="llvm", help="TVM's target")
-    s.add_argument("--precision", choices=["f32", "bf16", "f16", "default"], default="f32",
-                   help="OpenVINO's inference precision hint (default: f32; 'default': OpenVINO's own choice on this CPU)")
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "default"], default="fp32",
+                   help="OpenVINO's inference precision hint (default: fp32; 'default': OpenVINO's own choice on this CPU)")
     s.add_argument("--threads", type=int, help="OpenVINO inference threads (default: every core)")
     s.add_argument("--arch", help="CUDA architecture for --target cuda (default sm_90)")
     s.add_argument("--shapes", help="input sizes, e.g. input_ids=1x128,attention_mask=1x128 (needed for symbolic dims)")
@@ -378,26 +378,12 @@ def cmd_run(args) -> int:
     from graphopt import feeds as feeds_mod
 
     path = Path(args.model)
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx":  # in the runtime its metadata names (--target cpu may have chosen OpenVINO)
         model = graphopt.load(path)
-        inputs = feeds_mod.load_inputs(args.inputs, model)
-        from graphopt.backends import cpu
-
-        if model.ir.metadata_props.get(cpu.RUNTIME_KEY) == "openvino":  # graphopt's --target cpu chose it
-            from graphopt.backends import openvino
-
-            outputs = openvino.compile(model, precision=model.ir.metadata_props.get(cpu.PRECISION_KEY)).run(inputs)
-        else:
-            outputs = graphopt.verify.run(model, inputs)
-    elif path.suffix == ".xml":
-        from graphopt.backends import openvino
-
-        outputs = openvino.load(path).run(feeds_mod.read_npz(args.inputs))
-    else:
-        from graphopt.backends import tvm as tvm_backend
-
-        executable = tvm_backend.load(path)
-        outputs = executable.run(feeds_mod.read_npz(args.inputs))
+        outputs = runtimes.executable_for(model).run(feeds_mod.load_inputs(args.inputs, model))
+    else:  # a compiled artifact: OpenVINO IR (.xml) or a TVM library
+        runtime = registry.runtime("openvino" if path.suffix == ".xml" else "tvm")
+        outputs = runtime.load(path).run(feeds_mod.read_npz(args.inputs))
     exporters.write_npz(outputs, args.output)
     out.print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()), markup=False)
     return 0

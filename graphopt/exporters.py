@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from graphopt import protowire
-from graphopt.backends import ort as ort_backend
+from graphopt import atomic, protowire
+from graphopt import sessions as ort_backend
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -44,14 +43,12 @@ def save(model: Model | ir.Model, path: str | os.PathLike, *, external_data: boo
         external_data = model.parameter_bytes() > PROTOBUF_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{path.name}.data"
-    with _staging_dir(path) as stage, _ort_compatible(model.ir):
+    with atomic.staged(path) as stage, _ort_compatible(model.ir):  # the model file is renamed in last
         staged = stage / path.name
         if external_data:
             ir.save(model.ir, staged, format="protobuf", external_data=data_name, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
         else:
             _write_streamed(model.ir, staged)
-        for name in sorted(os.listdir(stage), key=lambda n: n == path.name):  # the model last
-            os.replace(stage / name, path.parent / name)
     logger.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
     return path
 
@@ -208,15 +205,6 @@ def _ort_compatible(model: ir.Model):
         model.ir_version = original
 
 
-@contextlib.contextmanager
-def _staging_dir(path: Path) -> Iterator[Path]:
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
 def check_target(model: Model, path: Path, force: bool) -> None:
     """Refuse a target that is the model's source file or its external data, unless forced
     (with force, first read in weights still mapped from the file about to be replaced)."""
@@ -239,13 +227,7 @@ def check_target(model: Model, path: Path, force: bool) -> None:
 def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Arrays by name into an .npz, atomically (a temporary file beside it, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic.staged(path) as stage:
+        with open(stage / path.name, "wb") as f:  # a file object: np.savez adds no .npz suffix
             np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN = ("graphopt.library", "graphopt.passes", "graphopt.backends.ort_select", "graphopt.backends.cpu")
+BUILTIN = ("graphopt.library", "graphopt.passes", "graphopt.backends.ort", "graphopt.backends.openvino",
+           "graphopt.backends.tvm", "graphopt.backends.cpu")
 
 
 def load() -> None:

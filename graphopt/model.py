@@ -9,6 +9,8 @@ from pathlib import Path
 from graphopt.ir import ir
 
 RUNTIME_KEY = "graphopt.runtime"  # model metadata: the runtime --target cpu chose ("onnxruntime" or "openvino")
+PRECISION_KEY = "graphopt.precision"  # model metadata: the precision that runtime compiles it at (graphopt's names)
+DISABLED_KEY = "graphopt.ort.disabled_optimizers"  # model metadata: onnxruntime transformers its sessions skip
 
 
 @dataclasses.dataclass

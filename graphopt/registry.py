@@ -17,6 +17,7 @@ _APPROXIMATE: dict[str, Callable[..., Any]] = {}  # option -> factory(value, opt
 _CHOICES: dict[str, Callable[[], Sequence[str]]] = {}  # option -> the values it takes (for --help and errors)
 _TARGETS: dict[str, Callable[..., Any]] = {}  # target -> factory(target, options) -> LoweringStep
 _ANALYSES: dict[str, Callable[..., Any]] = {}  # name -> fn(ir.Graph) -> list of dicts (`inspect`)
+_RUNTIMES: dict[str, Any] = {}  # name -> graphopt.runtimes.Runtime
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -54,6 +55,24 @@ def register_target(target: str, factory: Callable[..., Any]) -> None:
 def register_analysis(name: str, fn: Callable[..., Any]) -> None:
     """`fn(graph)` lists what a family finds in a graph (`inspect` shows it under `name`)."""
     _ANALYSES[name] = fn
+
+
+def register_runtime(runtime: Any) -> Any:
+    """Make a runtime (graphopt.runtimes.Runtime) available by its name."""
+    _RUNTIMES[runtime.name] = runtime
+    return runtime
+
+
+def runtime(name: str) -> Any:
+    ensure_builtin()
+    if name not in _RUNTIMES:
+        raise InputError(f"unknown runtime '{name}'", hint=f"known runtimes: {', '.join(sorted(_RUNTIMES))}")
+    return _RUNTIMES[name]
+
+
+def runtimes() -> list[str]:
+    ensure_builtin()
+    return sorted(_RUNTIMES)
 
 
 def analysis(name: str) -> Callable[..., Any]:

@@ -20,11 +20,10 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from graphopt import machine
+from graphopt import atomic, machine
 from graphopt.steps import StepKind, StepRecord
 from graphopt.verify import Validation
 
@@ -136,20 +135,8 @@ class Report:
 
 
 def write_atomic(path: Path, text: str) -> Path:
-    """A temporary file beside `path`, then a rename: never a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Never a half-written report (graphopt/atomic.py)."""
+    return atomic.write_text(path, text)
 
 
 def fidelity_table(fidelity: dict[str, Any]):

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 
 from graphopt import exporters, feeds as feeds_mod, fitting, importers
-from graphopt.backends import ort as ort_backend
-from graphopt.errors import BackendError, InputError, first_line
+from graphopt import sessions as ort_backend
+from graphopt.errors import BackendError, first_line
 from graphopt.model import Model
 
 # (rtol, atol) per dtype: fp32 is tight enough that a wrong rewrite cannot hide.
@@ -138,19 +138,20 @@ def validate(
     reference/candidate: anything `graphopt.load` accepts. inputs: None (seeded
     generation, symbolic dims bound from `dims`, default batch=1, seq=128), an
     `.npz` path, or a dict of arrays. rtol/atol override the per-dtype defaults.
-    runtime: where the candidate runs: "onnxruntime" (like the reference), or "openvino"
-    (made portable, f32 hint): the candidate in OpenVINO against the reference in onnxruntime.
+    runtime: where the candidate runs: "onnxruntime" (like the reference, in a validation
+    session), or any registered runtime at fp32 (graphopt.runtimes; "openvino": made portable,
+    the fp32 hint): the candidate there against the reference in onnxruntime.
     """
     ref_model, cand_model = importers.load(reference), importers.load(candidate)
     feeds, source = resolve_inputs(ref_model, inputs, seed=seed, dims=dims)
-    if runtime == "openvino":
-        from graphopt.backends import openvino
-
-        got = openvino.compile(cand_model, precision="f32").run(feeds)
-    elif runtime == "onnxruntime":
+    if runtime == "onnxruntime":
         got = run(cand_model, feeds)
     else:
-        raise InputError(f"unknown runtime '{runtime}'", hint="choose onnxruntime or openvino")
+        from graphopt import registry  # the registry loads the runtime packages
+
+        target = registry.runtime(runtime)
+        shapes = {"shapes": feeds_mod.shapes(feeds)} if target.needs_shapes else {}  # TVM compiles for static shapes
+        got = target.compile(cand_model, "fp32", **shapes).run(feeds)
     checks = compare_outputs(run(ref_model, feeds), got, rtol=rtol, atol=atol)
     return Validation(checks, feeds_mod.shapes(feeds), source, seed if inputs is None else None)
 

@@ -16,7 +16,7 @@ import onnx
 from onnx.backend.test.runner import Runner
 
 import graphopt
-from graphopt.backends import ort as ort_backend
+from graphopt import sessions as ort_backend
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,7 +10,7 @@ import onnx.parser
 import pytest
 
 import graphopt
-from graphopt.backends import ort as ort_backend
+from graphopt import sessions as ort_backend
 from graphopt.ir import ir
 
 MLP = """

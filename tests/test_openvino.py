@@ -15,6 +15,7 @@ import pytest
 import graphopt
 import models
 from graphopt import functions, registry
+from graphopt.model import RUNTIME_KEY
 from graphopt.backends import cpu, openvino
 from graphopt.errors import BackendError, InputError
 from openvino_check import assert_matches_in_openvino
@@ -74,7 +75,7 @@ def test_static_shapes_bf16_and_artifacts(bert, tmp):
     saved = openvino.save(compiled, tmp / "bert.xml")
     assert saved.is_file() and saved.with_suffix(".bin").is_file()
     again = openvino.load(saved)
-    assert again.precision == "f32"
+    assert again.precision == "fp32"
     np.testing.assert_allclose(again.run(feeds)["last_hidden_state"], reference["last_hidden_state"], rtol=1e-4, atol=1e-4)
     if openvino.supports("bf16"):
         low = openvino.compile(exact, precision="bf16").run(feeds)["last_hidden_state"]
@@ -94,7 +95,7 @@ def test_target_cpu_measures_ort_and_openvino(bert, tmp, monkeypatch):
     assert lowering["target"] == "cpu" and lowering["machine"]["cpu"] == graphopt.machine.cpu_model()
     bf16 = {"openvino-bf16", "openvino-bf16-graph"} if openvino.supports("bf16") else set()
     ort_lowered = {"ort-lowered"} if "ort-lowered" not in lowering["skipped"] else set()
-    assert set(lowering["candidates"]) == {"ort", "openvino-f32"} | ort_lowered | bf16
+    assert set(lowering["candidates"]) == {"ort", "openvino-fp32"} | ort_lowered | bf16
     assert ort_lowered or "pruned" in lowering["candidates"]["ort"]  # only a far slower onnxruntime skips it
     assert all("median_ms" in c and c["min_cosine"] > 0.999 for c in lowering["candidates"].values())
     times = {n: c["median_ms"] for n, c in lowering["candidates"].items() if "pruned" not in c}
@@ -107,12 +108,12 @@ def test_target_cpu_measures_ort_and_openvino(bert, tmp, monkeypatch):
         assert result.report.validation is None and next(s for s in result.report.steps if s.name == "lower-cpu").check["measured_in"] == "openvino"
     else:
         assert result.report.validation.passed
-    runtime = result.model.ir.metadata_props[cpu.RUNTIME_KEY]
+    runtime = result.model.ir.metadata_props[RUNTIME_KEY]
     assert runtime == ("openvino" if fastest.startswith("openvino") else "onnxruntime")
     again = graphopt.optimize(path, dims={"batch": 1, "seq": 16}, target="cpu", precision="bf16", fidelity=0.999)
     assert again.report.lowering["cached"] and again.report.lowering["chosen"] == fastest
     without = graphopt.optimize(path, dims={"batch": 1, "seq": 16}, target="cpu", use_cache=False)
-    assert not [n for n in without.report.lowering["candidates"] if n in ("openvino-bf16", "openvino-f16")]  # fp32 only
+    assert not [n for n in without.report.lowering["candidates"] if n in ("openvino-bf16", "openvino-fp16")]  # fp32 only
 
 
 def _cli(*args, cwd=None):
@@ -133,11 +134,11 @@ def test_cli_compile_run_and_bench_with_openvino(bert, tmp):
     done = _cli("optimize", path, "-o", tmp / "p.onnx", "--portable", "--dims", "batch=1,seq=16")
     assert done.returncode == 0, done.stderr
     assert {n.domain for n in onnx.load(tmp / "p.onnx").graph.node} == {""}
-    done = _cli("bench", path, "--target", "cpu", "--against", "original,openvino,openvino-f32", "--rounds", "3",
+    done = _cli("bench", path, "--target", "cpu", "--against", "original,openvino,openvino-fp32", "--rounds", "3",
                 "--dims", "batch=1,seq=16", "--json")
     assert done.returncode == 0, done.stderr
     contenders = {c["name"]: c for c in json.loads(done.stdout)["contenders"]}
-    assert set(contenders) == {"graphopt", "original", "openvino", "openvino-f32"}
+    assert set(contenders) == {"graphopt", "original", "openvino", "openvino-fp32"}
     assert all(c["median_ms"] and c["max_abs_error"] < 0.05 for c in contenders.values()), contenders
     bad = _cli("compile", path, "-o", tmp / "bert.onnx.bin", "--backend", "openvino")
     assert bad.returncode == 2 and "error:" in bad.stderr and ".xml" in bad.stderr
@@ -149,5 +150,5 @@ def test_validate_in_openvino_against_ort(bert):
     assert result.passed, result.to_dict()
     done = _cli("validate", path, path, "--runtime", "openvino", "--rtol", "1e-4", "--atol", "1e-4", "--dims", "batch=1,seq=16")
     assert done.returncode == 0 and "PASS" in done.stdout, done.stdout + done.stderr
-    with pytest.raises(InputError, match="unknown runtime"):
-        graphopt.validate(path, exact, runtime="tvm")
+    with pytest.raises(InputError, match="unknown runtime 'nope'"):
+        graphopt.validate(path, exact, runtime="nope")

@@ -15,8 +15,9 @@ import pytest
 
 import graphopt
 import models
-from graphopt.backends import ort_select
+from graphopt.backends.ort import select as ort_select
 from graphopt.errors import BackendError
+from graphopt.model import DISABLED_KEY
 from rule_testing import apply, assert_equivalent, assert_explained, build, header
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -185,7 +186,7 @@ def test_optimize_for_ort_cpu_records_the_choice_and_validates(exported, tmp, mo
     lowering = result.report.to_dict()["lowering"]
     assert lowering["target"] == "ort-cpu" and set(lowering["choices"]) == {"attention", "skip-norm"}
     assert "lower-attention-packed" in " ".join(lowering["skipped"]) or "contrib-attention" in " ".join(lowering["skipped"])
-    disabled = result.model.ir.metadata_props.get(ort_select.DISABLED_KEY, "")
+    disabled = result.model.ir.metadata_props.get(DISABLED_KEY, "")
     assert disabled == ",".join(ort_select.Selection(**{**lowering_fields(lowering)}).disabled)
 
 

@@ -109,7 +109,7 @@ def test_target_cpu_writes_a_model_its_chosen_runtime_runs(name, tmp_path, monke
     written file, and its outputs match the original's in onnxruntime (fp32 only: no bound given)."""
     pytest.importorskip("openvino")
     from graphopt import fitting
-    from graphopt.backends import cpu
+    from graphopt import runtimes
 
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
     source = graphopt.load(path_of(name))
@@ -121,7 +121,7 @@ def test_target_cpu_writes_a_model_its_chosen_runtime_runs(name, tmp_path, monke
     assert verify.load_problem(written) is None
     feeds = fitting.fit(source, verify.run).feeds
     want = verify.run(source, feeds)
-    got = cpu.executable(written).run(feeds)
+    got = runtimes.executable_for(written).run(feeds)
     # OpenVINO (f32 hint) and onnxruntime sum in different orders
     checks = verify.compare_outputs(want, got, rtol=1e-4, atol=1e-5)
     assert all(c.passed for c in checks), checks

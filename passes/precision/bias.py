@@ -62,7 +62,7 @@ def shift(site: Site, xs: list[np.ndarray], act: ActRange, dense_w: np.ndarray |
         return (exact - approx).astype(np.float32)
     if len({x.shape for x in xs}) != 1:  # precondition 2
         return None
-    from graphopt.backends.ort_select import session_for
+    from graphopt.sessions import session_for
     from graphopt.passes.precision.gain import layer_model
 
     runs = [session_for(layer_model(site, xs[0].shape, a), disabled=()) for a in (None, act)]

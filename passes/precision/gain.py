@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx.helper as oh
 
-from graphopt import timing
+from graphopt import registry, timing
 from graphopt.passes.precision.ranges import ActRange, quantize_weight
 from graphopt.passes.precision.sites import Site
 
@@ -47,11 +47,12 @@ def onnx_tensor(array: np.ndarray, name: str):
     return onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def measure(site: Site, x_shape, act: ActRange, cache: dict, openvino_hint: str | None = None) -> tuple[float, float] | None:
+def measure(site: Site, x_shape, act: ActRange, cache: dict, where: tuple[str, str | None] = ("onnxruntime", None)
+            ) -> tuple[float, float] | None:
     """(float ms, int8 ms) of the layer alone at `x_shape`, or None when it cannot be built alone
-    (a bias or other input that is not constant). `openvino_hint`: time it in OpenVINO with this
-    precision hint for the float form ("f32", "bf16"), instead of onnxruntime."""
-    key = (openvino_hint, site.node.op_type, tuple(x_shape), site.w.shape,
+    (a bias or other input that is not constant). `where`: the runtime that times it and the
+    precision it compiles the float form at (graphopt.runtimes: e.g. ("openvino", "bf16"))."""
+    key = (where, site.node.op_type, tuple(x_shape), site.w.shape,
            repr(sorted((k, repr(a.value)) for k, a in site.node.attributes.items())), len(site.node.inputs))
     if key in cache:
         return cache[key]
@@ -60,35 +61,19 @@ def measure(site: Site, x_shape, act: ActRange, cache: dict, openvino_hint: str 
         return None
     x = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
     models = {"float": layer_model(site, x_shape, None), "int8": layer_model(site, x_shape, act)}
-    sessions = {k: _session(m, openvino_hint) for k, m in models.items()}
+    runtime = registry.runtime(where[0])
+    sessions = {k: runtime.compile(m, where[1]) for k, m in models.items()}
     medians = timing.medians(timing.interleaved({k: (lambda s=s: s.run(x)) for k, s in sessions.items()}, rounds=ROUNDS))
     cache[key] = (medians["float"] * 1e3, medians["int8"] * 1e3)
     return cache[key]
 
 
-def _session(model: bytes, openvino_hint: str | None):
-    if openvino_hint is None:
-        from graphopt.backends.ort_select import session_for
-
-        return session_for(model, disabled=())
-    import tempfile
-    from pathlib import Path
-
-    from graphopt.backends import openvino
-
-    with tempfile.TemporaryDirectory(prefix="graphopt-gain-") as tmp:
-        path = Path(tmp) / "layer.onnx"
-        path.write_bytes(model)
-        return openvino.compile(path, precision=openvino_hint)
-
-
-def measure_models(float_model, int8_model, feeds, openvino_hint: str, rounds: int = 10) -> tuple[float, float]:
-    """(float ms, int8 ms) of two whole models on `feeds` in OpenVINO (its lowering applied, the
-    float form at `openvino_hint`), interleaved: for what only acts in context (a quantizer that
-    fuses into the layer before it)."""
-    from graphopt.backends import openvino
-
-    runs = {k: openvino.compile(m, precision=openvino_hint) for k, m in (("float", float_model), ("int8", int8_model))}
+def measure_models(float_model, int8_model, feeds, where: tuple[str, str | None], rounds: int = 10) -> tuple[float, float]:
+    """(float ms, int8 ms) of two whole models on `feeds` in the runtime `where` names (the float
+    form at its precision), interleaved: for what only acts in context (a quantizer that fuses
+    into the layer before it)."""
+    runtime = registry.runtime(where[0])
+    runs = {k: runtime.compile(m, where[1]) for k, m in (("float", float_model), ("int8", int8_model))}
     medians = timing.medians(timing.interleaved({k: (lambda r=r: r.run(feeds)) for k, r in runs.items()},
                                                 rounds=rounds, warmup=1))
     return medians["float"] * 1e3, medians["int8"] * 1e3

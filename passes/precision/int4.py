@@ -108,7 +108,7 @@ def _layer(w: np.ndarray, x_shape, int4: bool) -> bytes:
 
 def measure(w: np.ndarray, x_shape, cache: dict) -> tuple[float, float]:
     """(float ms, int4 ms) of the layer alone at `x_shape` in onnxruntime (interleaved)."""
-    from graphopt.backends.ort_select import session_for
+    from graphopt.sessions import session_for
 
     key = (tuple(x_shape), w.shape)
     if key not in cache:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import calibration, fidelity, functions, verify
+from graphopt import calibration, fidelity, functions, registry, verify
 from graphopt.errors import InputError
 from graphopt.ir import common_passes
 from graphopt.model import Model
@@ -62,8 +62,8 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit)
     layers, acts, shifts = [], {}, {}
     gains: dict = {}
-    hint = _openvino_hint(options)
-    report["gain_measured_in"] = "onnxruntime" if hint is None else f"openvino ({hint} for the float form)"
+    where = _measured_in(options)
+    report["gain_measured_in"] = where[0] if where[1] is None else f"{where[0]} ({where[1]} for the float form)"
     for group in _by_activation(sites):  # the layers reading one activation share its range (and QuantizeLinear)
         xs = [r[group[0].x.name] for r in captured]
         ws = [None if site.node.op_type == "Conv" else smooth.dense(site) for site in group]  # x @ W form
@@ -74,7 +74,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         for site, w, err in zip(group, ws, errs):
             acts[site.index] = act
             shifts[site.index] = bias.shift(site, xs, act, w)
-            timed = gain.measure(site, xs[0].shape, act, gains, hint)
+            timed = gain.measure(site, xs[0].shape, act, gains, where)
             layers.append({"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
                            "rel_error": None if err is None else round(err, 6),
                            "float_ms": None if timed is None else round(timed[0], 4),
@@ -104,8 +104,8 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
             common_passes.RemoveUnusedFunctionsPass()(trial.ir)
         return trial
 
-    if hint is not None:  # the attention products: where the model runs in OpenVINO (products.py)
-        rows = _products(work, data, len(sites), planned, lambda rows: build(0, rows=rows), layers, hint)
+    if where[0] == "openvino":  # the attention products: only OpenVINO runs them in int8 (products.py)
+        rows = _products(work, data, len(sites), planned, lambda rows: build(0, rows=rows), layers, where)
         layers += rows
         shifts.update({e["index"]: None for e in rows})
         report["attention_products"] = {"calls": len(rows), "timed_as": PRODUCTS_TIMED_AS} if rows else {"calls": 0}
@@ -142,7 +142,7 @@ PRODUCTS_ON_ORT = ("on onnxruntime the products stay float: its fused attention 
                    "and the unfused int8 form is slower")
 
 
-def _products(work: Model, data, first_index: int, planned: dict, build, layers: list[dict], hint: str) -> list[dict]:
+def _products(work: Model, data, first_index: int, planned: dict, build, layers: list[dict], where) -> list[dict]:
     """One report row per attention call whose products can go to int8 (their ranges in `planned`)."""
     sites = products.find_attention_sites(work.ir.graph)
     if not sites:
@@ -157,20 +157,19 @@ def _products(work: Model, data, first_index: int, planned: dict, build, layers:
         rows.append({"index": index, "node": site.name, "op": site.node.op_type, "range": "products: Q K^T, P V",
                      "rel_error": round(err, 6), "float_ms": None, "int8_ms": None, "bias_shift": None})
     faster = select.faster(layers, "int8")
-    timed = gain.measure_models(build(faster), build(faster + rows), data.fit[0], hint)
+    timed = gain.measure_models(build(faster), build(faster + rows), data.fit[0], where)
     for e in rows:
         e["float_ms"], e["int8_ms"] = (round(t / len(rows), 4) for t in timed)
     return rows
 
 
-def _openvino_hint(options: Options) -> str | None:
-    """Under `--target cpu` layers are timed in OpenVINO, the float form at the precision its
-    lowering may use (bf16 where allowed and supported); otherwise in onnxruntime (None)."""
+def _measured_in(options: Options) -> tuple[str, str | None]:
+    """Where layers are timed: under `--target cpu` in OpenVINO, the float form at the precision
+    its lowering may use (bf16 where allowed and supported); otherwise in onnxruntime."""
     if options.target != "cpu":
-        return None
-    from graphopt.backends import openvino
-
-    return "bf16" if options.precision == "auto" and openvino.supports("bf16") else "f32"
+        return "onnxruntime", None
+    openvino = registry.runtime("openvino")
+    return "openvino", "bf16" if options.precision == "auto" and openvino.supports("bf16") else "fp32"
 
 
 def _by_activation(sites: list[Site]) -> list[list[Site]]:

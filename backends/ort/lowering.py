@@ -224,7 +224,7 @@ class LowerAttentionONNX(_LowerAttention):
     RULE = "LowerAttentionONNX"
 
     def model_blocker(self, model: ir.Model) -> str | None:
-        from graphopt.backends import ort
+        from graphopt import sessions as ort
 
         if ort.max_opset() < ONNX_ATTENTION_OPSET:
             return f"the installed onnxruntime loads opset {ort.max_opset()}, ONNX Attention needs {ONNX_ATTENTION_OPSET}"

@@ -1,4 +1,5 @@
-"""OpenVINO backend (CPU): the only module that imports openvino, lazily.
+"""The OpenVINO runtime (CPU): the only package that imports openvino, lazily; its lowering
+rewrites are in `lowering.py`.
 
     compiled = openvino.compile(model, precision="bf16", shapes={"input_ids": [1, 128]})
     outputs = compiled.run(feeds)
@@ -7,9 +8,10 @@
 
 The model goes in portable form (graphopt functions inlined: OpenVINO has no conversion rule for
 model-local functions in a custom domain), is read from ONNX, optionally reshaped to static
-shapes, and compiled for CPU with an inference precision hint: "f32", "bf16" or "f16" (None:
-OpenVINO's own default, which is bf16 on CPUs with AVX512-BF16 or AMX). What the CPU supports
-is read from OpenVINO (`capabilities()`), never assumed.
+shapes, and compiled for CPU with an inference precision hint: graphopt's "fp32", "bf16" or
+"fp16" (OpenVINO's own spellings "f32" and "f16" are taken too; None: OpenVINO's default, which
+is bf16 on CPUs with AVX512-BF16 or AMX). What the CPU supports is read from OpenVINO
+(`capabilities()`), never assumed.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import exporters, registry
+from graphopt import atomic, exporters, registry, runtimes
+from graphopt.backends.openvino import lowering as _lowering  # noqa: F401  (registers its passes)
 from graphopt.errors import BackendError, InputError, first_line
 from graphopt.model import Model
 
-PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
-CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES names
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # graphopt's precision names -> INFERENCE_PRECISION_HINT
+CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}  # OPTIMIZATION_CAPABILITIES names
 SIGNATURE_SUFFIX = ".json"
 # What a model goes through on its way to OpenVINO: standard ONNX, then the exact rewrites into
-# the forms OpenVINO's CPU fusions take (passes/openvino_lowering.py).
+# the forms OpenVINO's CPU fusions take (lowering.py).
 LOWERING = ("standardize-contrib-ops", "make-portable", "split-parallel-linears", "heads-first-keys")
 
 
@@ -54,12 +57,21 @@ def capabilities() -> list[str]:
 
 
 def supports(precision: str) -> bool:
-    return precision == "f32" or CAPABILITY[precision] in capabilities()
+    precision = _precision(precision)
+    return precision == "fp32" or CAPABILITY[precision] in capabilities()
 
 
 def default_precision() -> str:
-    """The inference precision OpenVINO picks on this CPU when none is asked for."""
-    return _ov().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", "f16"
+    """The inference precision OpenVINO picks on this CPU when none is asked for (graphopt's name)."""
+    return runtimes.precision_name(_ov().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
+
+
+def _precision(precision: str) -> str:
+    """graphopt's name for a precision OpenVINO compiles at (its own spellings accepted)."""
+    name = runtimes.ALIASES.get(precision, precision)
+    if name not in HINTS:
+        raise InputError(f"unknown OpenVINO precision '{precision}'", hint=f"choose from {', '.join(HINTS)}")
+    return name
 
 
 def portable(model: Model) -> Model:
@@ -92,8 +104,8 @@ class Executable:
 
 
 def read(model: Model | str | os.PathLike, shapes: Mapping[str, Sequence[int]] | None = None):
-    """An openvino.Model from a graphopt Model (made portable), an .onnx/.xml file, or an
-    openvino.Model (returned as it is, reshaped if asked)."""
+    """An openvino.Model from a graphopt Model (made portable), an .onnx/.xml file, serialized
+    ONNX bytes, or an openvino.Model (returned as it is, reshaped if asked)."""
     ov = _ov()
     core = ov.Core()
     try:
@@ -101,6 +113,10 @@ def read(model: Model | str | os.PathLike, shapes: Mapping[str, Sequence[int]] |
             ov_model = model
         elif isinstance(model, (str, os.PathLike)):
             ov_model = core.read_model(os.fspath(model))
+        elif isinstance(model, bytes):  # serialized ONNX (already portable)
+            with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
+                (Path(tmp) / "model.onnx").write_bytes(model)
+                ov_model = core.read_model(str(Path(tmp) / "model.onnx"))
         else:
             with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
                 path = Path(tmp) / "model.onnx"
@@ -120,14 +136,13 @@ def read(model: Model | str | os.PathLike, shapes: Mapping[str, Sequence[int]] |
 
 def compile(model: Any, *, precision: str | None = "f32", threads: int | None = None,
             shapes: Mapping[str, Sequence[int]] | None = None) -> Executable:
-    """Compile for CPU. `precision`: "f32", "bf16", "f16", or None for OpenVINO's default;
+    """Compile for CPU. `precision`: "fp32", "bf16", "fp16", or None for OpenVINO's default;
     `threads`: inference threads (default: OpenVINO's choice, every core)."""
-    if precision is not None and precision not in PRECISIONS:
-        raise InputError(f"unknown OpenVINO precision '{precision}'", hint=f"choose from {', '.join(PRECISIONS)}")
+    precision = None if precision is None else _precision(precision)
     ov_model = read(model, shapes)
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
+        config["INFERENCE_PRECISION_HINT"] = HINTS[precision]
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
@@ -152,18 +167,10 @@ def save(executable: Executable, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".xml":
         raise InputError(f"an OpenVINO artifact is an .xml file (with its .bin), not '{path.name}'")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if executable.precision:
-        executable.model.set_rt_info(executable.precision, ["runtime_options", "INFERENCE_PRECISION_HINT"])
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+        executable.model.set_rt_info(HINTS[executable.precision], ["runtime_options", "INFERENCE_PRECISION_HINT"])
+    with atomic.staged(path) as stage:  # the .bin first, the .xml last
         ov.save_model(executable.model, str(stage / path.name), compress_to_fp16=False)
-        os.replace(stage / path.with_suffix(".bin").name, path.with_suffix(".bin"))
-        os.replace(stage / path.name, path)
-    finally:
-        for leftover in stage.iterdir():
-            leftover.unlink()
-        stage.rmdir()
     return path
 
 
@@ -174,3 +181,32 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Executable:
     if ov_model.has_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]):
         precision = ov_model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
     return compile(ov_model, precision=precision, threads=threads)
+
+
+class OpenVinoRuntime:
+    """OpenVINO on the CPU, at a precision hint; the model goes in portable form (LOWERING)."""
+
+    name = "openvino"
+    precisions = tuple(HINTS)
+    lowering = LOWERING
+    needs_shapes = False  # compile wants every input's static shape
+
+    @staticmethod
+    def supports(precision: str) -> bool:
+        return supports(precision)
+
+    @staticmethod
+    def default_precision() -> str:
+        return default_precision()
+
+    def compile(self, model, precision: str | None = None, *, threads: int | None = None,
+                shapes: Mapping[str, Sequence[int]] | None = None, provider: str | None = None) -> Executable:
+        """`provider` is onnxruntime's notion: OpenVINO runs on the CPU here whatever it names."""
+        return compile(model, precision=precision, threads=threads, shapes=shapes)
+
+    @staticmethod
+    def load(path: str | os.PathLike, **options: Any) -> Executable:
+        return load(path, **options)
+
+
+RUNTIME = registry.register_runtime(OpenVinoRuntime())

@@ -1,13 +1,17 @@
-"""onnxruntime backend: what the installed runtime accepts, sessions and runs.
+"""onnxruntime sessions, in the core: every check graphopt makes runs in one.
 
-Sessions for validation run on the CPU execution provider with ORT's own graph
-optimizations off, so a comparison measures graphopt's rewrites and nothing else.
+What the installed onnxruntime accepts (IR version, opset), validation sessions (CPU execution
+provider, ORT's own graph optimizations off, so a comparison measures graphopt's rewrites and
+nothing else) and the optimizing sessions a user gets (`session_for`: with the graph
+transformers a graphopt model's metadata asks to disable). The onnxruntime *runtime*
+(backends/ort/: its lowering, its measured selection) builds on these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,6 +20,7 @@ import onnx.helper
 import onnxruntime as ort
 
 from graphopt.errors import BackendError, first_line
+from graphopt.model import DISABLED_KEY
 
 CPU = "CPUExecutionProvider"
 
@@ -110,3 +115,21 @@ def session(
     except Exception as exc:
         raise BackendError(f"onnxruntime cannot load the model: {first_line(exc, 400)}") from None
 
+
+
+def session_for(model_path_or_bytes: str | bytes, provider: str = CPU, *, disabled: tuple[str, ...] | None = None,
+                spinning: bool = False) -> OrtExecutable:
+    """An optimizing onnxruntime session with the transformers a graphopt model asks to disable.
+    Without thread spinning by default: graphopt times sessions side by side (see `session`)."""
+    if disabled is None:
+        disabled = tuple(disabled_in(model_path_or_bytes))
+    return session(model_path_or_bytes, optimize=True, providers=(provider,), disabled_optimizers=disabled,
+                   spinning=spinning)
+
+
+def disabled_in(model_path_or_bytes: str | bytes) -> list[str]:
+    """The onnxruntime graph transformers a graphopt model's metadata asks to disable."""
+    proto = (onnx.load(model_path_or_bytes, load_external_data=False) if isinstance(model_path_or_bytes, (str, os.PathLike))
+             else onnx.load_from_string(model_path_or_bytes))
+    value = {p.key: p.value for p in proto.metadata_props}.get(DISABLED_KEY, "")
+    return [v for v in value.split(",") if v]

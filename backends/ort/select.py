@@ -18,26 +18,23 @@ its Add as Sum instead, which ORT's SkipLayerNormFusion does not match.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from graphopt import exporters, registry, timing
-from graphopt.backends.ort import CPU, session
+from graphopt import choices, exporters, registry, timing
+from graphopt.model import DISABLED_KEY
+from graphopt.sessions import CPU, session_for
 from graphopt.errors import BackendError, InputError
 from graphopt.ir import ir
 from graphopt.steps import Lowering, LoweringStep, Stage
 
 TARGETS = {"ort-cpu": CPU, "ort-cuda": "CUDAExecutionProvider"}
-DISABLED_KEY = "graphopt.ort.disabled_optimizers"
 TARGET_KEY = "graphopt.ort.target"
 CACHE_VERSION = 1
+CACHE_KIND = "ort-select"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +100,13 @@ def select(model: ir.Model, feeds: Mapping[str, np.ndarray], target: str = "ort-
            use_cache: bool = True) -> Selection:
     """Time the candidates of each op kind on `feeds` and return the fastest per kind."""
     provider = provider_for(target)
-    path = cache_dir() / f"{_cache_key(model, feeds, provider)}.json"
-    if use_cache and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            return Selection(target, provider, data["choices"], data["timings_ms"], data["skipped"], True, str(path))
-        except (ValueError, KeyError):
-            pass  # a damaged cache entry is measured again
+    key = _cache_key(model, feeds, provider)
+    cached = choices.read(CACHE_KIND, key) if use_cache else None
+    if cached is not None and {"choices", "timings_ms", "skipped"} <= set(cached):
+        return Selection(target, provider, cached["choices"], cached["timings_ms"], cached["skipped"], True,
+                         str(choices.path(CACHE_KIND, key)))
     chosen: list[Candidate] = []
-    choices, timings, skipped = {}, {}, {}
+    picked, timings, skipped = {}, {}, {}
     for kind, candidates in CANDIDATES.items():
         sessions = {}
         for candidate in candidates:
@@ -125,11 +120,11 @@ def select(model: ir.Model, feeds: Mapping[str, np.ndarray], target: str = "ort-
             continue
         medians = timing.medians(timing.interleaved({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()}, rounds=rounds))
         timings[kind] = {n: round(t * 1e3, 3) for n, t in medians.items()}
-        choices[kind] = min(medians, key=medians.get)
-        chosen.append(_candidate(kind, choices[kind]))
-    selection = Selection(target, provider, choices, timings, skipped, False, str(path))
+        picked[kind] = min(medians, key=medians.get)
+        chosen.append(_candidate(kind, picked[kind]))
+    selection = Selection(target, provider, picked, timings, skipped, False, str(choices.path(CACHE_KIND, key)))
     if use_cache:
-        _write_cache(path, selection)
+        choices.write(CACHE_KIND, key, {"choices": picked, "timings_ms": timings, "skipped": skipped})
     return selection
 
 
@@ -140,26 +135,6 @@ def apply_metadata(model: ir.Model, selection: Selection) -> None:
         model.metadata_props[DISABLED_KEY] = ",".join(selection.disabled)
     else:
         model.metadata_props.pop(DISABLED_KEY, None)
-
-
-def session_for(model_path_or_bytes: str | bytes, provider: str = CPU, *, disabled: tuple[str, ...] | None = None,
-                spinning: bool = False):
-    """An optimizing onnxruntime session with the transformers a graphopt model asks to disable.
-    Without thread spinning by default: graphopt times sessions side by side (see
-    graphopt.backends.ort.session)."""
-    if disabled is None:
-        disabled = tuple(disabled_in(model_path_or_bytes))
-    return session(model_path_or_bytes, optimize=True, providers=(provider,), disabled_optimizers=disabled,
-                   spinning=spinning)
-
-
-def disabled_in(model_path_or_bytes: str | bytes) -> list[str]:
-    import onnx
-
-    proto = (onnx.load(model_path_or_bytes, load_external_data=False) if isinstance(model_path_or_bytes, (str, os.PathLike))
-             else onnx.load_from_string(model_path_or_bytes))
-    value = {p.key: p.value for p in proto.metadata_props}.get(DISABLED_KEY, "")
-    return [v for v in value.split(",") if v]
 
 
 def _candidate(kind: str, name: str) -> Candidate:
@@ -184,44 +159,9 @@ def _build(model: ir.Model, candidates: list[Candidate], provider: str, feeds: M
         return f"onnxruntime cannot run it: {exc}"
 
 
-def cache_dir(name: str = "ort-select") -> Path:
-    """Where measured choices are cached (GRAPHOPT_CACHE_DIR, default ~/.cache/graphopt)."""
-    return Path(os.environ.get("GRAPHOPT_CACHE_DIR") or Path.home() / ".cache" / "graphopt") / name
-
-
 def _cache_key(model: ir.Model, feeds: Mapping[str, np.ndarray], provider: str) -> str:
-    return cache_key(model, feeds, f"v{CACHE_VERSION}|{provider}|onnxruntime {ort.__version__}|"
-                     + repr({kind: [c.name for c in cs] for kind, cs in CANDIDATES.items()}))
-
-
-def cache_key(model: ir.Model, feeds: Mapping[str, np.ndarray], salt: str) -> str:
-    """A key for a measured choice: the model's structure (not its weights), the input shapes
-    and dtypes, and `salt` (the runtime versions, the machine, the candidates)."""
-    h = hashlib.sha256()
-    h.update(salt.encode())
-    h.update(repr(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items())).encode())
-    for graph in model.graphs():
-        for node in graph:
-            attrs = sorted((k, _attr_repr(a)) for k, a in node.attributes.items())
-            shapes = [str(v.shape) if v is not None else "-" for v in node.inputs]
-            h.update(f"{node.domain}:{node.op_type}:{attrs}:{shapes};".encode())
-    return h.hexdigest()[:32]
-
-
-def _attr_repr(attr) -> str:
-    value = attr.value
-    return f"tensor{tuple(value.shape)}" if hasattr(value, "shape") else str(value)
-
-
-def _write_cache(path: Path, selection: Selection) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"choices": selection.choices, "timings_ms": selection.timings_ms,
-                                   "skipped": selection.skipped}, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home still gets a selection, just not a cached one
+    return choices.key(model, feeds, f"v{CACHE_VERSION}|{provider}|onnxruntime {ort.__version__}|"
+                       + repr({kind: [c.name for c in cs] for kind, cs in CANDIDATES.items()}))
 
 
 class OrtLowering(LoweringStep):

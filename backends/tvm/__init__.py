@@ -1,6 +1,6 @@
-"""Apache TVM backend: ONNX -> Relax -> a compiled, optionally MetaSchedule-tuned artifact.
+"""The Apache TVM runtime: ONNX -> Relax -> a compiled, optionally MetaSchedule-tuned artifact.
 
-The only module in graphopt that imports tvm, and only when called (the `tvm` extra:
+The only package in graphopt that imports tvm, and only when called (the `tvm` extra:
 apache-tvm 0.27 with apache-tvm-ffi pinned to 0.1.14.post1; 0.1.15 segfaults on IR
 serialization, which MetaSchedule needs).
 
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ import onnx
 import onnx.inliner
 import onnx.numpy_helper
 
-from graphopt import exporters
+from graphopt import atomic, exporters, registry
 from graphopt.errors import BackendError, InputError, first_line
 from graphopt.model import Model
 from graphopt.specialize import specialize
@@ -239,17 +238,13 @@ def export(compiled: Compiled, path: str | os.PathLike) -> Path:
     """Write the artifact (shared library) and its signature sidecar, each atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".graphopt-") as tmp:
-        staged = Path(tmp) / path.name
+    with atomic.staged(path) as stage:  # the sidecar first, the library last
         try:
-            compiled.executable.export_library(str(staged))
+            compiled.executable.export_library(str(stage / path.name))
         except Exception as exc:
             raise BackendError(f"TVM could not write the library: {first_line(exc, 300)}",
                                hint="export_library needs a C compiler (gcc or clang) on PATH") from None
-        meta = Path(tmp) / (path.name + META_SUFFIX)
-        meta.write_text(json.dumps(compiled.signature.to_dict(), indent=1))
-        os.replace(staged, path)
-        os.replace(meta, str(path) + META_SUFFIX)
+        (stage / (path.name + META_SUFFIX)).write_text(json.dumps(compiled.signature.to_dict(), indent=1))
     return path
 
 
@@ -321,3 +316,34 @@ def _constants_as_tensors(graph: onnx.GraphProto) -> None:
                 array = np.array(list(value) if field in ("floats", "ints") else value, dtype=dtype)
                 node.attribute.remove(attr)
                 node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(array)))
+
+
+class TvmRuntime:
+    """TVM for the llvm target (CPU), compiled at the model's own (float32) precision; shapes are
+    bound at compile time (`shapes=`), which a saved graphopt ONNX model does not record."""
+
+    name = "tvm"
+    precisions = ("fp32",)
+    lowering: tuple[str, ...] = ()  # specialization and inlining happen inside `compile`
+    needs_shapes = True  # compile wants every input's static shape
+
+    def supports(self, precision: str) -> bool:
+        return precision in self.precisions
+
+    @staticmethod
+    def load(path: str | os.PathLike, **options: Any) -> TvmExecutable:
+        return load(path, **options)
+
+    def compile(self, model, precision: str | None = None, *, shapes: Mapping[str, Sequence[int]] | None = None,
+                target: str = "llvm", **_: Any) -> TvmExecutable:
+        """Options of other runtimes (onnxruntime's `provider`, OpenVINO's `threads`) do not apply."""
+        if precision not in (None, *self.precisions):
+            raise InputError(f"the TVM runtime compiles float32 models, not '{precision}'")
+        if not isinstance(model, Model):
+            from graphopt import importers
+
+            model = importers.load(model)
+        return prepare(compile(model, target=target, shapes=shapes))
+
+
+RUNTIME = registry.register_runtime(TvmRuntime())
