@@ -169,7 +169,7 @@ class CpuLowering(LoweringStep):
             fid = {"min_cosine": measured["candidates"][chosen]["min_cosine"], "bound": self.options.fidelity,
                    "measured_in": "openvino", "conversion": chosen}
             return Lowering([registry.get(n) for n in openvino.LOWERING], measured, annotate,  # convert runs after these
-                            convert=lambda m: _converted(m, precision), fidelity=fid)
+                            convert_model=lambda m: _converted(m, precision), fidelity=fid)
         selection = measured["ort_lowering"]
         passes = ort_select.Selection(**{k: selection[k] for k in ("target", "provider", "choices", "timings_ms",
                                                                    "skipped")})

@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                    "per op kind; cpu: the runtime measured fastest on this machine (onnxruntime or OpenVINO; portable output)")
     s.add_argument("--portable", action="store_true", help="standard ONNX only: graphopt functions inlined (any ONNX consumer "
                    "loads it; contrib ops only with an ort target)")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "int4", "auto"], help="reduced precision "
+    s.add_argument("--precision", choices=registry.choices("precision"), help="reduced precision "
                    "allowed, kept only within --fidelity: int8 (auto: int8 too) quantizes linear layers calibrated on "
                    "--calib, per layer where faster here; int4: weight-only MatMulNBits (onnxruntime targets); bf16/fp16 "
                    "convert the graph (under --target cpu: OpenVINO's hint or the converted graph, measured) "
@@ -95,16 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                    "or lowering step, then the final validation). Steps that change nothing are never re-run (default: 1)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
-    s.add_argument("--max-window", type=int, help="with --mixer window or hybrid: the largest softmax window "
-                   "(tokens of distance) calibration may choose")
-    s.add_argument("--features", type=int, default=1, help="with --mixer linear:hedgehog or hybrid: the Hedgehog map's "
-                   "width in head sizes (2 x N x head size features; wider fits softmax closer, costs more per token)")
-    s.add_argument("--layers", default="all", help="with --preset mixers: all | auto | best:N | comma-separated layer indices")
     s.add_argument("--fidelity", type=float, default=0.99, help="the end-to-end cosine bound: for --layers auto, and for "
                    "a reduced --precision")
     s.add_argument("--calib", help="calibration inputs for the approximate steps (mixers, int8): .npz; rows split half "
                    "fit, half held out")
-    s.add_argument("--calib-steps", type=int, default=300, help="optimizer steps per layer when fitting a mixer")
+    for owner, option in registry.step_options():  # declared by each approximate step / target (steps.StepOption)
+        s.add_argument(option.flag, dest=f"step_{option.name}", type=_flag_type(option.parse), default=option.default,
+                       choices=option.choices() if option.choices else None, metavar=option.metavar,
+                       help=f"{option.help} ({owner}; default: {option.default})")
     s.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("validate", parents=[common], help="compare two models' outputs in onnxruntime")
@@ -194,13 +192,23 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _layers(text: str):
-    if text in ("all", "auto") or text.startswith("best:"):
-        return text
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise InputError(f"--layers wants all, auto or indices like 0,2,4; got '{text}'") from None
+def _flag_type(parse):
+    """A step option's parser for argparse: its InputError becomes argparse's one-line usage error (exit 2)."""
+    if parse is None:
+        return None
+
+    def parsed(text: str):
+        try:
+            return parse(text)
+        except (InputError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc).split("\n")[0]) from None
+    parsed.__name__ = getattr(parse, "__name__", "value")
+    return parsed
+
+
+def _step_options(args) -> dict:
+    """The registered step options as the user gave them (flags dest step_<name>)."""
+    return {option.name: getattr(args, f"step_{option.name}") for _, option in registry.step_options()}
 
 
 def _dims(text: str) -> dict[str, int]:
@@ -258,11 +266,10 @@ def cmd_optimize(args) -> int:
         result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=args.inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
-                                   mixer=args.mixer, layers=_layers(args.layers), fidelity=args.fidelity, calib=args.calib,
-                                   calib_steps=args.calib_steps, portable=args.portable, precision=args.precision,
+                                   mixer=args.mixer, fidelity=args.fidelity, calib=args.calib,
+                                   portable=args.portable, precision=args.precision,
                                    check_every=args.check_every, step_progress=step_progress,
-                                   max_window=args.max_window, features=args.features,
-                                   allow_unchecked=args.allow_unchecked)
+                                   allow_unchecked=args.allow_unchecked, **_step_options(args))
     report = result.report
     out.print(report.tables())
     if args.explain:

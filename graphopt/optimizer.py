@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graphopt import feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, summary, verify
+from graphopt import feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, registry, summary, verify
 from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -15,7 +15,6 @@ from graphopt.steps import Options
 
 PORTABLE = "make-portable"  # the finishing pass that writes standard ONNX only
 STANDARD_CONTRIB = "standardize-contrib-ops"  # before it, unless an onnxruntime target wants contrib ops
-PRECISIONS = (None, "fp32", "bf16", "fp16", "int8", "int4", "auto")
 
 
 @dataclasses.dataclass
@@ -43,17 +42,14 @@ def optimize(
     target: str | None = None,
     use_cache: bool = True,
     mixer: str | None = None,
-    layers: str | Sequence[int] = "all",
     fidelity: float = 0.99,
     calib: Any = None,
-    calib_steps: int = 300,
     portable: bool = False,
     precision: str | None = None,
     check_every: int = 1,
     step_progress: Callable[[int, int, str], None] | None = None,
-    max_window: int | None = None,
-    features: int = 1,
     allow_unchecked: bool = False,
+    **step_options: Any,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
 
@@ -71,15 +67,14 @@ def optimize(
     portable: write standard ONNX only (graphopt functions inlined; contrib ops appear only for
     the ORT targets), loadable by any ONNX consumer.
     mixer (approximate; preset "mixers" asks for one): after the exact passes, swap attention
-    layers for `mixer` (see `graphopt passes`) on `layers` ("all", "auto", "best:N" or
-    indices), calibrated on `calib` (.npz, arrays, batches or a callable; generated with a
-    warning when None) for `calib_steps` steps, `fidelity` the end-to-end cosine bound;
+    layers for `mixer` (see `graphopt passes`), calibrated on `calib` (.npz, arrays, batches or
+    a callable; generated with a warning when None), `fidelity` the end-to-end cosine bound;
     `report.fidelity` holds the measured fidelity, and the final validation is replaced by it
     (the function changed on purpose).
+    step_options: the options the registered approximate steps and targets declare
+    (`graphopt.registry.step_options()`; e.g. the mixer's `layers`, `calib_steps`, `max_window`,
+    `features`), each documented where it is declared and shown by `graphopt optimize --help`.
     step_progress: (done, total, what) from inside a long step (a mixer's fit, layer by layer).
-    max_window: the largest softmax window (tokens of distance) a window or hybrid mixer keeps.
-    features: the Hedgehog map's width in head sizes (linear:hedgehog, hybrid; 2 x features x D
-    features): wider fits softmax closer, at more cost per token.
     allow_unchecked: when no input can be generated or found that the model runs on (or the
     given inputs do not run it), optimize without numeric checks instead of raising
     InputError; every step is still checked to load, and the report says what was not checked.
@@ -91,11 +86,15 @@ def optimize(
     requests = {"mixer": mixer, "precision": precision}
     if required and not requests.get(required):
         raise InputError(f"preset '{preset}' needs a {required}", hint="pass --mixer, e.g. --mixer linear:hedgehog")
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(p for p in PRECISIONS if p)}")
-    options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_steps=calib_steps, layers=layers,
-                      use_cache=use_cache, precision=precision, target=target, progress=step_progress,
-                      max_window=max_window, features=features)
+    if precision is not None and precision not in registry.choices("precision"):
+        raise InputError(f"unknown precision '{precision}'", hint=f"choose from {', '.join(registry.choices('precision'))}")
+    declared = {option.name: option for _, option in registry.step_options()}
+    unknown = sorted(set(step_options) - set(declared))
+    if unknown:
+        raise InputError(f"optimize() got unknown option(s) {', '.join(unknown)}",
+                         hint=f"options the registered steps declare: {', '.join(sorted(declared))}")
+    options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, use_cache=use_cache, precision=precision,
+                      target=target, progress=step_progress, step=dict(step_options))
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
                           finish=_portable_passes(target) if portable else [])
     feeds = source_desc = reference = None

@@ -18,6 +18,7 @@ _CHOICES: dict[str, Callable[[], Sequence[str]]] = {}  # option -> the values it
 _TARGETS: dict[str, Callable[..., Any]] = {}  # target -> factory(target, options) -> LoweringStep
 _ANALYSES: dict[str, Callable[..., Any]] = {}  # name -> fn(ir.Graph) -> list of dicts (`inspect`)
 _RUNTIMES: dict[str, Any] = {}  # name -> graphopt.runtimes.Runtime
+_STEP_OPTIONS: dict[str, tuple[str, Any]] = {}  # option name -> (who declared it, graphopt.steps.StepOption)
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -35,10 +36,35 @@ def unregister(name: str) -> None:
     _PASSES.pop(name, None)
 
 
-def register_approximate(option: str, factory: Callable[..., Any], choices: Callable[[], Sequence[str]] = tuple) -> None:
+def register_approximate(option: str, factory: Callable[..., Any], choices: Callable[[], Sequence[str]] = tuple,
+                         options: Sequence[Any] = ()) -> None:
     """`factory(value, options)` builds the approximate step that `optimize(option=value)` asks
-    for; `choices()` lists the values it takes."""
+    for; `choices()` lists the values it takes; `options` (graphopt.steps.StepOption) are the
+    further options the step reads, which become `optimize` keywords and CLI flags."""
     _APPROXIMATE[option], _CHOICES[option] = factory, choices
+    _declare(f"--{option}", options)
+
+
+def _declare(owner: str, options: Sequence[Any]) -> None:
+    for declared in options:
+        known = _STEP_OPTIONS.get(declared.name)
+        if known is not None and known[1] != declared:
+            raise ValueError(f"step option {declared.name!r} is declared twice ({known[0]}, {owner})")
+        _STEP_OPTIONS[declared.name] = (owner, declared)
+
+
+def step_options() -> list[tuple[str, Any]]:
+    """(who declared it, StepOption) for every option the registered steps and targets declare."""
+    ensure_builtin()
+    return [(owner, option) for owner, option in _STEP_OPTIONS.values()]
+
+
+def step_option(name: str) -> Any:
+    """The declared StepOption `name`; AttributeError when no step declares it."""
+    ensure_builtin()
+    if name not in _STEP_OPTIONS:
+        raise AttributeError(f"no registered step declares the option '{name}'")
+    return _STEP_OPTIONS[name][1]
 
 
 def choices(option: str) -> tuple[str, ...]:
@@ -47,9 +73,11 @@ def choices(option: str) -> tuple[str, ...]:
     return tuple(_CHOICES[option]())
 
 
-def register_target(target: str, factory: Callable[..., Any]) -> None:
-    """`factory(target, options)` builds the lowering step for `optimize(target=target)`."""
+def register_target(target: str, factory: Callable[..., Any], options: Sequence[Any] = ()) -> None:
+    """`factory(target, options)` builds the lowering step for `optimize(target=target)`;
+    `options` (StepOption) as for `register_approximate`."""
     _TARGETS[target] = factory
+    _declare(f"--target {target}", options)
 
 
 def register_analysis(name: str, fn: Callable[..., Any]) -> None:

@@ -67,20 +67,44 @@ class StepRecord:
 @dataclasses.dataclass
 class Options:
     """What `optimize` was asked, for the steps that need more than the model: calibration
-    data, the fidelity bound, layer selection, seeds and dims, the lowering cache."""
+    data, the fidelity bound, seeds and dims, the lowering cache, the target; and the options
+    the approximate steps and targets declared (`StepOption`, registered with them), in `step`
+    and read as attributes (`options.max_window`), their declared default when not given."""
 
     seed: int = 0
     dims: Mapping[str, int] | None = None
     fidelity: float = 0.99
     calib: Any = None
-    calib_steps: int = 300
-    layers: str | Sequence[int] = "all"
-    max_window: int | None = None  # the largest softmax window a window / hybrid mixer may keep
-    features: int = 1  # the Hedgehog map's width in head sizes (linear:hedgehog, hybrid)
     use_cache: bool = True
     precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
     target: str | None = None  # the lowering target, for steps whose form depends on it
     progress: Callable[[int, int, str], None] | None = None  # a step's own progress (done, total, what)
+    step: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # registered step options by name
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "step":
+            raise AttributeError(name)
+        from graphopt import registry  # a declared step option: given, else its default
+
+        declared = registry.step_option(name)
+        return self.step.get(name, declared.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOption:
+    """An option an approximate step or a target declares: `optimize(name=...)`, the CLI flag
+    `--name-with-dashes`, and `options.name` inside the step, from this one declaration."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] | None = None  # the CLI value's type (int, float; None: text)
+    choices: Callable[[], Sequence[str]] | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 @dataclasses.dataclass
@@ -243,7 +267,7 @@ class Approximation:
     model: Model
     rewrites: dict[str, int]
     fidelity: dict[str, Any]
-    convert: Callable[[Feeds], dict[str, np.ndarray]] | None = None
+    convert_feeds: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # old inputs -> the new model's
 
 
 class ApproximateStep(Step):
@@ -268,8 +292,8 @@ class ApproximateStep(Step):
                               note=f"the approximate model does not load: {problem}; rolled back")
         stage.model.ir = made.model.ir
         stage.approximate = True
-        if stage.feeds is not None and made.convert is not None:
-            stage.feeds = made.convert(stage.feeds)
+        if stage.feeds is not None and made.convert_feeds is not None:
+            stage.feeds = made.convert_feeds(stage.feeds)
         if stage.outputs is not None:  # later steps are checked against the approximate model
             try:
                 stage.outputs = stage.run()
@@ -293,7 +317,7 @@ class Lowering:
     replace: Model | None = None  # measured faster than any lowering of the stage: use it instead (same function)
     # A candidate that changes the arithmetic on purpose (a bf16 graph): applied after `passes`;
     # its fidelity, measured in the target runtime against the bound, replaces the equality check.
-    convert: Callable[[Model], Model] | None = None
+    convert_model: Callable[[Model], Model] | None = None
     fidelity: dict[str, Any] | None = None
 
 
@@ -322,14 +346,14 @@ class LoweringStep(Step):
         for p in choice.passes:
             for rule, n in p(stage.model.ir).items():
                 rewrites[rule] = rewrites.get(rule, 0) + n
-        if choice.convert is not None:
-            stage.model.ir = choice.convert(stage.model).ir
+        if choice.convert_model is not None:
+            stage.model.ir = choice.convert_model(stage.model).ir
             rewrites["ConvertPrecision"] = 1
         if choice.annotate is not None:
             choice.annotate(stage.model)
         record = StepRecord(self.name, str(self.kind), rewrites, time.perf_counter() - start,
                             "applied" if sum(rewrites.values()) else "no-op", measurements=choice.measurements, note=note)
-        if choice.convert is not None:  # approximate on purpose: checked by its measured fidelity
+        if choice.convert_model is not None:  # approximate on purpose: checked by its measured fidelity
             record.check = {"passed": True, **(choice.fidelity or {})}
             stage.approximate, stage.outputs = True, None
             return record

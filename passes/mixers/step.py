@@ -34,9 +34,9 @@ from graphopt.ir import ir
 from graphopt.model import Model
 from graphopt.passes.mixers import correct, drop, linear, spec as specs, state
 from graphopt.passes.mixers.edit import RULE
-from graphopt.passes.mixers.fidelity import Measure, layer_error
+from graphopt.passes.mixers.swap_error import Measure, layer_error
 from graphopt.shapes import infer_shapes
-from graphopt.steps import ApproximateStep, Approximation, Options
+from graphopt.steps import ApproximateStep, Approximation, Options, StepOption
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -270,4 +270,22 @@ class SwapMixers(ApproximateStep):
                              mixed.convert and mixed.feeds_for)
 
 
-registry.register_approximate("mixer", SwapMixers, choices=specs.names)
+def _layers(text) -> str | list[int]:
+    """--layers: all | auto | best:N | comma-separated indices."""
+    if not isinstance(text, str) or text in ("all", "auto") or text.startswith("best:"):
+        return text
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--layers wants all, auto or indices like 0,2,4; got '{text}'") from None
+
+
+OPTIONS = (
+    StepOption("layers", "all", "with --preset mixers: all | auto | best:N | comma-separated layer indices", parse=_layers),
+    StepOption("calib_steps", 300, "optimizer steps per layer when fitting a mixer", parse=int),
+    StepOption("max_window", None, "with --mixer window or hybrid: the largest softmax window (tokens of distance) "
+               "the mixer may keep", parse=int),
+    StepOption("features", 1, "with --mixer linear:hedgehog or hybrid: the Hedgehog map's width in head sizes "
+               "(2 x features x D features): wider fits softmax closer, at more cost per token", parse=int),
+)
+registry.register_approximate("mixer", SwapMixers, choices=specs.names, options=OPTIONS)
