@@ -32,6 +32,7 @@ from typing import Any
 
 from graphopt import choices, exporters, machine, registry, sessions, timing, verify
 from graphopt.backends.ort import select as ort_select
+from graphopt.details import Details, Table, columns
 from graphopt.errors import GraphoptError, first_line
 from graphopt.model import PRECISION_KEY, RUNTIME_KEY, Model
 from graphopt.steps import Lowering, LoweringStep, Stage
@@ -46,6 +47,22 @@ CACHE_KIND = "cpu-select"
 
 class CpuLowering(LoweringStep):
     """The fastest runtime on this CPU (ORT or OpenVINO, precision only if allowed and bounded)."""
+
+    def details(self, measured: dict[str, Any]) -> Details:
+        """Every runtime candidate with its latency and fidelity, the choice marked; the ORT lowering it timed."""
+        m = measured["machine"]
+        rows = [{"name": name, "median_ms": c.get("median_ms"), "min_cosine": c.get("min_cosine"),
+                 "note": "chosen" if name == measured["chosen"] else c.get("rejected") or c.get("error") or c.get("pruned") or ""}
+                for name, c in measured["candidates"].items()]
+        rows += [{"name": name, "note": f"not tried: {why}"} for name, why in measured.get("skipped", {}).items()]
+        cached = " (cached choice)" if measured.get("cached") else ""
+        tables = [Table(f"runtime for {measured['target']} on {m['cpu']} ({', '.join(m['flags']) or 'no avx512/amx'}){cached}",
+                        columns(("name", "candidate"), ("median_ms", "median ms", ".2f"), ("min_cosine", "min cosine", ".6f"),
+                                ("note", "note")), rows, chosen=measured["chosen"], chart="median_ms", unit="ms")]
+        if measured.get("ort_lowering"):
+            tables += ort_select.details(measured["ort_lowering"])
+        allowed = ", ".join(measured["precision_allowed"]) or "fp32 only"
+        return Details(tables, lines=[f"reduced precision allowed: {allowed} (bound: min cosine >= {measured['fidelity_bound']})"])
 
     def choose(self, stage: Stage) -> Lowering:
         feeds = stage.feeds

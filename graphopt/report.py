@@ -1,15 +1,21 @@
 """What a run did: one record per plan step (graphopt/steps.py), the final validation, the model
 before and after.
 
-`Report.to_dict()` is the JSON schema pipelines read (SCHEMA_VERSION 2):
-{"schema_version": 2, "preset",
+`Report.to_dict()` is the JSON schema pipelines read (SCHEMA_VERSION 3):
+{"schema_version": 3, "preset",
  "steps": [{"name", "kind", "rewrites", "seconds", "status", "check", "note", "near_misses",
-            "fidelity", "measurements"}],
+            "fidelity", "measurements",
+            "details": {"tables": [{"title", "columns": [{"key", "label", "format"}], "rows": [{...}],
+                                    "chosen", "chart", "line", "unit"}],
+                        "end_to_end": {output: {"mean_cosine", "min_cosine", "max_abs_error", ...}},
+                        "bound", "lines": [...], "warnings": [...]} | null}],
  "validation": {...}, "model": {"before": {...}, "after": {...}}, "notes": [...],
  "machine": {"cpu", "flags", "cores", "versions"},
  "passes": [...], "fidelity": {...} | null, "lowering": {...} | null}
-The last three are views kept for readers of version 1: "passes" is "steps" again, "fidelity"
-the first approximate step's fidelity, "lowering" the first lowering step's measurements.
+"details" (version 3) is what the renderers draw: each step declares its tables and lines. A
+step's "fidelity" and "measurements" dicts are kept for readers of version 2; the last three
+keys are views kept for readers of version 1: "passes" is "steps" again, "fidelity" the first
+approximate step's fidelity, "lowering" the first lowering step's measurements.
 `Report.tables()` renders the same for people (rich); `Report.write_html()` writes one
 self-contained page (graphopt/report_html.py) from the JSON alone.
 """
@@ -24,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import atomic, machine
+from graphopt.details import Details, end_to_end_lines
 from graphopt.steps import StepKind, StepRecord
 from graphopt.verify import Validation
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MODEL_KEYS = ("num_nodes", "num_params", "param_bytes", "op_counts")
 
 
@@ -124,10 +131,8 @@ class Report:
             summary.add_row(label, str(d["num_nodes"]), f"{d['num_params']:,}", f"{d['param_bytes']:,}")
         parts.append(summary)
         for step in self.steps:
-            if step.measurements:
-                parts.append(lowering_table(step.measurements))
-            if step.fidelity:
-                parts.append(fidelity_table(step.fidelity))
+            if step.details is not None:
+                parts += details_renderables(step.details)
         if self.validation:
             parts.append(validation_table(self.validation))
         parts.extend(f"note: {n}" for n in self.notes)
@@ -139,125 +144,24 @@ def write_atomic(path: Path, text: str) -> Path:
     return atomic.write_text(path, text)
 
 
-def fidelity_table(fidelity: dict[str, Any]):
-    from rich.console import Group
+def details_renderables(details: Details) -> list[Any]:
+    """A step's details (graphopt/details.py) as rich tables and lines: the shapes, no step-specific code."""
     from rich.table import Table
 
-    if fidelity.get("precision") in ("int8", "int4"):
-        return precision_table(fidelity)
-    if "conversion" in fidelity:
-        return conversion_lines(fidelity)
-    table = Table(title=f"fidelity: {fidelity['mixer']} on {len(fidelity['layers_swapped'])}/{fidelity['layers_total']} "
-                        f"attention layers (held-out rows: {fidelity['calibration']['held_out_rows']})", title_justify="left")
-    for col in ("layer", "node", "swapped", "rel error", "cosine", "note"):
-        table.add_column(col)
-    for entry in fidelity["per_layer"]:
-        table.add_row(str(entry["index"]), entry["node"], "yes" if entry["swapped"] else "no", f"{entry['rel_error']:.4f}",
-                      f"{entry['cosine']:.4f}", entry.get("kept_because", entry.get("as", "")))
-    lines = _end_to_end_lines(fidelity)
-    if "decode" in fidelity:
-        decode = fidelity["decode"]
-        lines.append(f"decoding: KV caches {', '.join(decode['removed'])} replaced by states "
-                     f"{', '.join(decode['state_inputs'])} -> {', '.join(decode['state_outputs'])}; {decode['how']}")
-    if "warning" in fidelity["calibration"]:
-        lines.append(f"WARNING: {fidelity['calibration']['warning']}")
-    return Group(table, *lines)
-
-
-def _end_to_end_lines(fidelity: dict[str, Any]) -> list[str]:
-    return [f"end to end {name}: mean cosine {v['mean_cosine']:.5f}, min cosine {v['min_cosine']:.5f}, max abs error "
-            f"{v['max_abs_error']:.3e}" + (f", KL {v['kl_divergence']:.4g}" if "kl_divergence" in v else "")
-            for name, v in fidelity["end_to_end"].items()]
-
-
-def conversion_lines(fidelity: dict[str, Any]):
-    """A bf16 / fp16 graph conversion: what went to 16 bits, what stayed float32, the fidelity."""
-    from rich.console import Group
-
-    c = fidelity["conversion"]
-    kept = ", ".join(f"{op} x{n}" for op, n in c["kept_float32"].items()) or "none"
-    lines = [f"{fidelity['precision']} graph: {c['nodes_in_low_precision']} nodes in {fidelity['precision']}, "
-             f"{c['casts']} casts; kept float32: {kept}", *_end_to_end_lines(fidelity),
-             f"measured on {fidelity['measured_on']}"]
-    if "note" in fidelity:
-        lines.append(fidelity["note"])
-    if "warning" in fidelity["calibration"]:
-        lines.append(f"WARNING: {fidelity['calibration']['warning']}")
-    return Group(*lines)
-
-
-def precision_table(fidelity: dict[str, Any]):
-    """An int8 / int4 step: every layer with its precision, range, error and measured float / low time."""
-    from rich.console import Group
-    from rich.table import Table
-
-    low = fidelity["precision"]
-    sel = fidelity["selection"]
-    table = Table(title=f"fidelity: {low} on {sel[f'{low}_layers']}/{sel['layers_total']} layers "
-                        f"(bound {sel['fidelity_bound']}; held-out rows: {fidelity['calibration']['held_out_rows']})",
-                  title_justify="left")
-    for col in ("layer", "node", "op", "precision", "range", "rel error", "float ms", f"{low} ms", "note"):
-        table.add_column(col)
-    for e in fidelity["layers"]:
-        table.add_row(str(e["index"]), e["node"], e["op"], e["precision"], e.get("range", "-"),
-                      "-" if e["rel_error"] is None else f"{e['rel_error']:.4f}",
-                      "-" if e["float_ms"] is None else f"{e['float_ms']:.3f}",
-                      "-" if e[f"{low}_ms"] is None else f"{e[f'{low}_ms']:.3f}", e.get("kept_because", ""))
-    smoothing = fidelity.get("smoothing", {})
-    migrated = [a for a in smoothing.get("activations", []) if a["alpha"]]
-    lines = _end_to_end_lines(fidelity)
-    if "smoothing" in fidelity:
-        lines.append(f"SmoothQuant: {len(migrated)} activation(s) migrated into the weights"
-                     + (", validated equal" if smoothing.get("validated_equal") else "")
-                     + (f"; {smoothing['undone']}" if "undone" in smoothing else ""))
-    corrected = fidelity.get("bias_correction", {})
-    if corrected.get("layers"):
-        lines.append(f"bias correction on {corrected['layers']} layer(s): held-out mean cosine "
-                     f"{corrected['mean_cosine_with']:.5f} with, {corrected['mean_cosine_without']:.5f} without; "
-                     + ("kept" if corrected["kept"] else "dropped"))
-    if "note" in fidelity:
-        lines.append(fidelity["note"])
-    if "warning" in fidelity["calibration"]:
-        lines.append(f"WARNING: {fidelity['calibration']['warning']}")
-    return Group(table, *lines)
-
-
-def lowering_table(lowering: dict[str, Any]):
-    from rich.table import Table
-
-    if "candidates" in lowering:
-        return runtime_table(lowering)
-    cached = " (cached choice)" if lowering.get("cached") else ""
-    table = Table(title=f"lowering for {lowering['target']} ({lowering['provider']}){cached}", title_justify="left")
-    for col in ("op kind", "chosen", "median ms per candidate"):
-        table.add_column(col)
-    for kind, choice in lowering["choices"].items():
-        times = lowering["timings_ms"].get(kind, {})
-        table.add_row(kind, choice, ", ".join(f"{n} {t:.2f}" for n, t in times.items()))
-    for what, why in lowering["skipped"].items():
-        table.add_row(what, "-", f"not timed: {why}")
-    return table
-
-
-def runtime_table(lowering: dict[str, Any]):
-    """--target cpu: every runtime candidate with its latency and fidelity, the choice marked."""
-    from rich.console import Group
-    from rich.table import Table
-
-    m = lowering["machine"]
-    cached = " (cached choice)" if lowering.get("cached") else ""
-    table = Table(title=f"runtime for {lowering['target']} on {m['cpu']} ({', '.join(m['flags']) or 'no avx512/amx'}){cached}",
-                  title_justify="left")
-    for col in ("candidate", "median ms", "min cosine", "note"):
-        table.add_column(col)
-    for name, c in lowering["candidates"].items():
-        note = "chosen" if name == lowering["chosen"] else c.get("rejected") or c.get("error") or ""
-        table.add_row(name, f"{c['median_ms']:.2f}" if "median_ms" in c else "-",
-                      f"{c['min_cosine']:.6f}" if "min_cosine" in c else "-", note)
-    for name, why in lowering.get("skipped", {}).items():
-        table.add_row(name, "-", "-", f"not tried: {why}")
-    allowed = ", ".join(lowering["precision_allowed"]) or "fp32 only"
-    return Group(table, f"reduced precision allowed: {allowed} (bound: min cosine >= {lowering['fidelity_bound']})")
+    parts: list[Any] = []
+    for t in details.tables:
+        table = Table(title=t.title, title_justify="left")
+        for column in t.columns:
+            table.add_column(column.label, justify="right" if column.format else "left")
+        for row in t.rows:
+            cells = [t.cell(row, c) for c in t.columns]
+            if t.chosen is not None and row.get(t.columns[0].key) == t.chosen:
+                cells[0] = f"[bold]{cells[0]}[/bold]"
+            table.add_row(*cells)
+        parts.append(table)
+    parts += details.lines or end_to_end_lines(details.end_to_end)
+    parts += [f"WARNING: {w}" for w in details.warnings]
+    return parts
 
 
 def validation_table(validation: Validation):

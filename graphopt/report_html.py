@@ -5,9 +5,11 @@ scripts, nothing fetched when it opens.
 
 Sections: the plan (every step: kind, rewrites, status, check, time); the model before and
 after (nodes, parameters, bytes, op histogram side by side); speed (every lowering step's
-measured candidates as bars, the chosen one marked; a benchmark's contenders); fidelity (each
-approximate step's per-layer error and cosine, the bound drawn; end to end per output); the
-machine (CPU, the flags that matter, runtime versions); the notes.
+details: its tables, charted columns as bars, the chosen row marked; a benchmark's contenders);
+fidelity (every approximate step's details: per-layer tables and charts, end to end per output
+with the bound drawn); the machine (CPU, the flags that matter, runtime versions); the notes.
+Steps are drawn from their declared details only (graphopt/details.py, report schema 3); a
+schema-2 JSON renders without the speed and fidelity sections.
 """
 
 from __future__ import annotations
@@ -116,21 +118,7 @@ def _model(model: Mapping[str, Any], charts: "_Charts") -> str:
 
 
 def _speed(steps, bench, charts: "_Charts") -> str:
-    parts = []
-    for s in steps:
-        m = s.get("measurements") or {}
-        if "candidates" in m:  # --target cpu: whole-model candidates
-            timed = {k: c["median_ms"] for k, c in m["candidates"].items() if "median_ms" in c}
-            parts.append(f"<h3>{_e(s['name'])}</h3>")
-            parts.append(charts.bars(f"{s['name']}: median ms per candidate (chosen: {m.get('chosen')})", timed,
-                                     m.get("chosen"), "ms"))
-            parts.append(_table(["candidate", "median ms", "min cosine", "note"], [
-                [("<b>%s</b>" % _e(k)) if k == m.get("chosen") else _e(k), c.get("median_ms", "-"), c.get("min_cosine", "-"),
-                 _e(c.get("rejected") or c.get("error") or "")] for k, c in m["candidates"].items()], numeric=(1, 2)))
-            m = m.get("ort_lowering") or {}
-        for kind, timings in (m.get("timings_ms") or {}).items():  # --target ort-*: per op kind
-            chosen = (m.get("choices") or {}).get(kind)
-            parts.append(charts.bars(f"{s['name']}: {kind} lowering, median ms (chosen: {chosen})", timings, chosen, "ms"))
+    parts = [_details(s, charts) for s in steps if s.get("kind") == "lowering" and s.get("details")]
     if bench:
         timed = {c["name"]: c["median_ms"] for c in bench.get("contenders", []) if c.get("median_ms") is not None}
         parts.append("<h3>benchmark</h3>")
@@ -142,41 +130,52 @@ def _speed(steps, bench, charts: "_Charts") -> str:
 
 
 def _fidelity(steps, charts: "_Charts") -> str:
-    parts = []
-    for s in steps:
-        f = s.get("fidelity")
-        if not f:
-            continue
-        bound = (s.get("check") or {}).get("bound")
-        parts.append(f"<h3>{_e(s['name'])}</h3>")
-        rows = f.get("per_layer") or f.get("layers") or []
-        if rows:
-            labels = [str(r.get("index", i)) for i, r in enumerate(rows)]
-            errors = [r.get("rel_error") or 0.0 for r in rows]
-            parts.append(charts.bars(f"{s['name']}: per-layer relative error", dict(zip(labels, errors)), None,
-                                     "relative error"))
-            if all("cosine" in r for r in rows):
-                parts.append(charts.bars(f"{s['name']}: per-layer cosine (bound {bound})",
-                                         dict(zip(labels, [r["cosine"] for r in rows])), None, "cosine", line=bound))
-            keys = [k for k in ("node", "op", "swapped", "precision", "range", "rel_error", "cosine", "float_ms", "int8_ms",
-                                "int4_ms", "kept_because") if any(k in r for r in rows)]
-            parts.append(_table(["layer", *keys], [[r.get("index", i), *[_e(r.get(k, "")) for k in keys]]
-                                                   for i, r in enumerate(rows)]))
-        if "conversion" in f:
-            c = f["conversion"]
-            parts.append(f"<p>{_e(f['precision'])} graph: {c['nodes_in_low_precision']} nodes in 16 bits, {c['casts']} casts; "
-                         f"kept float32: {_e(', '.join(f'{k} x{v}' for k, v in c['kept_float32'].items()) or 'none')}.</p>")
-        e2e = f.get("end_to_end") or {}
-        if e2e:
-            parts.append(charts.bars(f"{s['name']}: end-to-end mean cosine per output (bound {bound})",
-                                     {k: v["mean_cosine"] for k, v in e2e.items()}, None, "mean cosine", line=bound))
-            parts.append(_table(["output", "mean cosine", "min cosine", "max abs error"], [
-                [_e(k), f"{v['mean_cosine']:.6f}", f"{v['min_cosine']:.6f}", f"{v['max_abs_error']:.3e}"]
-                for k, v in e2e.items()], numeric=(1, 2, 3)))
-        warning = (f.get("calibration") or {}).get("warning")
-        if warning:
-            parts.append(f"<p class='bad'>{_e(warning)}</p>")
+    return "\n".join(_details(s, charts) for s in steps if s.get("kind") == "approximate" and s.get("details"))
+
+
+def _details(step: Mapping[str, Any], charts: "_Charts") -> str:
+    """A step's declared details (graphopt/details.py): each table with its chart, end to end
+    per output against the bound, the lines and warnings. No step-specific code."""
+    d = step["details"]
+    name, bound = step["name"], d.get("bound")
+    parts = [f"<h3>{_e(name)}</h3>"]
+    for t in d.get("tables", []):
+        columns = t["columns"]
+        key = columns[0]["key"]
+        if t.get("chart"):
+            values = {str(r.get(key)): r[t["chart"]] for r in t["rows"] if isinstance(r.get(t["chart"]), (int, float))}
+            label = next((c["label"] for c in columns if c["key"] == t["chart"]), t["chart"])
+            chosen = "" if t.get("chosen") is None else f" (chosen: {t['chosen']})"
+            parts.append(charts.bars(f"{t['title']}: {label}{chosen}", values, None if t.get("chosen") is None else str(t["chosen"]),
+                                     t.get("unit") or label, line=t.get("line")))
+        numeric = tuple(i for i, c in enumerate(columns) if c.get("format"))
+        rows = []
+        for r in t["rows"]:
+            cells = [_cell(r.get(c["key"]), c.get("format", "")) for c in columns]
+            if t.get("chosen") is not None and r.get(key) == t["chosen"]:
+                cells[0] = f"<b>{cells[0]}</b>"
+            rows.append(cells)
+        parts.append(f"<p>{_e(t['title'])}</p>" + _table([c["label"] for c in columns], rows, numeric=numeric))
+    e2e = d.get("end_to_end") or {}
+    if e2e:
+        parts.append(charts.bars(f"{name}: end-to-end mean cosine per output (bound {bound})",
+                                 {k: v["mean_cosine"] for k, v in e2e.items()}, None, "mean cosine", line=bound))
+        parts.append(_table(["output", "mean cosine", "min cosine", "max abs error"], [
+            [_e(k), f"{v['mean_cosine']:.6f}", f"{v['min_cosine']:.6f}", f"{v['max_abs_error']:.3e}"]
+            for k, v in e2e.items()], numeric=(1, 2, 3)))
+    parts += [f"<p>{_e(line)}</p>" for line in d.get("lines", []) if not line.startswith("end to end ")]
+    parts += [f"<p class='bad'>{_e(w)}</p>" for w in d.get("warnings", [])]
     return "\n".join(parts)
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or value == "":
+        return "-" if spec else ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)) and spec:
+        return format(value, spec)
+    return _e(value)
 
 
 def _validation(v: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import fidelity, model as model_mod, verify
+from graphopt.details import Details
 from graphopt.errors import GraphoptError
 from graphopt.ir import ir
 from graphopt.model import Model, fingerprint
@@ -42,7 +43,8 @@ Feeds = Mapping[str, np.ndarray]
 class StepRecord:
     """What one step did. `check`: the numeric check of its kind (equality for exact and
     lowering, the fidelity bound for approximate); `fidelity`: an approximate step's
-    measurements; `measurements`: a lowering step's candidates and choice."""
+    measurements; `measurements`: a lowering step's candidates and choice (both kept for readers
+    of report schema 2); `details`: the same, as tables and lines (graphopt/details.py)."""
 
     name: str
     kind: str
@@ -54,6 +56,7 @@ class StepRecord:
     near_misses: list[str] = dataclasses.field(default_factory=list)
     fidelity: dict[str, Any] | None = None
     measurements: dict[str, Any] | None = None
+    details: Details | None = None  # what the step measured, in the declared shapes the renderers draw
 
     @property
     def total_rewrites(self) -> int:
@@ -303,7 +306,12 @@ class ApproximateStep(Step):
         bound = self.options.fidelity
         return StepRecord(self.name, str(self.kind), made.rewrites, time.perf_counter() - start,
                           "applied" if sum(made.rewrites.values()) else "no-op",
-                          check={"passed": worst >= bound, "min_cosine": worst, "bound": bound}, fidelity=made.fidelity)
+                          check={"passed": worst >= bound, "min_cosine": worst, "bound": bound}, fidelity=made.fidelity,
+                          details=self.details(made.fidelity))
+
+    def details(self, fidelity: dict[str, Any]) -> Details | None:
+        """The step's report as tables and lines (graphopt/details.py); by default end to end only."""
+        return Details(end_to_end=dict(fidelity.get("end_to_end", {})), bound=self.options.fidelity)
 
 
 @dataclasses.dataclass
@@ -329,6 +337,10 @@ class LoweringStep(Step):
     def __init__(self, target: str, options: Options) -> None:
         self.target, self.options, self.name = target, options, f"lower-{target}"
 
+    def details(self, measurements: dict[str, Any]) -> Details | None:
+        """The candidates measured and the one chosen, as tables (graphopt/details.py)."""
+        return None
+
     @abc.abstractmethod
     def choose(self, stage: Stage) -> Lowering:
         """Measure the candidates on `stage.feeds` and return the fastest."""
@@ -352,7 +364,8 @@ class LoweringStep(Step):
         if choice.annotate is not None:
             choice.annotate(stage.model)
         record = StepRecord(self.name, str(self.kind), rewrites, time.perf_counter() - start,
-                            "applied" if sum(rewrites.values()) else "no-op", measurements=choice.measurements, note=note)
+                            "applied" if sum(rewrites.values()) else "no-op", measurements=choice.measurements, note=note,
+                            details=self.details(choice.measurements))
         if choice.convert_model is not None:  # approximate on purpose: checked by its measured fidelity
             record.check = {"passed": True, **(choice.fidelity or {})}
             stage.approximate, stage.outputs = True, None

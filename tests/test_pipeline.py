@@ -147,14 +147,40 @@ def test_plan_is_data_one_step_per_request():
         plan.build([], approximate={"mixer": "linear:nope"})
 
 
-def test_report_schema_v2_keeps_the_v1_views(tmp):
-    """One record shape for every step; "passes", "fidelity" and "lowering" stay readable."""
+def test_report_schema_v3_keeps_the_v2_and_v1_views(tmp):
+    """One record shape for every step (with schema 3's "details"); "passes", "fidelity" and "lowering" stay readable."""
     result = graphopt.optimize(model())
     data = json.loads(result.report.write_json(tmp / "r.json").read_text())
-    assert data["schema_version"] == 2 and data["passes"] == data["steps"]
+    assert data["schema_version"] == 3 and data["passes"] == data["steps"]
     assert set(data["steps"][0]) == {"name", "kind", "rewrites", "seconds", "status", "check", "note", "near_misses",
-                                     "fidelity", "measurements"}
-    assert data["fidelity"] is None and data["lowering"] is None
+                                     "fidelity", "measurements", "details"}
+    assert data["fidelity"] is None and data["lowering"] is None and data["steps"][0]["details"] is None
+
+
+def test_a_step_adds_columns_not_renderer_branches(tmp):
+    """A step the renderers have never seen declares its details; both renderers draw them."""
+    from rich.console import Console
+
+    from graphopt import details, report_html
+    from graphopt.details import Details, Table
+    from graphopt.steps import StepRecord
+
+    result = graphopt.optimize(model())
+    made = Details([Table("widgets per layer", details.columns(("index", "layer"), ("widgets", "widgets", ".1f"),
+                                                              ("why", "why")),
+                          [{"index": 0, "widgets": 2.5, "why": "kept"}, {"index": 1, "widgets": 7.0, "why": "chosen"}],
+                          chosen=1, chart="widgets", unit="widgets")],
+                   end_to_end={"y": {"mean_cosine": 0.999, "min_cosine": 0.99, "max_abs_error": 0.01}}, bound=0.98,
+                   lines=["a line of its own"], warnings=["a warning"])
+    result.report.steps.append(StepRecord("count-widgets", "approximate", {}, 0.0, "applied", details=made))
+    console = Console(record=True, width=200)
+    console.print(result.report.tables())
+    text = console.export_text()
+    assert "widgets per layer" in text and "7.0" in text and "a line of its own" in text and "WARNING: a warning" in text
+    data = json.loads(result.report.write_json(tmp / "r.json").read_text())
+    assert Details.from_dict(data["steps"][-1]["details"]) == made
+    page = report_html.render(data)
+    assert "<h2>Fidelity</h2>" in page and "widgets per layer" in page and "<b>1</b>" in page and "a warning" in page
 
 
 def test_a_step_that_changed_nothing_is_not_run_again():

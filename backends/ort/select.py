@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt import choices, exporters, registry, timing
+from graphopt.details import Details, Table, columns
 from graphopt.model import DISABLED_KEY
 from graphopt.sessions import CPU, session_for
 from graphopt.errors import BackendError, InputError
@@ -164,8 +165,35 @@ def _cache_key(model: ir.Model, feeds: Mapping[str, np.ndarray], provider: str) 
                        + repr({kind: [c.name for c in cs] for kind, cs in CANDIDATES.items()}))
 
 
+def details(selection: dict[str, Any]) -> list[Table]:
+    """One table per op kind: every candidate's median, the chosen one marked; what was not timed as rows too."""
+    cached = " (cached choice)" if selection.get("cached") else ""
+    tables = []
+    for kind, choice in selection["choices"].items():
+        rows = [{"candidate": n, "median_ms": t, "note": "chosen" if n == choice else ""}
+                for n, t in selection["timings_ms"].get(kind, {}).items()]
+        rows += [{"candidate": what.split(":", 1)[1], "note": f"not timed: {why}"}
+                 for what, why in selection["skipped"].items() if what.startswith(f"{kind}:")]
+        tables.append(Table(f"lowering for {selection['target']} ({selection['provider']}){cached}: {kind}",
+                            columns(("candidate", "candidate"), ("median_ms", "median ms", ".2f"), ("note", "note")),
+                            rows, chosen=choice, chart="median_ms", unit="ms"))
+    untimed = {what: why for what, why in selection["skipped"].items() if ":" not in what}
+    if untimed:
+        tables.append(Table(f"lowering for {selection['target']}: op kinds not timed",
+                            columns(("kind", "op kind"), ("why", "why")), [{"kind": k, "why": w} for k, w in untimed.items()]))
+    return tables
+
+
 class OrtLowering(LoweringStep):
     """Per op kind, the lowering measured fastest on the stage's inputs and provider (cached)."""
+
+    def details(self, measurements: dict[str, Any]) -> Details:
+        lines = []
+        if "vs_input" in measurements:
+            v = measurements["vs_input"]
+            lines.append(f"against the input as given, both in default sessions: lowered {v['lowered_ms']:.2f} ms, "
+                         f"input {v['input_ms']:.2f} ms; kept: {v['kept']}")
+        return Details(details(measurements), lines=lines)
 
     def choose(self, stage: Stage) -> Lowering:
         if stage.feeds is None:

@@ -36,6 +36,8 @@ from graphopt.passes.mixers import correct, drop, linear, spec as specs, state
 from graphopt.passes.mixers.edit import RULE
 from graphopt.passes.mixers.swap_error import Measure, layer_error
 from graphopt.shapes import infer_shapes
+from graphopt import details
+from graphopt.details import Details, Table
 from graphopt.steps import ApproximateStep, Approximation, Options, StepOption
 
 Feeds = Mapping[str, np.ndarray]
@@ -268,6 +270,22 @@ class SwapMixers(ApproximateStep):
                             features=o.features)
         return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
                              mixed.convert and mixed.feeds_for)
+
+    def details(self, report: dict[str, Any]) -> Details:
+        """Every attention layer (swapped or kept, and why), end to end, the decoding states."""
+        layers = [{**e, "note": e.get("kept_because", e.get("as", ""))} for e in report["per_layer"]]
+        table = Table(f"fidelity: {report['mixer']} on {len(report['layers_swapped'])}/{report['layers_total']} attention "
+                      f"layers (held-out rows: {report['calibration']['held_out_rows']})",
+                      details.columns(("index", "layer"), ("node", "node"), ("swapped", "swapped"),
+                                      ("rel_error", "rel error", ".4f"), ("cosine", "cosine", ".4f"), ("note", "note")),
+                      layers, chart="rel_error", unit="relative error")
+        lines = details.end_to_end_lines(report["end_to_end"])
+        if "decode" in report:
+            decode = report["decode"]
+            lines.append(f"decoding: KV caches {', '.join(decode['removed'])} replaced by states "
+                         f"{', '.join(decode['state_inputs'])} -> {', '.join(decode['state_outputs'])}; {decode['how']}")
+        return Details([table], dict(report["end_to_end"]), self.options.fidelity, lines,
+                       details.calibration_warnings(report))
 
 
 def _layers(text) -> str | list[int]:

@@ -17,6 +17,7 @@ from graphopt.errors import InputError
 from graphopt.model import Model
 from graphopt.passes.precision import half
 from graphopt.steps import ApproximateStep, Approximation, Options
+from graphopt.passes.precision import details as precision_details
 
 RULE = "ConvertTo16Bit"
 
@@ -49,3 +50,6 @@ class ConvertHalf(ApproximateStep):
                               "the model stays float32")
             return Approximation(model, {}, report)
         return Approximation(converted, {RULE: info["nodes_in_low_precision"]}, report)
+
+    def details(self, report):
+        return precision_details.converted(report, self.options.fidelity)

@@ -31,6 +31,7 @@ from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.rewrite import RULE_TAG
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
+from graphopt.passes.precision import details as precision_details
 
 RULE = "MatMulNBitsInt4"
 BLOCK = 32
@@ -170,3 +171,6 @@ class QuantizeInt4(ApproximateStep):
     def approximate(self, model: Model) -> Approximation:
         quantized, report = quantize(model, self.options)
         return Approximation(quantized, {RULE: report["selection"]["int4_layers"]}, report)
+
+    def details(self, report):
+        return precision_details.quantized(report, self.options.fidelity)

@@ -34,6 +34,7 @@ from graphopt.passes.precision import bias, gain, products, qdq, ranges, select,
 from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
+from graphopt.passes.precision import details as precision_details
 
 MAX_ROWS = 1024  # rows of each layer's input kept for the range search and local errors
 
@@ -209,3 +210,6 @@ class QuantizeInt8(ApproximateStep):
     def approximate(self, model: Model) -> Approximation:
         quantized, report = quantize(model, self.options)
         return Approximation(quantized, {qdq.RULE: report["selection"]["int8_layers"]}, report)
+
+    def details(self, report):
+        return precision_details.quantized(report, self.options.fidelity)
