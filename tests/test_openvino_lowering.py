@@ -16,7 +16,7 @@ from graphopt.passes.precision.ranges import ActRange
 from graphopt.passes.precision.sites import find_sites
 from openvino_check import assert_matches_in_openvino
 from rule_testing import apply, assert_equivalent, assert_explained, build, header, ops_of
-from test_linear import QKV, QKV_SHAPES
+from test_linear_merges import QKV, QKV_SHAPES
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
