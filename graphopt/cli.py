@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                    "a reduced --precision")
     s.add_argument("--calib", help="calibration inputs for the approximate steps (mixers, int8): .npz; rows split half "
                    "fit, half held out")
+    for option in registry.approximate_options():  # approximate steps other families register (--prune ...)
+        if option not in ("mixer", "precision"):
+            s.add_argument(f"--{option}", dest=f"approximate_{option}", choices=registry.choices(option),
+                           help=f"the approximate step '{option}' (kept only within --fidelity)")
     for owner, option in registry.step_options():  # declared by each approximate step / target (steps.StepOption)
         s.add_argument(option.flag, dest=f"step_{option.name}", type=_flag_type(option.parse), default=option.default,
                        choices=option.choices() if option.choices else None, metavar=option.metavar,
@@ -208,7 +212,9 @@ def _flag_type(parse):
 
 def _step_options(args) -> dict:
     """The registered step options as the user gave them (flags dest step_<name>)."""
-    return {option.name: getattr(args, f"step_{option.name}") for _, option in registry.step_options()}
+    given = {option.name: getattr(args, f"step_{option.name}") for _, option in registry.step_options()}
+    return given | {o: getattr(args, f"approximate_{o}") for o in registry.approximate_options()
+                    if o not in ("mixer", "precision") and getattr(args, f"approximate_{o}", None)}
 
 
 def _dims(text: str) -> dict[str, int]:

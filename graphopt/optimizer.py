@@ -83,7 +83,10 @@ def optimize(
     work = source.clone()
     names = presets.resolve(preset, passes)
     required = None if passes else presets.APPROXIMATE.get(preset or presets.DEFAULT)
-    requests = {"mixer": mixer, "precision": precision}
+    # Approximate steps other families register (prune=...) come in through **step_options too;
+    # they run before the mixer swap and reduced precision (smaller matrices are quantized after).
+    asked = {k: step_options.pop(k) for k in list(step_options) if k in registry.approximate_options()}
+    requests = {**asked, "mixer": mixer, "precision": precision}
     if required and not requests.get(required):
         raise InputError(f"preset '{preset}' needs a {required}", hint="pass --mixer, e.g. --mixer linear:hedgehog")
     if precision is not None and precision not in registry.choices("precision"):

@@ -67,6 +67,12 @@ def step_option(name: str) -> Any:
     return _STEP_OPTIONS[name][1]
 
 
+def approximate_options() -> list[str]:
+    """The options that ask for an approximate step (mixer, precision, prune, ...), in registration order."""
+    ensure_builtin()
+    return list(_APPROXIMATE)
+
+
 def choices(option: str) -> tuple[str, ...]:
     """The values approximate option `option` takes (e.g. the mixer names)."""
     approximate_step(option)
