@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                    "model.so.json), model.xml (+ model.bin) for OpenVINO")
     s.add_argument("--backend", choices=["tvm", "openvino"], default="tvm")
     s.add_argument("--target", choices=["llvm", "cuda"], default="llvm", help="TVM's target")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "default"], default="fp32",
+    s.add_argument("--precision", choices=[*registry.runtime("openvino").precisions, "default"], default="fp32",
                    help="OpenVINO's inference precision hint (default: fp32; 'default': OpenVINO's own choice on this CPU)")
     s.add_argument("--threads", type=int, help="OpenVINO inference threads (default: every core)")
     s.add_argument("--arch", help="CUDA architecture for --target cuda (default sm_90)")
@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", choices=registry.targets(), default="ort-cpu")
     s.add_argument("--against", type=_csv, default=list(ANCHORS),
                    help=f"comma-separated, from {','.join(ANCHORS + OPTIONAL)} (default {','.join(ANCHORS)})")
-    s.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], help="with --target cpu: what graphopt may use")
+    s.add_argument("--precision", choices=registry.choices("precision"), help="with --target cpu: what graphopt may use")
     s.add_argument("--fidelity", type=float, default=0.99, help="with --precision: the cosine bound graphopt keeps")
     s.add_argument("--optimized", help="an already optimized model to time as graphopt's contender (else optimize here)")
     s.add_argument("--tvm", help="a compiled TVM artifact (graphopt compile) to time as one more contender")

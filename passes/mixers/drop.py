@@ -78,6 +78,10 @@ class Drop(specs.MixerKind):
 
         return torch.zeros_like(q[..., : v.shape[-1]])
 
+    def scores(self, model, batches, nodes):
+        """The rank of a layer to drop: cos(X, X + Attn(Norm(X))) on the residual stream."""
+        return {"redundancy": redundancy(model, batches, nodes)}
+
     def swap(self, model, node, spec, w, *, quadratic, layer):
         """The residual Add that the attention output path feeds is bypassed."""
         b = edit.Builder(model, node)

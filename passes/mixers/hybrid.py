@@ -227,6 +227,9 @@ class Hybrid(specs.MixerKind):
     kind = "hybrid"
     names = ("hybrid",)
 
+    def report_fields(self, spec):
+        return {"features": spec.features}  # its Hedgehog branch's width
+
     def fit(self, spec, node, layer, fit, held, steps, seed):
         window = spec.cap(min(window_kind.choose_window(fit, node, HYBRID_COVERAGE), max_window(fit, node)))
         w = fit_hybrid(fit, held, node, window, steps, seed, spec.features, layer)

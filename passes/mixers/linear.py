@@ -248,6 +248,9 @@ class Linear(specs.MixerKind):
     kind = "linear"
     names = ("linear:elu", "linear:relu", "linear:relu+dwc", "linear:hedgehog", "linear:performer")
 
+    def report_fields(self, spec):
+        return {"features": spec.features} if spec.feature_map == "Hedgehog" else {}
+
     def fit(self, spec, node, layer, fit, held, steps, seed):
         if spec.dwc:
             scale, causal = specs.scale_of(node), specs.is_causal(node)

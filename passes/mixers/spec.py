@@ -83,6 +83,15 @@ class MixerKind:
         """Per-layer report fields beyond the error (window sizes, mixing factors)."""
         return {}
 
+    def report_fields(self, spec: MixerSpec) -> dict[str, Any]:
+        """Step-level report fields of this kind (the Hedgehog map's width)."""
+        return {}
+
+    def scores(self, model, batches, nodes) -> dict[str, list] | None:
+        """Per-layer scores of this kind beyond the error, by report field (drop's redundancy),
+        measured on the held-out `batches`; None when it has none."""
+        return None
+
     def swap(self, model: ir.Model, node: ir.Node, spec: MixerSpec, w, *, quadratic: bool, layer: int) -> str:
         """Replace canonical attention op `node` by this mixer; returns what was done."""
         raise NotImplementedError

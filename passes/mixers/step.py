@@ -32,7 +32,7 @@ from graphopt.fidelity import worst_mean_cosine, worst_min_cosine
 from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.model import Model
-from graphopt.passes.mixers import correct, drop, linear, spec as specs, state
+from graphopt.passes.mixers import correct, linear, spec as specs, state
 from graphopt.passes.mixers.edit import RULE
 from graphopt.passes.mixers.swap_error import Measure, layer_error
 from graphopt.shapes import infer_shapes
@@ -113,9 +113,9 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
         w = weights[i] = kind.fit(spec, node, i, fit_caps[i], held_caps[i], steps, seed)
         per_layer.append({"index": i, "node": node.name, **layer_error(spec, node, held_caps[i], w),
                           **kind.describe(spec, node, w), "fit_seconds": round(time.perf_counter() - start, 3)})
-    if spec.kind == "drop":  # rank by redundancy: cos(X, X + Attn(Norm(X))) on the residual stream
-        for entry, score in zip(per_layer, drop.redundancy(work, data.held, nodes)):
-            entry["redundancy"] = score
+    for field, values in (kind.scores(work, data.held, nodes) or {}).items():  # e.g. drop's redundancy
+        for entry, score in zip(per_layer, values):
+            entry[field] = score
     references = [verify.run(work, f) for f in data.held]  # the original's held-out outputs, run once
     measure = Measure(spec, nodes, weights, data.held, held_caps, references)
     seq = seq or calibration.seq_hint(data.held)
@@ -141,7 +141,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     fit_seconds = sum(e["fit_seconds"] for e in per_layer)
     report = {
         "mixer": spec.name, "layers_swapped": sorted(chosen), "layers_total": len(nodes),
-        **({"features": spec.features} if spec.feature_map == "Hedgehog" or spec.kind == "hybrid" else {}),
+        **kind.report_fields(spec),
         "per_layer": per_layer, "end_to_end": end_to_end,
         "calibration": {**data.describe(), "steps": steps if kind.fitted(spec) else 0, "fit_seconds": round(fit_seconds, 2),
                         "fit_seconds_per_layer": round(fit_seconds / len(per_layer), 3)},
