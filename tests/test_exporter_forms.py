@@ -330,3 +330,15 @@ g (float[B, {D}] x) => (float[{out_shape}] {"y" if output == "x" else "xs"}) {{
     model = build(text)
     assert apply("eliminate-identity", model)[1]["RemoveUnitFactor"] == 0
     assert_explained("eliminate-identity", model, "RemoveUnitFactor", reason)
+
+
+def test_one_over_x_is_not_a_unit_factor():
+    """Div is not commutative: 1 / x stays (x / 1 is the identity)."""
+    text = header(15) + f"""
+g (float[B, {D}] x_in) => (float[B, {D}] y) {{
+    x = Relu(x_in)
+    one = Constant<value = float[1] {{1.0}}>()
+    y = Div(one, x)
+}}"""
+    model = build(text)
+    assert apply("eliminate-identity", model)[1]["RemoveUnitFactor"] == 0
