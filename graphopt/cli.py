@@ -20,7 +20,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt import benchmark as bench_mod, machine
-from graphopt import exporters, presets, registry, runtimes
+from graphopt import atomic, exporters, presets, registry, runtimes
 from graphopt.benchmark import ANCHORS, OPTIONAL
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
@@ -433,7 +433,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from graphopt import report as report_mod, report_html
+    from graphopt import report_html
 
     path = Path(args.report_json)
     try:
@@ -444,7 +444,7 @@ def cmd_report(args) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path} is not a graphopt JSON report ({type(exc).__name__}: {exc})",
                          hint="write one with graphopt optimize --report r.json") from None
-    report_mod.write_atomic(Path(args.output), page)
+    atomic.write_text(args.output, page)
     out.print(f"wrote {args.output}", markup=False)
     return 0
 

@@ -94,14 +94,14 @@ class Report:
     def write_json(self, path: str | os.PathLike) -> Path:
         """Atomic write: a temporary file beside `path`, then a rename."""
         text = json.dumps(_finite(self.to_dict()), indent=2, default=_json_default, allow_nan=False)
-        return write_atomic(Path(path), text)
+        return atomic.write_text(path, text)
 
     def write_html(self, path: str | os.PathLike, *, bench: dict[str, Any] | None = None) -> Path:
         """One self-contained page (no network needed to open it), atomically."""
         from graphopt import report_html
 
         data = json.loads(json.dumps(_finite(self.to_dict()), default=_json_default, allow_nan=False))
-        return write_atomic(Path(path), report_html.render(data, bench=bench))
+        return atomic.write_text(path, report_html.render(data, bench=bench))
 
     def write(self, path: str | os.PathLike) -> Path:
         """HTML for a `.html` / `.htm` path, JSON otherwise."""
@@ -137,11 +137,6 @@ class Report:
             parts.append(validation_table(self.validation))
         parts.extend(f"note: {n}" for n in self.notes)
         return Group(*parts)
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Never a half-written report (graphopt/atomic.py)."""
-    return atomic.write_text(path, text)
 
 
 def details_renderables(details: Details) -> list[Any]:

@@ -25,3 +25,21 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     old.name = f"{name}_replaced"
     new.name = name
+
+
+def append_add(graph: ir.Graph, node: ir.Node, addend: ir.Value) -> ir.Value:
+    """Add(node's output, addend) right after `node`; it takes over every other reader of that
+    output, and its name and slot when it is a graph output. Returns the Add's output."""
+    out = node.outputs[0]
+    add = ir.node("Add", [out, addend])
+    graph.insert_after(node, add)
+    new = add.outputs[0]
+    new.type, new.shape = out.type, out.shape
+    for reader, index in list(out.uses()):
+        if reader is not add:
+            reader.replace_input_with(index, new)
+    if out.is_graph_output():
+        name, out.name = out.name, f"{out.name}_before_add"
+        new.name = name
+        graph.outputs[:] = [new if v is out else v for v in graph.outputs]
+    return new

@@ -12,7 +12,8 @@ import numpy as np
 
 from graphopt import functions, ops
 from graphopt.ir import MatchResult, ir, pattern
-from graphopt.passes._checks import constant_blocker, last_axis_blocker, opset_of, scalar, single_reader_blocker
+from graphopt.passes._edits import append_add
+from graphopt.passes._checks import constant_blocker, last_axis_blocker, opset_of, reduced_axes, scalar, single_reader_blocker
 from graphopt.passes._weights import add_initializer, const_array, new_initializer
 from graphopt.registry import register
 from graphopt.rewrite import RULE_TAG, Pass, PassKind, Rule, RulePass
@@ -85,14 +86,8 @@ class SumToMean(Rule):
 
     @staticmethod
     def _axes(node: ir.Node, x: ir.Value) -> list[int] | None:
-        if x.shape is None or len(node.inputs) < 2 or node.inputs[1] is None:
-            return None
-        array = const_array(node.inputs[1])
-        rank = len(x.shape)
-        if array is None or array.size == 0:
-            return None
-        axes = sorted({int(a) % rank for a in array.reshape(-1)})
-        return axes if all(isinstance(x.shape[a], int) for a in axes) else None
+        axes = reduced_axes(node)
+        return list(axes) if axes is not None and all(isinstance(x.shape[a], int) for a in axes) else None
 
     def rewrite(self, op, x, factor, total, **_):
         node = total.producer()
@@ -442,22 +437,6 @@ class FoldNormAffineIntoLinear(Pass):
         bias = const_array(node.inputs[2])
         return "not constant" if bias is None else bias
 
-    @staticmethod
-    def _append_bias(graph: ir.Graph, linear: ir.Node, bias: ir.Value) -> None:
-        """Add(linear output, bias) takes over every reader, and the output's name and slot if it is a graph output."""
-        out = linear.outputs[0]
-        bias_add = ir.node("Add", [out, bias])
-        graph.insert_after(linear, bias_add)
-        new = bias_add.outputs[0]
-        new.type, new.shape = out.type, out.shape
-        for reader, index in list(out.uses()):
-            if reader is not bias_add:
-                reader.replace_input_with(index, new)
-        if out.is_graph_output():
-            name, out.name = out.name, f"{out.name}_before_bias"
-            new.name = name
-            graph.outputs[:] = [new if v is out else v for v in graph.outputs]
-
     def _fold(self, graph: ir.Graph, node: ir.Node, readers) -> None:
         gamma = const_array(node.inputs[1]).astype(np.float64)
         beta = self._bias(node)
@@ -487,7 +466,7 @@ class FoldNormAffineIntoLinear(Pass):
                 i = 0 if const_array(add.inputs[0]) is not None else 1
                 add.replace_input_with(i, add_initializer(graph, add.inputs[i], (const_array(add.inputs[i]) + shift).astype(dtype), "normfold"))
             else:
-                self._append_bias(graph, linear, add_initializer(graph, linear.inputs[1], shift.astype(dtype), "normfold_bias"))
+                append_add(graph, linear, add_initializer(graph, linear.inputs[1], shift.astype(dtype), "normfold_bias"))
             linear.metadata_props[RULE_TAG] = self.RULE
         node.replace_input_with(1, add_initializer(graph, node.inputs[1], np.ones_like(gamma).astype(dtype), "unit"))
         if beta is not None:

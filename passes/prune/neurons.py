@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphopt.ir import ir
+from graphopt.passes._edits import append_add
 from graphopt.passes._weights import add_initializer, const_array
 from graphopt.passes.prune.sites import FfnSite, _bias_input
 
@@ -137,16 +138,6 @@ def apply(graph: ir.Graph, site: FfnSite, fit: Refit) -> None:
         index = 1 - uses[0].idx
         add.replace_input_with(index, add_initializer(graph, add.inputs[index], (bias + fit.shift).astype(bias.dtype), "refit"))
     elif np.any(fit.shift):
-        shift_add = ir.node("Add", [site.out, add_initializer(graph, site.down.inputs[1], fit.shift, "refit_shift")])
-        graph.insert_after(site.down, shift_add)
-        new = shift_add.outputs[0]
-        new.type, new.shape = site.out.type, site.out.shape
-        for reader, index in list(site.out.uses()):
-            if reader is not shift_add:
-                reader.replace_input_with(index, new)
-        if site.out.is_graph_output():
-            name, site.out.name = site.out.name, f"{site.out.name}_before_shift"
-            new.name = name
-            graph.outputs[:] = [new if v is site.out else v for v in graph.outputs]
+        append_add(graph, site.down, add_initializer(graph, site.down.inputs[1], fit.shift, "refit_shift"))
     for value in (site.up.outputs[0], *(site.up_bias.outputs if site.up_bias is not None else ()), site.hidden):
         value.shape = None  # the intermediate width changed: inference recomputes it
