@@ -1,12 +1,13 @@
-"""FFN neuron pruning on MiniLM-L6 (real weights, issue 29 item 2): how much of the linear work
-`prune="ffn"` removes at a fidelity bound, and what that buys in a default onnxruntime session.
+"""Structured pruning on MiniLM-L6 (real weights, issue 29 item 2): how much of the linear work
+`prune=FORM` (FFN neurons, attention heads, whole blocks) removes at a fidelity bound, and what
+that buys in a default onnxruntime session.
 
 Calibration: `--calib` sentences from examples/sentences.py (fit), 64 held-out sentences
 (the step's bound), and the other 71 held-out sentences, never seen by the step, for the fresh
 cosine. Inputs padded to 64 tokens; the step leaves padded tokens out of its fits. One process,
 interleaved rounds; medians, ratios, the CPU model.
 
-    .venv/bin/python benchmarks/prune.py [--bounds 0.995,0.99] [--calib 1024] [--batch 1,32] [--rounds 20]
+    .venv/bin/python benchmarks/prune.py [--bounds 0.995,0.99] [--form all] [--calib 1024] [--batch 1,32] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from graphopt.sessions import session_for  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bounds", default="0.995,0.99")
+    parser.add_argument("--form", default="all", help="the pruning form (ffn, heads, blocks, ffn+heads, all)")
     parser.add_argument("--calib", type=int, default=1024, help="calibration sentences (fit rows)")
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--rounds", type=int, default=20)
@@ -58,10 +60,10 @@ def main() -> int:
     variants = {"exact (fp32)": (exact, None)}
     for bound in (float(b) for b in args.bounds.split(",")):
         start = time.perf_counter()
-        result = graphopt.optimize(exact, passes=["eliminate-dead-code"], prune="ffn", fidelity=bound, calib=calib)
+        result = graphopt.optimize(exact, passes=["eliminate-dead-code"], prune=args.form, fidelity=bound, calib=calib)
         step = result.report.steps[-1]
         variants[f"pruned @ {bound}"] = (result.model, {"seconds": time.perf_counter() - start, "step": step})
-    table = Table(title=f"FFN pruning, MiniLM-L6 real weights, seq 64, onnxruntime default session - {machine.line()}",
+    table = Table(title=f"pruning ({args.form}), MiniLM-L6 real weights, seq 64, onnxruntime default session - {machine.line()}",
                   title_justify="left")
     for col in ("model", "batch", "median ms", "speed-up", "linear FLOPs/token", "removed", "held-out mean cos",
                 "fresh mean / min cos", "optimize s"):

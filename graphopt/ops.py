@@ -37,6 +37,8 @@ MATMUL = OpId(ONNX_DOMAIN, "MatMul")
 ADD = OpId(ONNX_DOMAIN, "Add")
 SPLIT = OpId(ONNX_DOMAIN, "Split")
 TRANSPOSE = OpId(ONNX_DOMAIN, "Transpose")
+RESHAPE = OpId(ONNX_DOMAIN, "Reshape")
+CONCAT = OpId(ONNX_DOMAIN, "Concat")
 DEQUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "DequantizeLinear")
 
 # Readers that see only a tensor's shape: rewrites that change values but not shapes can ignore them.

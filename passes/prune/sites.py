@@ -1,4 +1,10 @@
-"""Where structured pruning can remove work: the feed-forward blocks of a transformer.
+"""Where structured pruning can remove work: the feed-forward blocks of a transformer
+(attention heads are in `heads`).
+
+Every site has the same face to the ranking and the refit: `units` (neurons, heads) of
+`group` columns each in `rows`, the value its output projection `down` (MatMul with W2 = `w2`)
+reads; `shrink(graph, keep)` removes the other units upstream, and `unit_flops` is what one
+costs per token.
 
 An FFN site is  y = act(x W1 + b1) W2 (+ b2)  with W1 [d, k], W2 [k, n] constant and `act`
 elementwise with one input (Gelu, GeluTanh, Relu, SiLU, Tanh, Sigmoid; graphopt's functions or
@@ -14,7 +20,7 @@ import numpy as np
 
 from graphopt import functions
 from graphopt.ir import ir
-from graphopt.passes._weights import const_array
+from graphopt.passes._weights import add_initializer, const_array
 
 ACTIVATIONS = frozenset({("", "Gelu"), ("", "Relu"), ("", "Tanh"), ("", "Sigmoid"), ("", "Erf"),
                          (functions.DOMAIN, "Gelu"), (functions.DOMAIN, "GeluTanh"), (functions.DOMAIN, "SiLU")})
@@ -26,6 +32,9 @@ class FfnSite:
     up_bias: ir.Node | None  # Add(., b1)
     act: ir.Node
     down: ir.Node  # MatMul(h, W2)
+
+    form = "ffn"
+    group = 1  # columns of the rows per unit
 
     @property
     def name(self) -> str:
@@ -55,6 +64,29 @@ class FfnSite:
     @property
     def width(self) -> int:
         return self.w1.shape[1]
+
+    @property
+    def units(self) -> int:
+        return self.width
+
+    @property
+    def rows(self) -> ir.Value:
+        return self.hidden
+
+    @property
+    def unit_flops(self) -> int:
+        """Per token, what one neuron costs: multiply-adds x 2 of its column of W1 and row of W2."""
+        return 2 * (self.w1.shape[0] + self.w2.shape[1])
+
+    def shrink(self, graph: ir.Graph, keep: np.ndarray) -> None:
+        """Keep neurons `keep` (sorted) in W1 and b1; W2 is written by the caller, refitted."""
+        self.up.replace_input_with(1, add_initializer(graph, self.up.inputs[1], np.ascontiguousarray(self.w1[:, keep]), "pruned"))
+        if self.up_bias is not None:
+            bias_value = _bias_input(self.up_bias)
+            index = list(self.up_bias.inputs).index(bias_value)
+            self.up_bias.replace_input_with(index, add_initializer(graph, bias_value, np.ascontiguousarray(self.b1[keep]), "pruned"))
+        for value in (self.up.outputs[0], *(self.up_bias.outputs if self.up_bias is not None else ()), self.hidden):
+            value.shape = None  # the intermediate width changed: inference recomputes it
 
 
 def _bias_input(add: ir.Node) -> ir.Value:
