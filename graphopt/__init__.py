@@ -7,6 +7,10 @@
 
     result = graphopt.optimize(model, target="ort-cpu")  # + measured lowering for onnxruntime CPU
     print(graphopt.bench("model.onnx").to_dict())       # vs the original and the anchors, in one process
+
+    result = graphopt.optimize(model, target="cpu")     # the runtime measured fastest here
+    outputs = result.session().run(feeds)               # runs there, whichever won
+    outputs = graphopt.session("model.opt.onnx").run(feeds)  # the same from a saved file
 """
 
 from graphopt.errors import (
@@ -28,6 +32,14 @@ from graphopt.verify import Validation, validate
 __version__ = "0.1.0"
 
 
+def session(model, **options):
+    """Something with `run(feeds) -> {output: array}` for a model or a saved file, in the runtime
+    its metadata names (graphopt's `--target cpu` writes it; onnxruntime when none)."""
+    from graphopt import runtimes
+
+    return runtimes.executable_for(model if isinstance(model, Model) else load(model), **options)
+
+
 def inspect(model) -> dict:
     """Inputs, outputs, op histogram, parameters, opsets, size, and the attention layers found."""
     return summarize(load(model), attention=True)
@@ -47,5 +59,6 @@ __all__ = [
     "load",
     "optimize",
     "save",
+    "session",
     "validate",
 ]

@@ -1,5 +1,8 @@
 """The `graphopt` command: a thin layer that parses, calls the public API, prints.
 
+Its help opens with what graphopt does (SUMMARY) and examples (EXAMPLES); every subcommand's
+help ends with one.
+
 Exit codes: 0 success; 2 bad input or usage (one line on stderr, no traceback
 unless --debug); 3 numeric validation failed (nothing written); 1 internal error.
 """
@@ -56,10 +59,38 @@ def _fail(message: str) -> None:
     sys.stderr.write(f"graphopt: {' '.join(message.split())}\n")
 
 
+SUMMARY = """graphopt rewrites a neural network (ONNX, or a torch module via `convert`) into a faster one that
+computes the same thing, or one within a fidelity bound you set, and picks the fastest runtime on this machine."""
+EXAMPLES = {
+    None: ["graphopt optimize model.onnx -o fast.onnx --target cpu            # exact rewrites, fastest runtime here",
+           "graphopt optimize model.onnx -o int8.onnx --target cpu --precision auto --fidelity 0.995 --calib calib.npz"
+           "   # int8/bf16 within a bound",
+           "graphopt optimize model.onnx -o mixed.onnx --preset mixers --mixer linear:hedgehog --calib calib.npz"
+           "   # attention swapped for a mixer"],
+    "inspect": ["graphopt inspect model.onnx"],
+    "optimize": ["graphopt optimize model.onnx -o fast.onnx --target cpu --report report.html",
+                 "graphopt optimize model.onnx -o small.onnx --prune all --fidelity 0.99 --calib calib.npz"],
+    "validate": ["graphopt validate model.onnx fast.onnx --inputs data.npz"],
+    "compile": ["graphopt compile fast.onnx -o model.so --backend tvm"],
+    "run": ["graphopt run fast.onnx --inputs data.npz -o outputs.npz"],
+    "bench": ["graphopt bench model.onnx --target cpu --against original,openvino-fp32"],
+    "report": ["graphopt report report.json -o report.html"],
+    "view": ["graphopt view model.onnx fast.onnx"],
+    "passes": ["graphopt passes"],
+    "convert": ["graphopt convert factory.py:make -o model.onnx"],
+}
+
+
+def _examples(command: str | None) -> str:
+    lines = EXAMPLES.get(command, [])
+    return ("examples:\n" if len(lines) > 1 else "example:\n") + "\n".join(f"  {line}" for line in lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p = argparse.ArgumentParser(prog="graphopt", description=__doc__.splitlines()[0], parents=[common])
+    p = argparse.ArgumentParser(prog="graphopt", description=SUMMARY, epilog=_examples(None), parents=[common],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"graphopt {graphopt.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -182,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--external-data", action="store_true")
     s.set_defaults(func=cmd_convert)
+    for name, command in sub.choices.items():
+        command.epilog, command.formatter_class = _examples(name), argparse.RawDescriptionHelpFormatter
     return p
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graphopt import feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, registry, summary, verify
+from graphopt import feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
 from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -26,6 +26,12 @@ class OptimizeResult:
     def passed(self) -> bool:
         """False only when the final validation ran and failed."""
         return self.report.validation is None or self.report.validation.passed
+
+    def session(self, **options: Any) -> runtimes.Executable:
+        """Something with `run(feeds) -> {output: array}` in the runtime the model was made for
+        (what `target` chose: onnxruntime or OpenVINO, at its precision); `graphopt.session(path)`
+        does the same for a saved file. `options`: `threads`, `provider` (onnxruntime)."""
+        return runtimes.executable_for(self.model, **options)
 
 
 def optimize(

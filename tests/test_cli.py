@@ -222,3 +222,29 @@ def test_optimize_bf16_writes_a_bf16_graph_and_says_what_stayed_float32(mlp, tmp
     saved = onnx.load(tmp / "h.onnx")
     assert {i.type.tensor_type.elem_type for i in saved.graph.input} == {onnx.TensorProto.FLOAT}
     assert onnx.TensorProto.BFLOAT16 in {t.data_type for t in saved.graph.initializer}
+
+
+def test_help_says_what_graphopt_does_and_every_command_ends_with_an_example(capsys):
+    from graphopt import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    head = text.split("positional arguments")[0]
+    assert "rewrites a neural network" in head and "fastest runtime on this machine" in head
+    examples = [line.strip() for line in text.split("examples:")[1].splitlines() if line.strip()]
+    assert len(examples) == 3 and all(line.startswith("graphopt optimize ") for line in examples)
+    assert any("--target cpu" in e for e in examples) and any("--fidelity" in e for e in examples) \
+        and any("--mixer" in e for e in examples)
+    for command in cli.EXAMPLES:
+        if command is None:
+            continue
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        tail = capsys.readouterr().out.rstrip().splitlines()[-1].strip()
+        assert tail == f"graphopt {command}" or tail.startswith(f"graphopt {command} "), (command, tail)
+    # the examples use flags the commands have
+    parser = cli._parser()
+    for lines in cli.EXAMPLES.values():
+        for line in lines:
+            parser.parse_args(line.split("#")[0].split()[1:])

@@ -211,3 +211,23 @@ def test_checks_in_groups_keep_a_good_group():
     assert result.report.validation.passed and "Identity" not in {n.op_type for n in result.model.graph}
     with pytest.raises(graphopt.InputError, match="check_every"):
         graphopt.optimize(model(), check_every=-1)
+
+
+def test_a_result_runs_where_it_was_made_for_without_naming_the_runtime(tmp):
+    """result.session() and graphopt.session(path): run(feeds) in the runtime the metadata names."""
+    from graphopt.model import PRECISION_KEY, RUNTIME_KEY
+    from graphopt import verify
+
+    feeds = {"x": np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)}
+    result = graphopt.optimize(model())
+    want = verify.run(model(), feeds)["y"]
+    np.testing.assert_allclose(result.session().run(feeds)["y"], want, rtol=1e-5, atol=1e-6)
+    path = graphopt.save(result.model, tmp / "m.onnx")
+    np.testing.assert_allclose(graphopt.session(path).run(feeds)["y"], want, rtol=1e-5, atol=1e-6)
+    pytest.importorskip("openvino")
+    result.model.ir.metadata_props.update({RUNTIME_KEY: "openvino", PRECISION_KEY: "fp32"})  # --target cpu's, when OpenVINO won
+    session = result.session()
+    assert type(session).__module__.startswith("graphopt.backends.openvino")
+    np.testing.assert_allclose(session.run(feeds)["y"], want, rtol=1e-5, atol=1e-5)
+    path = graphopt.save(result.model, tmp / "ov.onnx")
+    assert type(graphopt.session(path)).__module__.startswith("graphopt.backends.openvino")
