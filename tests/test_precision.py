@@ -70,11 +70,15 @@ def test_qdq_on_each_linear_kind_fuses_to_integer_kernels(op, weight, attrs):
                                calib=[graphopt.feeds.make_inputs(model, seed=i) for i in range(16)])
     layers = result.report.fidelity["layers"]
     assert [(e["op"], e["precision"]) for e in layers] == [(op, "int8")]
-    assert result.report.rewrites()["QuantizeLinearInt8"] == 1
     smoothed = any(a["alpha"] for a in result.report.fidelity["smoothing"]["activations"])
-    assert sorted(n.op_type for n in result.model.graph) == sorted(["DequantizeLinear", "DequantizeLinear", op,
-                                                                    "QuantizeLinear", *(["Mul"] if smoothed else [])])
-    assert {"MatMulIntegerToFloat", "QGemm"} & set(_fused(result.model))  # onnxruntime's integer kernels
+    if layers[0]["form"] == "dynamic":  # MatMul only, where it measured better on this CPU (test_precision_dynamic.py)
+        assert op == "MatMul" and result.report.rewrites()["DynamicQuantizeInt8"] == 1
+        assert {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"} & set(_fused(result.model))
+    else:
+        assert result.report.rewrites()["QuantizeLinearInt8"] == 1
+        assert sorted(n.op_type for n in result.model.graph) == sorted(["DequantizeLinear", "DequantizeLinear", op,
+                                                                        "QuantizeLinear", *(["Mul"] if smoothed else [])])
+        assert {"MatMulIntegerToFloat", "QGemm"} & set(_fused(result.model))  # onnxruntime's integer kernels
     feeds = graphopt.feeds.make_inputs(model, seed=99)  # unseen: a wrong scale axis or zero point gives ~0.5
     assert verify.min_cosine(verify.run(model, feeds), verify.run(result.model, feeds)) > 0.995
 

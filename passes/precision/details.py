@@ -31,6 +31,10 @@ def quantized(report: dict[str, Any], bound: float) -> Details:
         lines.append(f"bias correction on {corrected['layers']} layer(s): held-out mean cosine "
                      f"{corrected['mean_cosine_with']:.5f} with, {corrected['mean_cosine_without']:.5f} without; "
                      + ("kept" if corrected["kept"] else "dropped"))
+    if report.get("forms", {}).get("dynamic"):
+        forms = report["forms"]
+        lines.append(f"int8 forms kept: static QDQ on {forms['static']} layer(s), dynamic activations "
+                     f"(DynamicQuantizeLinear + MatMulInteger) on {forms['dynamic']}")
     if "gain_measured_in" in report:
         lines.append(f"per-layer gains measured in {report['gain_measured_in']}")
     if "note" in report:

@@ -10,16 +10,26 @@ import numpy as np
 import onnx.helper as oh
 
 from graphopt import registry, timing
+from graphopt.passes.precision import dynamic
 from graphopt.passes.precision.ranges import ActRange, quantize_weight
 from graphopt.passes.precision.sites import Site
 
 ROUNDS = 20
 
 
-def layer_model(site: Site, x_shape, act: ActRange | None) -> bytes:
+DYNAMIC = "dynamic"  # `act` for the dynamic-activation form (dynamic.py)
+
+
+def layer_model(site: Site, x_shape, act: ActRange | str | None) -> bytes:
     node, w = site.node, site.w
     attrs = {k: a.value for k, a in node.attributes.items()}
     inits, nodes = [], []
+    if act == DYNAMIC:
+        q, scales = quantize_weight(w, site.axis)
+        inits += [onnx_tensor(q, "Wq"), onnx_tensor(scales, "ws"), onnx_tensor(np.zeros_like(scales, np.int8), "wz")]
+        graph = oh.make_graph(dynamic.layer_nodes("x", "Wq", "ws", "wz", "y"), "layer",
+                              [oh.make_tensor_value_info("x", 1, list(x_shape))], [oh.make_tensor_value_info("y", 1, None)], inits)
+        return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8).SerializeToString()
     if act is None:
         inits.append(onnx_tensor(w, "W"))
         weight = "W"
@@ -47,12 +57,13 @@ def onnx_tensor(array: np.ndarray, name: str):
     return onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def measure(site: Site, x_shape, act: ActRange, cache: dict, where: tuple[str, str | None] = ("onnxruntime", None)
+def measure(site: Site, x_shape, act: ActRange | str, cache: dict, where: tuple[str, str | None] = ("onnxruntime", None)
             ) -> tuple[float, float] | None:
     """(float ms, int8 ms) of the layer alone at `x_shape`, or None when it cannot be built alone
     (a bias or other input that is not constant). `where`: the runtime that times it and the
-    precision it compiles the float form at (graphopt.runtimes: e.g. ("openvino", "bf16"))."""
-    key = (where, site.node.op_type, tuple(x_shape), site.w.shape,
+    precision it compiles the float form at (graphopt.runtimes: e.g. ("openvino", "bf16")).
+    `act` DYNAMIC: the dynamic-activation form."""
+    key = (where, act == DYNAMIC, site.node.op_type, tuple(x_shape), site.w.shape,
            repr(sorted((k, repr(a.value)) for k, a in site.node.attributes.items())), len(site.node.inputs))
     if key in cache:
         return cache[key]

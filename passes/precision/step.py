@@ -15,7 +15,11 @@
 4. Selection (select.py): layers ordered by gain per error; the longest prefix whose end-to-end
    mean cosine on the held-out batches stays >= the bound is kept in int8. Nothing meets the
    bound: the model stays float, said so.
-5. Emission (qdq.py): standard QuantizeLinear / DequantizeLinear around each kept layer.
+   On onnxruntime targets each MatMul also has the dynamic-activation form (dynamic.py, what
+   quantize_dynamic writes) as a candidate, with its own local error and measured gain; the
+   layer takes the form with the higher gain per error.
+5. Emission: standard QuantizeLinear / DequantizeLinear around each kept layer (qdq.py), or
+   DynamicQuantizeLinear + MatMulInteger (dynamic.py).
 6. Bias correction (bias.py): each kept layer's mean output error per channel on the fit data
    goes into its bias; kept only where it raises the held-out end-to-end cosine.
 """
@@ -30,7 +34,7 @@ from graphopt import calibration, fidelity, functions, registry, verify
 from graphopt.errors import InputError
 from graphopt.ir import common_passes
 from graphopt.model import Model
-from graphopt.passes.precision import bias, gain, products, qdq, ranges, select, smooth
+from graphopt.passes.precision import bias, dynamic, gain, products, qdq, ranges, select, smooth
 from graphopt.passes.precision.sites import Site, find_sites
 from graphopt.shapes import infer_shapes
 from graphopt.steps import ApproximateStep, Approximation, Options
@@ -64,6 +68,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     layers, acts, shifts = [], {}, {}
     gains: dict = {}
     where = _measured_in(options)
+    dynamic_allowed = where[0] == "onnxruntime" and opset >= dynamic.MIN_OPSET  # OpenVINO runs static QDQ
     report["gain_measured_in"] = where[0] if where[1] is None else f"{where[0]} ({where[1]} for the float form)"
     for group in _by_activation(sites):  # the layers reading one activation share its range (and QuantizeLinear)
         xs = [r[group[0].x.name] for r in captured]
@@ -76,11 +81,16 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
             acts[site.index] = act
             shifts[site.index] = bias.shift(site, xs, act, w)
             timed = gain.measure(site, xs[0].shape, act, gains, where)
-            layers.append({"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method,
-                           "rel_error": None if err is None else round(err, 6),
-                           "float_ms": None if timed is None else round(timed[0], 4),
-                           "int8_ms": None if timed is None else round(timed[1], 4),
-                           "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)})
+            row = {"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method, "form": "static",
+                   "rel_error": None if err is None else round(err, 6),
+                   "float_ms": None if timed is None else round(timed[0], 4),
+                   "int8_ms": None if timed is None else round(timed[1], 4),
+                   "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)}
+            if dynamic_allowed and dynamic.applies(site):
+                _offer_dynamic(row, site, xs, w, gains, where)
+                if row["form"] == "dynamic":
+                    shifts[site.index] = None
+            layers.append(row)
     layers.sort(key=lambda e: e["index"])
     planned: dict[int, tuple] = {}  # attention rows: index -> (qkv ranges, P range)
 
@@ -96,6 +106,9 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
                 products.quantize(trial.ir.graph, trial_products[e["node"]], *planned[e["index"]])
                 continue
             site = trial_sites[e["node"]]
+            if e.get("form") == "dynamic":
+                dynamic.quantize(trial.ir.graph, site)
+                continue
             qdq.quantize(trial.ir.graph, site, acts[e["index"]], shared)
             if corrected and shifts[e["index"]] is not None:
                 bias.correct(trial.ir.graph, site, shifts[e["index"]])
@@ -129,12 +142,41 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         if a < b:
             final, best_fid = plain, plain_fid
     select.mark(order, best, "int8", options.fidelity)
+    kept = order[:best]
+    report["forms"] = {"static": sum(1 for e in kept if e.get("form") != "dynamic"),
+                       "dynamic": sum(1 for e in kept if e.get("form") == "dynamic")}
     report["layers"] = layers
     report["end_to_end"] = best_fid if best_fid is not None else fid(final)
     report["selection"] = {"fidelity_bound": options.fidelity, "int8_layers": best, "layers_total": len(layers),
                            "faster_in_int8": len(order)}
     report.update(select.note("int8", best, len(order), options.fidelity))
     return final, report
+
+
+def _score(saved_ms: float, error: float | None) -> float:
+    """Gain per error, as select.order ranks layers."""
+    return saved_ms / ((error or 1e-3) + 1e-6)
+
+
+def _offer_dynamic(row: dict[str, Any], site: Site, xs: list[np.ndarray], w: np.ndarray, gains: dict, where) -> None:
+    """The dynamic-activation form as the layer's other int8 candidate: its local error on the
+    calibration batches and its time alone; the row takes it when its gain per error is higher
+    (and it is faster than float). Both forms' numbers stay in the row."""
+    err = dynamic.local_error(xs, w)
+    timed = gain.measure(site, xs[0].shape, gain.DYNAMIC, gains, where)
+    row.update(static_int8_ms=row["int8_ms"], static_rel_error=row["rel_error"],
+               dynamic_int8_ms=None if timed is None else round(timed[1], 4), dynamic_rel_error=round(err, 6))
+    if timed is not None and prefers_dynamic(row, timed[1], err):
+        row.update(form="dynamic", int8_ms=round(timed[1], 4), rel_error=round(err, 6), range="dynamic (per call)")
+
+
+def prefers_dynamic(row: dict[str, Any], dynamic_ms: float, dynamic_error: float) -> bool:
+    """Whether the dynamic form beats the row's static one: faster than float, and a higher
+    gain per error (ms saved / relative error) than the static form's."""
+    if row["float_ms"] is None or dynamic_ms >= row["float_ms"]:
+        return False
+    static = _score(row["float_ms"] - row["int8_ms"], row["rel_error"]) if row["int8_ms"] is not None else float("-inf")
+    return _score(row["float_ms"] - dynamic_ms, dynamic_error) > static
 
 
 PRODUCTS_TIMED_AS = ("the whole model at the calibration shape in OpenVINO, its faster-in-int8 layers in int8, "
@@ -209,7 +251,8 @@ class QuantizeInt8(ApproximateStep):
 
     def approximate(self, model: Model) -> Approximation:
         quantized, report = quantize(model, self.options)
-        return Approximation(quantized, {qdq.RULE: report["selection"]["int8_layers"]}, report)
+        counts = {qdq.RULE: report["forms"]["static"], dynamic.RULE: report["forms"]["dynamic"]}
+        return Approximation(quantized, {k: v for k, v in counts.items() if v}, report)
 
     def details(self, report):
         return precision_details.quantized(report, self.options.fidelity)

@@ -1,0 +1,94 @@
+"""Dynamic-activation int8, the form `onnxruntime.quantization.quantize_dynamic` writes: the
+activation's range is read at run time, per tensor, by DynamicQuantizeLinear (uint8, asymmetric,
+0 inside the range); the weight is int8 per output channel, as in the static form:
+
+    xq, xs, xz = DynamicQuantizeLinear(x)
+    y = Cast(MatMulInteger(xq, Wq, xz, 0), float) * (xs * ws)
+
+Standard ONNX (opset 11); onnxruntime fuses it into DynamicQuantizeMatMul / MatMulIntegerToFloat.
+No calibrated range can clip an outlier, and no range can go stale on data unlike the
+calibration set, at the price of the range reduction in every call. A candidate per MatMul layer
+on onnxruntime targets beside static QDQ (step.py chooses by measured gain per error); OpenVINO
+runs static QDQ, so it is not offered under `--target cpu`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from graphopt.ir import ir
+from graphopt.passes._weights import add_initializer
+from graphopt.passes.precision.ranges import fake_weight, quantize_weight
+from graphopt.passes.precision.sites import Site
+from graphopt.rewrite import RULE_TAG
+
+RULE = "DynamicQuantizeInt8"
+MIN_OPSET = 11
+
+
+def applies(site: Site) -> bool:
+    """MatMul with a 2-D constant weight (its output channels on axis 1)."""
+    return site.node.op_type == "MatMul" and site.w.ndim == 2
+
+
+def fake(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """x through DynamicQuantizeLinear and back, for a tensor whose range is [lo, hi]."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-8) / 255.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return ((np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def local_error(batches: Sequence[np.ndarray], w: np.ndarray, rows: int = 1024, seed: int = 0) -> float:
+    """Relative error of x @ W in the dynamic form over the calibration batches: each batch's
+    range is the whole tensor's, as the runtime sees it; the error is read on `rows` sampled
+    rows in all."""
+    fake_w = fake_weight(w, 1)
+    rng = np.random.default_rng(seed)
+    num = den = 0.0
+    for x in batches:
+        flat = x.reshape(-1, x.shape[-1])
+        sample = flat[rng.choice(len(flat), min(len(flat), max(1, rows // len(batches))), replace=False)].astype(np.float32)
+        exact = sample @ w
+        num += float(np.sum((fake(sample, float(x.min()), float(x.max())) @ fake_w - exact) ** 2))
+        den += float(np.sum(exact ** 2))
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def layer_nodes(x: str, wq: str, ws: str, wz: str, y: str) -> list:
+    """The dynamic form as onnx.helper nodes (gain.py times the layer alone in it)."""
+    import onnx.helper as oh
+
+    return [oh.make_node("DynamicQuantizeLinear", [x], ["xq", "xs", "xz"]),
+            oh.make_node("MatMulInteger", ["xq", wq, "xz", wz], ["acc"]),
+            oh.make_node("Cast", ["acc"], ["accf"], to=1),
+            oh.make_node("Mul", ["xs", ws], ["scales"]),
+            oh.make_node("Mul", ["accf", "scales"], [y])]
+
+
+def quantize(graph: ir.Graph, site: Site) -> None:
+    """Rewrite MatMul `site` into the dynamic form; its output value (and readers) stay."""
+    q, scales = quantize_weight(site.w, 1)
+    wq = add_initializer(graph, site.weight, q, "int8")
+    ws = add_initializer(graph, site.weight, scales, "scale")
+    wz = add_initializer(graph, site.weight, np.zeros_like(scales, np.int8), "zero_point")
+    prefix = site.name
+    quant = ir.node("DynamicQuantizeLinear", [site.x], num_outputs=3, name=f"{prefix}_x_dynamic_quantize")
+    xq, xs, xz = quant.outputs
+    integer = ir.node("MatMulInteger", [xq, wq, xz, wz], name=f"{prefix}_matmul_integer")
+    cast = ir.node("Cast", [integer.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{prefix}_to_float")
+    scale = ir.node("Mul", [xs, ws], name=f"{prefix}_scales")
+    out = site.node.outputs[0]
+    mul = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{prefix}_dequantize")
+    made = [quant, integer, cast, scale, mul]
+    for n in made:
+        n.metadata_props[RULE_TAG] = RULE
+    graph.insert_before(site.node, made)
+    mul.outputs[0].type, mul.outputs[0].shape = out.type, out.shape
+    name = out.name
+    out.replace_all_uses_with(mul.outputs[0], replace_graph_outputs=True)
+    graph.remove(site.node, safe=True)
+    out.name = f"{name}_float_matmul"
+    mul.outputs[0].name = name
