@@ -69,7 +69,7 @@ EXAMPLES = {
            "   # attention swapped for a mixer"],
     "inspect": ["graphopt inspect model.onnx"],
     "optimize": ["graphopt optimize model.onnx -o fast.onnx --target cpu --report report.html",
-                 "graphopt optimize model.onnx -o small.onnx --prune all --fidelity 0.99 --calib calib.npz"],
+                 "graphopt optimize model.onnx -o small.onnx --approx prune,int8 --fidelity 0.99 --calib calib.npz"],
     "validate": ["graphopt validate model.onnx fast.onnx --inputs data.npz"],
     "compile": ["graphopt compile fast.onnx -o model.so --backend tvm"],
     "run": ["graphopt run fast.onnx --inputs data.npz -o outputs.npz"],
@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                    "--calib, per layer where faster here; int4: weight-only MatMulNBits (onnxruntime targets); bf16/fp16 "
                    "convert the graph (under --target cpu: OpenVINO's hint or the converted graph, measured) "
                    "(default: fp32 only)")
+    s.add_argument("--approx", metavar="FAMILIES", help="approximate families under one budget, comma-separated from "
+                   "prune, int8, mixers, or auto (prune, int8): --fidelity then bounds the whole plan's end-to-end "
+                   "output, each step keeping its share (default: only what --precision / --prune / --mixer ask, each "
+                   "bounded on its own)")
     s.add_argument("--check-every", type=int, default=1, metavar="K", help="check the exact steps that changed the "
                    "model in groups of K (a diverging group is rolled back whole; 0: one check before any approximate "
                    "or lowering step, then the final validation). Steps that change nothing are never re-run (default: 1)")
@@ -308,7 +312,7 @@ def cmd_optimize(args) -> int:
                                    mixer=args.mixer, fidelity=args.fidelity, calib=args.calib,
                                    portable=args.portable, precision=args.precision,
                                    check_every=args.check_every, step_progress=step_progress,
-                                   allow_unchecked=args.allow_unchecked, **_step_options(args))
+                                   allow_unchecked=args.allow_unchecked, approx=args.approx, **_step_options(args))
     report = result.report
     out.print(report.tables())
     if args.explain:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graphopt import feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
+from graphopt import budget as budget_mod, feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
 from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -55,6 +55,7 @@ def optimize(
     check_every: int = 1,
     step_progress: Callable[[int, int, str], None] | None = None,
     allow_unchecked: bool = False,
+    approx: str | None = None,
     **step_options: Any,
 ) -> OptimizeResult:
     """Optimize a copy of `model` (anything `graphopt.load` accepts); the input is left unchanged.
@@ -81,6 +82,10 @@ def optimize(
     (`graphopt.registry.step_options()`; e.g. the mixer's `layers`, `calib_steps`, `max_window`,
     `features`), each documented where it is declared and shown by `graphopt optimize --help`.
     step_progress: (done, total, what) from inside a long step (a mixer's fit, layer by layer).
+    approx: the approximate families allowed under one fidelity budget, comma-separated from
+    prune, int8, mixers, or auto (prune and int8): `fidelity` then bounds the whole plan's
+    end-to-end output against the model before the first approximate step, each step keeping
+    its share (graphopt/budget.py); the report's notes give each family's part of the error.
     allow_unchecked: when no input can be generated or found that the model runs on (or the
     given inputs do not run it), optimize without numeric checks instead of raising
     InputError; every step is still checked to load, and the report says what was not checked.
@@ -93,6 +98,10 @@ def optimize(
     # they run before the mixer swap and reduced precision (smaller matrices are quantized after).
     asked = {k: step_options.pop(k) for k in list(step_options) if k in registry.approximate_options()}
     requests = {**asked, "mixer": mixer, "precision": precision}
+    allowed = budget_mod.families(approx)
+    if allowed:
+        requests = budget_mod.requests(allowed, requests)
+        precision = requests["precision"]
     if required and not requests.get(required):
         raise InputError(f"preset '{preset}' needs a {required}", hint="pass --mixer, e.g. --mixer linear:hedgehog")
     if precision is not None and precision not in registry.choices("precision"):
@@ -104,8 +113,9 @@ def optimize(
                          hint=f"options the registered steps declare: {', '.join(sorted(declared))}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, use_cache=use_cache, precision=precision,
                       target=target, progress=step_progress, step=dict(step_options))
+    shared = budget_mod.Budget(fidelity, 0) if allowed else None
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
-                          finish=_portable_passes(target) if portable else [])
+                          finish=_portable_passes(target) if portable else [], budget=shared)
     feeds = source_desc = reference = None
     unchecked: list[str] = []
     if check_every < 0:
@@ -135,11 +145,25 @@ def optimize(
         validation=validation,
         before=summary.summarize(source),
         after=summary.summarize(result.model),
-        notes=unchecked + result.notes + _portable_notes(result.model, portable, target) + ([] if unchecked else _input_notes(validate, inputs)) + _precision_notes(precision, target) + (
+        notes=unchecked + _budget_notes(shared, allowed) + result.notes + _portable_notes(result.model, portable, target) + ([] if unchecked else _input_notes(validate, inputs)) + _precision_notes(precision, target) + (
             ["approximate steps ran: outputs are compared by the fidelity report, not validated as equal"]
             if result.approximate else []),
     )
     return OptimizeResult(result.model, report)
+
+
+def _budget_notes(shared: budget_mod.Budget | None, allowed: tuple[str, ...]) -> list[str]:
+    """The shared budget: which families it covered, and each step's part of the error."""
+    if shared is None:
+        return []
+    lines = [f"one fidelity budget {shared.bound} for {', '.join(allowed)}: every approximate step measured end to end "
+             "against the model before the first one, each within its share"]
+    before = 1.0
+    for name, worst, share in shared.spent:
+        lines.append(f"{name}: end-to-end worst mean cosine {worst:.5f} (its share: >= {share:.5f}; "
+                     f"its part of the error {max(before - worst, 0.0):.5f} of {1 - shared.bound:.5f})")
+        before = worst
+    return lines
 
 
 def _portable_passes(target: str | None) -> list[str]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from graphopt import model as model_mod, registry, verify
 from graphopt.errors import GraphoptError, InputError
+from graphopt.budget import Budget
 from graphopt.model import Model
 from graphopt.steps import ExactStep, Options, Stage, Step, StepRecord
 
@@ -75,16 +76,24 @@ class Plan:
 
 
 def build(pass_names: Sequence[str], *, approximate: Mapping[str, Any] | None = None, target: str | None = None,
-          options: Options | None = None, finish: Sequence[str] = ()) -> Plan:
+          options: Options | None = None, finish: Sequence[str] = (), budget: Budget | None = None) -> Plan:
     """Exact (or structural) passes in order, then an approximate step per non-empty request
     (`{"mixer": "linear:hedgehog"}`), then the lowering for `target`, then the `finish` passes
-    (make-portable). Unknown names raise `InputError` before any work."""
+    (make-portable). With a `budget` (graphopt/budget.py) the approximate steps share one bound:
+    each gets its share as its `fidelity` and measures against the same reference. Unknown
+    names raise `InputError` before any work."""
     options = options or Options()
     steps: list[Step] = [ExactStep(registry.get(name)) for name in pass_names]
+    approximate_steps = []
     for option, value in (approximate or {}).items():
         step = registry.approximate_step(option)(value, options) if value else None
         if step is not None:  # a value the lowering reads instead (precision bf16 under --target cpu)
             steps.append(step)
+            approximate_steps.append(step)
+    if budget is not None:
+        budget.steps = len(approximate_steps)
+        for position, step in enumerate(approximate_steps):
+            step.options = dataclasses.replace(step.options, fidelity=budget.share(position), budget=budget)
     if target:
         steps.append(registry.lowering_step(target)(target, options))
     steps.extend(ExactStep(registry.get(name)) for name in finish)

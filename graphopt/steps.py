@@ -83,6 +83,12 @@ class Options:
     target: str | None = None  # the lowering target, for steps whose form depends on it
     progress: Callable[[int, int, str], None] | None = None  # a step's own progress (done, total, what)
     step: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # registered step options by name
+    budget: Any = None  # graphopt.budget.Budget when the plan shares one bound; `fidelity` is then this step's share
+
+    def reference_for(self, model: Model) -> Model:
+        """The model an approximate step measures its fidelity against: its own input, or under
+        a shared budget the model before the plan's first approximate step."""
+        return self.budget.reference if self.budget is not None and self.budget.reference is not None else model
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "step":
@@ -288,6 +294,8 @@ class ApproximateStep(Step):
     def run(self, stage: Stage) -> StepRecord:
         stage.settle()
         start = time.perf_counter()
+        if self.options.budget is not None and self.options.budget.reference is None:
+            self.options.budget.reference = stage.model.clone()  # what the whole budget is measured against
         made = self.approximate(stage.model)
         if stage.checker and (problem := verify.load_problem(made.model, runtime=False)):  # made on a copy: nothing to undo
             return StepRecord(self.name, str(self.kind), {}, time.perf_counter() - start, "rolled-back",
@@ -304,6 +312,8 @@ class ApproximateStep(Step):
                 stage.outputs = None
         worst = fidelity.worst_mean_cosine(made.fidelity.get("end_to_end", {}))
         bound = self.options.fidelity
+        if self.options.budget is not None:
+            self.options.budget.spent.append((self.name, worst, bound))
         return StepRecord(self.name, str(self.kind), made.rewrites, time.perf_counter() - start,
                           "applied" if sum(made.rewrites.values()) else "no-op",
                           check={"passed": worst >= bound, "min_cosine": worst, "bound": bound}, fidelity=made.fidelity,

@@ -85,7 +85,8 @@ def capture(model: Model, batches: Sequence[Feeds], nodes: Sequence[ir.Node]) ->
 def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = None, layers: str | Sequence[int] = "all",
                 fidelity: float = 0.99, steps: int = 300, seed: int = 0, dims: Mapping[str, int] | None = None,
                 progress: Callable[[int, int, str], None] | None = None, seq: int | None = None,
-                correction: bool = True, max_window: int | None = None, features: int = 1) -> MixResult:
+                correction: bool = True, max_window: int | None = None, features: int = 1,
+                reference: Model | None = None) -> MixResult:
     """`layers`: "all", "auto", "best:N" (the N layers whose swap alone moves the output least) or
     indices. `holdout`: explicit held-out batches (else half of `calib` is held out).
     `seq`: the sequence length the model will run at, which picks each linear mixer's
@@ -116,7 +117,7 @@ def swap_mixers(model: Model, mixer: str, *, calib: Any = None, holdout: Any = N
     for field, values in (kind.scores(work, data.held, nodes) or {}).items():  # e.g. drop's redundancy
         for entry, score in zip(per_layer, values):
             entry[field] = score
-    references = [verify.run(work, f) for f in data.held]  # the original's held-out outputs, run once
+    references = [verify.run(reference or work, f) for f in data.held]  # the original's held-out outputs, run once
     measure = Measure(spec, nodes, weights, data.held, held_caps, references)
     seq = seq or calibration.seq_hint(data.held)
     if layers == "auto" or (isinstance(layers, str) and layers.startswith("best:")):
@@ -267,7 +268,7 @@ class SwapMixers(ApproximateStep):
         o = self.options
         mixed = swap_mixers(model, self.spec.name, calib=o.calib, layers=o.layers, fidelity=o.fidelity, steps=o.calib_steps,
                             seed=o.seed, dims=o.dims, progress=o.progress, max_window=o.max_window,
-                            features=o.features)
+                            features=o.features, reference=o.budget.reference if o.budget is not None else None)
         return Approximation(mixed.model, {RULE: len(mixed.report["layers_swapped"])}, mixed.report,
                              mixed.convert and mixed.feeds_for)
 

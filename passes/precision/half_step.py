@@ -41,7 +41,7 @@ class ConvertHalf(ApproximateStep):
         converted, info = half.convert(work, self.precision)
         emulated, _ = half.convert(work, self.precision, emulate=True)
         data = calibration.split(model, self.options.calib, seed=self.options.seed, dims=self.options.dims)
-        references = [verify.run(model, f) for f in data.held]
+        references = [verify.run(self.options.reference_for(model), f) for f in data.held]
         measured = fidelity.end_to_end(references, emulated, data.held)
         report = {"precision": self.precision, "conversion": info, "calibration": data.describe(), "end_to_end": measured,
                   "measured_on": "the rounding emulation in onnxruntime (16-bit storage, float32 accumulation)"}

@@ -130,7 +130,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     if not sites:
         raise InputError("no layer for int4: it covers MatMul with a constant float32 2-D weight")
     data = calibration.split(work, options.calib, seed=options.seed, dims=options.dims)
-    references = [verify.run(model, f) for f in data.held]
+    references = [verify.run(options.reference_for(model), f) for f in data.held]
     captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit[:1])
     layers, cache = [], {}
     for site in sites:

@@ -60,7 +60,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     if not sites:
         raise InputError("no layer to quantize: int8 covers MatMul, Gemm and Conv with constant float32 weights")
     data = calibration.split(work, options.calib, seed=options.seed, dims=options.dims)
-    references = [verify.run(model, f) for f in data.held]
+    references = [verify.run(options.reference_for(model), f) for f in data.held]
     report: dict[str, Any] = {"precision": "int8", "calibration": data.describe()}
     report["smoothing"] = _smooth(work, sites, data)
     sites = find_sites(work.ir.graph)  # the migration replaced weights (and inputs, for Mul branches)

@@ -127,7 +127,7 @@ def prune(model: Model, options: Options, form: str) -> tuple[Model, dict[str, A
         errors = orders[i][1] / len(target)
         spread = float(np.mean(np.sum((target - target.mean(axis=0)) ** 2, axis=1)))
         proxies.append([(spread if k == DROPPED else float(errors[site.units - k - 1])) / energy for k in ladders[i]])
-    references = [verify.run(work, f) for f in data.held]
+    references = [verify.run(options.reference_for(work), f) for f in data.held]
     fits: dict[tuple[int, int], neurons.Refit] = {}
 
     def fit(i: int, step: int) -> neurons.Refit:
