@@ -172,10 +172,10 @@ def drop_blocker(site) -> str | None:
     read by one Add whose other input, the residual, has its full shape."""
     found = output_bias(site)
     value = found[0].outputs[0] if found else site.out
-    uses = list(value.uses())
-    if value.is_graph_output() or len(uses) != 1 or (uses[0].node.domain, uses[0].node.op_type) != ops.ADD:
+    add = residual_add(site)
+    if add is None:
         return f"its output '{value.name}' is not read by one residual Add"
-    other = uses[0].node.inputs[1 - uses[0].idx]
+    other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
     if other.shape is None or value.shape is None or list(other.shape) != list(value.shape):
         return f"the residual beside '{value.name}' does not have its shape"
     return None
