@@ -111,6 +111,10 @@ def optimize(
     if unknown:
         raise InputError(f"optimize() got unknown option(s) {', '.join(unknown)}",
                          hint=f"options the registered steps declare: {', '.join(sorted(declared))}")
+    for name, value in step_options.items():
+        allowed_values = declared[name].choices() if declared[name].choices else None
+        if allowed_values is not None and value not in allowed_values:
+            raise InputError(f"unknown {name} '{value}'", hint=f"choose from {', '.join(allowed_values)}")
     options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, use_cache=use_cache, precision=precision,
                       target=target, progress=step_progress, step=dict(step_options))
     shared = budget_mod.Budget(fidelity, 0) if allowed else None

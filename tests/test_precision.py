@@ -222,10 +222,13 @@ def test_bias_correction_needs_a_per_channel_constant_bias():
     assert bias.shift(site, xs, act, None) is None  # precondition 2: one input shape
 
 
-def test_readers_share_one_quantize():
-    """Two layers read one activation (as Q, K and V do before they are merged): one range and one
-    QuantizeLinear for both, ahead of the first reader, and a DequantizeLinear each (onnxruntime
-    fuses a DequantizeLinear into one reader)."""
+@pytest.mark.parametrize("form, quantizer", [("static", "QuantizeLinear"), ("dynamic", "DynamicQuantizeLinear")])
+def test_readers_share_one_quantize(form, quantizer):
+    """Two layers read one activation (as Q, K and V do before they are merged): in the static
+    form one range and one QuantizeLinear for both, ahead of the first reader, and a
+    DequantizeLinear each (onnxruntime fuses a DequantizeLinear into one reader); in the dynamic
+    form one DynamicQuantizeLinear for both. Either way onnxruntime runs two MatMulIntegerToFloat
+    off the one quantizer."""
     model = build(header(17) + """
         g (float[128, 512] x) => (float[128, 1024] a, float[128, 1024] b) <float[512, 1024] w1, float[512, 1024] w2> {
             a = MatMul(x, w1)
@@ -235,9 +238,10 @@ def test_readers_share_one_quantize():
     calib = [{"x": rng.standard_normal([128, 512]).astype(np.float32)} for _ in range(8)]
     feeds = {"x": rng.standard_normal([128, 512]).astype(np.float32)}
     result = graphopt.optimize(model, passes=["eliminate-dead-code"], precision="int8", fidelity=0.0, calib=calib,
-                               inputs=feeds)
+                               inputs=feeds, int8_form=form)
     layers = result.report.fidelity["layers"]
-    assert [e["precision"] for e in layers] == ["int8", "int8"] and layers[0]["range"] == layers[1]["range"]
-    assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph) == 1
+    assert [(e["precision"], e["form"]) for e in layers] == [("int8", form)] * 2
+    assert layers[0]["range"] == layers[1]["range"]
+    assert sum(n.op_type == quantizer for n in result.model.graph) == 1
     assert sum(n.op_type == "MatMulIntegerToFloat" for n in _fused_ops(result.model)) == 2
     assert verify.min_cosine(verify.run(model, feeds), verify.run(result.model, feeds)) > 0.999

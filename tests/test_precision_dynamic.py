@@ -15,6 +15,7 @@ import pytest
 
 import graphopt
 from graphopt import verify
+from graphopt.errors import InputError
 from graphopt.passes.precision import dynamic
 from graphopt.passes.precision.ranges import quantize_weight
 from graphopt.passes.precision.sites import find_sites
@@ -93,3 +94,15 @@ def test_the_step_offers_the_dynamic_form_on_onnxruntime_only(target):
     assert row["form"] == ("dynamic" if prefers_dynamic(static_row, row["dynamic_int8_ms"], row["dynamic_rel_error"]) else "static")
     feeds = graphopt.feeds.make_inputs(model, seed=99)
     assert verify.min_cosine(verify.run(model, feeds), verify.run(result.model, feeds)) > 0.99
+
+
+def test_int8_form_refuses_dynamic_where_it_cannot_run():
+    """--int8-form dynamic under --target cpu (OpenVINO runs static QDQ) is refused with the reason;
+    an unknown form is refused before anything runs."""
+    model = _model()
+    calib = [graphopt.feeds.make_inputs(model, seed=i) for i in range(4)]
+    with pytest.raises(InputError, match="int8-form dynamic needs an onnxruntime target"):
+        graphopt.optimize(model, passes=["eliminate-dead-code"], precision="int8", calib=calib, target="cpu",
+                          int8_form="dynamic")
+    with pytest.raises(InputError, match="unknown int8_form 'fast'"):
+        graphopt.optimize(model, passes=["eliminate-dead-code"], precision="int8", calib=calib, int8_form="fast")

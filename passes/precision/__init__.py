@@ -10,8 +10,9 @@ OpenVINO's precision hint against the converted graph, measured (backends/cpu.py
 
 from graphopt.passes.precision.half_step import ConvertHalf
 from graphopt.passes.precision.int4 import QuantizeInt4
-from graphopt.passes.precision.step import QuantizeInt8
+from graphopt.passes.precision.step import INT8_FORMS, QuantizeInt8
 from graphopt.registry import register_approximate
+from graphopt.steps import StepOption
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4", "auto")
 
@@ -28,4 +29,10 @@ def _step(value: str, options):
     return None
 
 
-register_approximate("precision", _step, choices=lambda: PRECISIONS)
+OPTIONS = (
+    StepOption("int8_form", "auto", "with --precision int8 or auto: auto (each MatMul takes static QDQ or the "
+               "dynamic-activation form quantize_dynamic writes, whichever gains more per error; onnxruntime "
+               "targets) | static | dynamic (every MatMul dynamic; Conv stays static)", choices=lambda: INT8_FORMS),
+)
+
+register_approximate("precision", _step, choices=lambda: PRECISIONS, options=OPTIONS)

@@ -68,21 +68,29 @@ def layer_nodes(x: str, wq: str, ws: str, wz: str, y: str) -> list:
             oh.make_node("Mul", ["accf", "scales"], [y])]
 
 
-def quantize(graph: ir.Graph, site: Site) -> None:
-    """Rewrite MatMul `site` into the dynamic form; its output value (and readers) stay."""
+def quantize(graph: ir.Graph, site: Site, shared: dict | None = None) -> None:
+    """Rewrite MatMul `site` into the dynamic form; its output value (and readers) stay.
+    `shared` (one dict per rewrite, as in qdq.quantize): the layers reading one activation share
+    its DynamicQuantizeLinear, so Q, K and V reduce their common input's range once per call."""
     q, scales = quantize_weight(site.w, 1)
     wq = add_initializer(graph, site.weight, q, "int8")
     ws = add_initializer(graph, site.weight, scales, "scale")
     wz = add_initializer(graph, site.weight, np.zeros_like(scales, np.int8), "zero_point")
     prefix = site.name
-    quant = ir.node("DynamicQuantizeLinear", [site.x], num_outputs=3, name=f"{prefix}_x_dynamic_quantize")
+    shared = {} if shared is None else shared
+    made = []
+    quant = shared.get(id(site.x))
+    if quant is None:  # the first reader quantizes; the later ones read its outputs
+        quant = shared[id(site.x)] = ir.node("DynamicQuantizeLinear", [site.x], num_outputs=3,
+                                             name=f"{prefix}_x_dynamic_quantize")
+        made.append(quant)
     xq, xs, xz = quant.outputs
     integer = ir.node("MatMulInteger", [xq, wq, xz, wz], name=f"{prefix}_matmul_integer")
     cast = ir.node("Cast", [integer.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{prefix}_to_float")
     scale = ir.node("Mul", [xs, ws], name=f"{prefix}_scales")
     out = site.node.outputs[0]
     mul = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{prefix}_dequantize")
-    made = [quant, integer, cast, scale, mul]
+    made += [integer, cast, scale, mul]
     for n in made:
         n.metadata_props[RULE_TAG] = RULE
     graph.insert_before(site.node, made)

@@ -68,7 +68,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     layers, acts, shifts = [], {}, {}
     gains: dict = {}
     where = _measured_in(options)
-    dynamic_allowed = where[0] == "onnxruntime" and opset >= dynamic.MIN_OPSET  # OpenVINO runs static QDQ
+    dynamic_allowed = _dynamic_allowed(options.int8_form, where, opset)
     report["gain_measured_in"] = where[0] if where[1] is None else f"{where[0]} ({where[1]} for the float form)"
     for group in _by_activation(sites):  # the layers reading one activation share its range (and QuantizeLinear)
         xs = [r[group[0].x.name] for r in captured]
@@ -87,7 +87,7 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
                    "int8_ms": None if timed is None else round(timed[1], 4),
                    "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)}
             if dynamic_allowed and dynamic.applies(site):
-                _offer_dynamic(row, site, xs, w, gains, where)
+                _offer_dynamic(row, site, xs, w, gains, where, force=options.int8_form == "dynamic")
                 if row["form"] == "dynamic":
                     shifts[site.index] = None
             layers.append(row)
@@ -101,13 +101,14 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
         calls = [e for e in chosen if e["index"] in planned]
         trial_products = {s.name: s for s in products.find_attention_sites(trial.ir.graph)} if calls else {}
         shared: dict = {}
+        shared_dynamic: dict = {}
         for e in chosen:  # graph order: a shared quantizer precedes its readers
             if e["index"] in planned:
                 products.quantize(trial.ir.graph, trial_products[e["node"]], *planned[e["index"]])
                 continue
             site = trial_sites[e["node"]]
             if e.get("form") == "dynamic":
-                dynamic.quantize(trial.ir.graph, site)
+                dynamic.quantize(trial.ir.graph, site, shared_dynamic)
                 continue
             qdq.quantize(trial.ir.graph, site, acts[e["index"]], shared)
             if corrected and shifts[e["index"]] is not None:
@@ -158,16 +159,34 @@ def _score(saved_ms: float, error: float | None) -> float:
     return saved_ms / ((error or 1e-3) + 1e-6)
 
 
-def _offer_dynamic(row: dict[str, Any], site: Site, xs: list[np.ndarray], w: np.ndarray, gains: dict, where) -> None:
+INT8_FORMS = ("auto", "static", "dynamic")
+
+
+def _dynamic_allowed(form: str, where: tuple[str, str | None], opset: int) -> bool:
+    """Whether the dynamic form is a candidate: on onnxruntime targets (OpenVINO runs static
+    QDQ) at opset >= 11, unless the user asked for the static form only."""
+    possible = where[0] == "onnxruntime" and opset >= dynamic.MIN_OPSET
+    if form == "dynamic" and not possible:
+        raise InputError(f"--int8-form dynamic needs an onnxruntime target and opset >= {dynamic.MIN_OPSET} "
+                         f"(layers are timed in {where[0]}, the model has opset {opset}); "
+                         "use --int8-form static or auto")
+    return possible and form != "static"
+
+
+def _offer_dynamic(row: dict[str, Any], site: Site, xs: list[np.ndarray], w: np.ndarray, gains: dict, where,
+                   force: bool = False) -> None:
     """The dynamic-activation form as the layer's other int8 candidate: its local error on the
     calibration batches and its time alone; the row takes it when its gain per error is higher
-    (and it is faster than float). Both forms' numbers stay in the row."""
+    (and it is faster than float), or always when `force` (--int8-form dynamic; the selection
+    still leaves a layer float where its int8 form is not faster). Both forms' numbers stay in
+    the row."""
     err = dynamic.local_error(xs, w)
     timed = gain.measure(site, xs[0].shape, gain.DYNAMIC, gains, where)
     row.update(static_int8_ms=row["int8_ms"], static_rel_error=row["rel_error"],
                dynamic_int8_ms=None if timed is None else round(timed[1], 4), dynamic_rel_error=round(err, 6))
-    if timed is not None and prefers_dynamic(row, timed[1], err):
-        row.update(form="dynamic", int8_ms=round(timed[1], 4), rel_error=round(err, 6), range="dynamic (per call)")
+    if force or (timed is not None and prefers_dynamic(row, timed[1], err)):
+        row.update(form="dynamic", int8_ms=None if timed is None else round(timed[1], 4), rel_error=round(err, 6),
+                   range="dynamic (per call)")
 
 
 def prefers_dynamic(row: dict[str, Any], dynamic_ms: float, dynamic_error: float) -> bool:
