@@ -3,6 +3,12 @@ chosen intermediate values exposed.
 
     data = calibration.split(model, calib, seed=0)     # fit / held-out batches, source, warning
     rows = calibration.run_exposed(model, ["q", "k"], data.fit)  # per batch {name: array}
+    kept = calibration.sample_rows(model, ["q"], data.fit, capacity=8192)  # streamed, bounded
+
+`sample_rows` is the bounded form the steps that fit on rows use (int8's ranges and errors,
+pruning's refits): the batches run one at a time and each value keeps a seeded uniform sample
+of at most `capacity` rows (its last axis) over all of them, with its exact range, so the
+activations held at once do not grow with the number of examples (`--calib-rows`).
 
 `calib` is the user's: an .npz path, a dict of arrays (a batch of more than one row is split in
 halves: fit on the first, measure on the second), a list of dicts (the first half of the
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -65,6 +71,9 @@ def split(model: Model, calib: Any = None, *, holdout: Any = None, seed: int = 0
         data = _halves(calib, source) if holdout is None else Data(_batches(calib), [], source)
     if holdout is not None:
         data = Data(data.fit + data.held, _batches(holdout), data.source, data.warning)
+    if data.source != "generated":  # the user's batches: which one, which input, which shape
+        for i, feeds in enumerate([*data.fit, *data.held]):
+            feeds_mod.check_inputs(feeds, model, where=f"calibration batch {i} of {len(data.fit) + len(data.held)}")
     return data
 
 
@@ -108,6 +117,107 @@ def run_exposed(model: Model, names: Iterable[str], batches: Sequence[Feeds]) ->
     """The model's outputs and the named intermediate values on every batch (one session)."""
     exposed = expose(model, names)
     return [verify.run(exposed, feeds) for feeds in batches]
+
+
+DEFAULT_ROWS = 8192  # rows of each activation kept by sample_rows (--calib-rows)
+
+
+@dataclasses.dataclass
+class Rows:
+    """A value's rows (its last axis) sampled over every batch: at most `capacity` of them,
+    uniformly (seeded reservoir), in arrival order while they fit; its exact range; the first
+    batch (whole, for what needs a tensor of the model's shape); each batch's range and the
+    batch each kept row came from (a per-call quantizer's range)."""
+
+    rows: np.ndarray  # [kept, last] float32
+    seen: int  # rows streamed past
+    lo: float
+    hi: float
+    first: np.ndarray
+    ranges: np.ndarray  # [batches, 2]: each batch's min and max
+    batch: np.ndarray  # [kept]: the batch of each kept row
+
+    @classmethod
+    def of(cls, arrays: Iterable[np.ndarray], capacity: int = DEFAULT_ROWS, seed: int = 0) -> Rows:
+        """The sample of arrays already in memory (one per batch)."""
+        reservoir = _Reservoir(capacity, np.random.default_rng(seed))
+        for i, a in enumerate(arrays):
+            reservoir.add(np.asarray(a, np.float32), None, i)
+        return reservoir.done()
+
+
+class _Reservoir:
+    def __init__(self, capacity: int, rng: np.random.Generator) -> None:
+        self.capacity, self.rng = capacity, rng
+        self.rows: np.ndarray | None = None
+        self.batch: np.ndarray | None = None
+        self.seen, self.filled = 0, 0
+        self.lo, self.hi = np.inf, -np.inf
+        self.first: np.ndarray | None = None
+        self.ranges: list[tuple[float, float]] = []
+
+    def add(self, array: np.ndarray, mask: np.ndarray | None, index: int) -> None:
+        if self.first is None:
+            self.first = array.copy()
+        lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.ranges.append((lo, hi))
+        flat = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
+        if mask is not None and mask.size == len(flat):  # padded tokens' rows are left out
+            flat = flat[mask.reshape(-1) != 0]
+        if self.rows is None:
+            self.rows = np.empty((self.capacity, flat.shape[1]), np.float32)
+            self.batch = np.empty(self.capacity, np.int64)
+        fill = min(self.capacity - self.filled, len(flat))
+        self.rows[self.filled:self.filled + fill] = flat[:fill]
+        self.batch[self.filled:self.filled + fill] = index
+        self.filled += fill
+        rest = flat[fill:]
+        if len(rest):  # Algorithm R: the t-th row (0-based) replaces a random slot with chance capacity / (t + 1)
+            t = self.seen + fill + np.arange(len(rest))
+            slot = (self.rng.random(len(rest)) * (t + 1)).astype(np.int64)
+            keep = slot < self.capacity
+            self.rows[slot[keep]] = rest[keep]  # in order: a later row replacing the same slot wins
+            self.batch[slot[keep]] = index
+        self.seen += len(flat)
+
+    def done(self) -> Rows:
+        n = self.filled
+        return Rows(self.rows[:n].copy(), self.seen, float(self.lo), float(self.hi), self.first,
+                    np.asarray(self.ranges, np.float64).reshape(-1, 2), self.batch[:n].copy())
+
+
+def sample_rows(model: Model, names: Iterable[str], batches: Iterable[Feeds], *, capacity: int = DEFAULT_ROWS,
+                masked: bool = False, seed: int = 0,
+                progress: Callable[[int, int, str], None] | None = None) -> dict[str, Rows]:
+    """Each named value's rows over `batches` (an iterable: it is read once, one batch at a
+    time), at most `capacity` kept per value; with `masked`, the rows of padded tokens (0 in a
+    [B, S] attention mask among the batch's inputs) are left out."""
+    if capacity < 1:
+        raise InputError(f"--calib-rows must be >= 1, got {capacity}")
+    names = list(dict.fromkeys(names))
+    exposed = expose(model, names)
+    rng = np.random.default_rng(seed)
+    kept = {n: _Reservoir(capacity, rng) for n in names}
+    total = len(batches) if isinstance(batches, Sized) else 0
+    for i, feeds in enumerate(batches):
+        out = verify.run(exposed, feeds)
+        mask = token_mask(feeds) if masked else None
+        for n in names:
+            kept[n].add(out[n], mask, i)
+        del out
+        if progress is not None:
+            progress(i + 1, total, "calibrating")
+    if any(r.rows is None for r in kept.values()):
+        raise InputError("no calibration batch to sample from", hint="pass at least 2 batches")
+    return {n: r.done() for n, r in kept.items()}
+
+
+def token_mask(feeds: Feeds) -> np.ndarray | None:
+    """The [B, S] attention mask among a batch's inputs (an integer or boolean input named like a
+    mask, 0 on padding), or None."""
+    return next((v for k, v in feeds.items() if "mask" in k.lower() and v.ndim == 2
+                 and (v.dtype == bool or np.issubdtype(v.dtype, np.integer)) and set(np.unique(v)) <= {0, 1}), None)
 
 
 def rows(batches: Sequence[Feeds]) -> int:

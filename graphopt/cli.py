@@ -101,7 +101,18 @@ def _parser() -> argparse.ArgumentParser:
                    "model folder's tokenizer (or --tokenizer), each batch padded to its longest; the second half of the "
                    "batches is held out, and the checks run on the last one")
     s.add_argument("--tokenizer", metavar="DIR", help="the tokenizer folder for --calib-text (default: the model folder)")
-    s.add_argument("--calib-batch", type=int, default=16, metavar="N", help="examples per --calib-text batch (default 16)")
+    s.add_argument("--calib-images", metavar="DIR", help="calibration from your images (a folder, subfolders too), "
+                   "preprocessed by the model folder's image processor, or as --image-size / --mean / --std say")
+    s.add_argument("--image-size", type=datasets.parse_size, metavar="HxW", help="with --calib-images: resize to this")
+    s.add_argument("--mean", type=datasets.parse_floats, metavar="M[,M,M]", help="with --calib-images: subtracted "
+                   "per channel after scaling pixels to [0, 1]")
+    s.add_argument("--std", type=datasets.parse_floats, metavar="S[,S,S]", help="with --calib-images: divided by, "
+                   "per channel, after --mean")
+    s.add_argument("--calib-rows", type=int, default=8192, metavar="N", help="rows of each activation kept while "
+                   "calibration streams through a step (int8, prune): a seeded sample, so memory does not grow with "
+                   "the examples (default 8192)")
+    s.add_argument("--calib-batch", type=int, default=16, metavar="N", help="examples per --calib-text / "
+                   "--calib-images batch (default 16)")
     s.add_argument("--approx", metavar="FAMILIES", help="approximate families under one budget, comma-separated from "
                    "prune, int8, mixers, or auto (prune, int8): --fidelity then bounds the whole plan's end-to-end "
                    "output, each step keeping its share (default: only what --precision / --prune / --mixer ask, each "
@@ -109,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--check-every", type=int, default=1, metavar="K", help="check the exact steps that changed the "
                    "model in groups of K (a diverging group is rolled back whole; 0: one check before any approximate "
                    "or lowering step, then the final validation). Steps that change nothing are never re-run (default: 1)")
+    s.add_argument("--no-time", action="store_true", help="skip timing the result against the input (the summary's speed-up)")
     s.add_argument("--no-cache", action="store_true", help="measure the lowering again instead of reusing a cached choice")
     s.add_argument("--mixer", choices=registry.choices("mixer"), help="with --preset mixers: the token mixer that replaces attention")
     s.add_argument("--fidelity", type=float, default=0.99, help="the end-to-end cosine bound: for --layers auto, and for "
@@ -276,17 +288,14 @@ def cmd_optimize(args) -> int:
     with _spinner(f"loading {args.model}" + (" (exporting the folder through torch)" if folder else "")):
         model = graphopt.load(args.model, task=args.task)
     exporters.check_target(model, output, args.force)  # before any work, not after it
-    calib, inputs = args.calib, args.inputs
-    if args.calib_text:
-        if args.calib:
-            raise InputError("--calib and --calib-text both given", hint="pass one of them")
-        source = Path(args.tokenizer) if args.tokenizer else folder
-        tokenizer = folders.preprocessor(source) if source is not None else None
-        if tokenizer is None or not hasattr(tokenizer, "pad"):
-            raise InputError("--calib-text needs a tokenizer", hint="pass --tokenizer DIR (a folder with tokenizer.json), "
-                             "or a model folder that has one")
-        calib = datasets.text_batches(args.calib_text, tokenizer, model, batch=args.calib_batch)
-        inputs = calib[-1] if inputs is None else inputs  # the checks run on held-out sentences
+    inputs = args.inputs
+    calib = datasets.from_files(model, folder, text=args.calib_text, images=args.calib_images, calib=args.calib,
+                                tokenizer=args.tokenizer, batch=args.calib_batch, image_size=args.image_size,
+                                mean=args.mean, std=args.std)
+    if calib is None:
+        calib = args.calib
+    elif inputs is None:
+        inputs = calib[-1]  # the checks run on held-out examples
     with _bar() as bar:
         task = bar.add_task("optimizing", total=None)
 
@@ -304,10 +313,16 @@ def cmd_optimize(args) -> int:
         result = graphopt.optimize(model, preset=args.preset, passes=args.passes, inputs=inputs,
                                    validate=not args.no_validate, explain=args.explain, seed=args.seed, dims=args.dims,
                                    progress=progress, target=args.target, use_cache=not args.no_cache,
-                                   mixer=args.mixer, fidelity=args.fidelity, calib=calib,
+                                   mixer=args.mixer, fidelity=args.fidelity, calib=calib, calib_rows=args.calib_rows,
                                    portable=args.portable, precision=args.precision,
                                    check_every=args.check_every, step_progress=step_progress,
                                    allow_unchecked=args.allow_unchecked, approx=args.approx, **_step_options(args))
+    if result.passed and result.feeds is not None and not args.no_time:
+        with _spinner("timing the result against the input"):
+            try:
+                result.measure()
+            except Exception as exc:  # the model is checked; the headline just goes without a speed
+                result.report.notes.append(f"not timed against the input: {str(exc).splitlines()[0][:200]}")
     report = result.report
     out.print(report.tables())
     if args.explain:

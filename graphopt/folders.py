@@ -61,8 +61,10 @@ def task_of(path: Path, task: str | None = None) -> str:
 
 def preprocessor(path: Path) -> Any:
     """The folder's tokenizer, else its image processor, else None."""
+    import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    transformers.utils.logging.set_verbosity_error()  # e.g. the note that a PIL processor stands in for torchvision's
     for make in (AutoTokenizer, AutoImageProcessor):
         try:
             return make.from_pretrained(str(path), local_files_only=True)

@@ -40,6 +40,9 @@ TRANSPOSE = OpId(ONNX_DOMAIN, "Transpose")
 RESHAPE = OpId(ONNX_DOMAIN, "Reshape")
 CONCAT = OpId(ONNX_DOMAIN, "Concat")
 DEQUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "DequantizeLinear")
+QUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "QuantizeLinear")
+DYNAMIC_QUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "DynamicQuantizeLinear")
+MATMUL_NBITS = OpId(MICROSOFT_DOMAIN, "MatMulNBits")
 
 # Readers that see only a tensor's shape: rewrites that change values but not shapes can ignore them.
 SHAPE_ONLY_READERS = frozenset(OpId(ONNX_DOMAIN, name) for name in ("Shape", "Size"))

@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from graphopt import budget as budget_mod, feeds as feeds_mod, fitting, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
+import numpy as np
+
+from graphopt import budget as budget_mod, feeds as feeds_mod, fitting, headline, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
 from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -21,6 +23,18 @@ STANDARD_CONTRIB = "standardize-contrib-ops"  # before it, unless an onnxruntime
 class OptimizeResult:
     model: Model
     report: Report
+    source: Model | None = None  # the model as given (what `measure` times against)
+    feeds: Mapping[str, np.ndarray] | None = None  # the inputs the checks ran on
+
+    def measure(self, feeds: Mapping[str, np.ndarray] | None = None, rounds: int = headline.ROUNDS) -> dict[str, Any]:
+        """Time the model as given (a default onnxruntime session) against the optimized one (where
+        it is meant to run), interleaved on `feeds` (default: the inputs the checks ran on); the
+        report's headline then opens with the speed-up. Returns the headline's fields."""
+        feeds = self.feeds if feeds is None else feeds
+        if feeds is None or self.source is None:
+            raise InputError("nothing to time on: optimize ran without inputs", hint="pass feeds to measure()")
+        self.report.timing = headline.measure(self.source, self.model, feeds, rounds=rounds)
+        return self.report.to_dict()["result"]
 
     @property
     def passed(self) -> bool:
@@ -50,6 +64,7 @@ def optimize(
     mixer: str | None = None,
     fidelity: float = 0.99,
     calib: Any = None,
+    calib_rows: int = 8192,
     portable: bool = False,
     precision: str | None = None,
     check_every: int = 1,
@@ -78,6 +93,9 @@ def optimize(
     a callable; generated with a warning when None), `fidelity` the end-to-end cosine bound;
     `report.fidelity` holds the measured fidelity, and the final validation is replaced by it
     (the function changed on purpose).
+    calib_rows: how many rows of each activation a calibrating step keeps while the calibration
+    batches stream through it (int8's ranges and errors, pruning's refits): the activations
+    held do not grow with the number of examples.
     step_options: the options the registered approximate steps and targets declare
     (`graphopt.registry.step_options()`; e.g. the mixer's `layers`, `calib_steps`, `max_window`,
     `features`), each documented where it is declared and shown by `graphopt optimize --help`.
@@ -115,7 +133,7 @@ def optimize(
         allowed_values = declared[name].choices() if declared[name].choices else None
         if allowed_values is not None and value not in allowed_values:
             raise InputError(f"unknown {name} '{value}'", hint=f"choose from {', '.join(allowed_values)}")
-    options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, use_cache=use_cache, precision=precision,
+    options = Options(seed=seed, dims=dims, fidelity=fidelity, calib=calib, calib_rows=calib_rows, use_cache=use_cache, precision=precision,
                       target=target, progress=step_progress, step=dict(step_options))
     shared = budget_mod.Budget(fidelity, 0) if allowed else None
     plan = plan_mod.build(names, approximate=requests, target=target, options=options,
@@ -153,7 +171,9 @@ def optimize(
             ["approximate steps ran: outputs are compared by the fidelity report, not validated as equal"]
             if result.approximate else []),
     )
-    return OptimizeResult(result.model, report)
+    report.runtime, _ = runtimes.runtime_for(result.model)
+    report.precision = headline.precision_of(result.model)
+    return OptimizeResult(result.model, report, source, feeds)
 
 
 def _budget_notes(shared: budget_mod.Budget | None, allowed: tuple[str, ...]) -> list[str]:

@@ -11,7 +11,10 @@ before and after.
                         "bound", "lines": [...], "warnings": [...]} | null}],
  "validation": {...}, "model": {"before": {...}, "after": {...}}, "notes": [...],
  "machine": {"cpu", "flags", "cores", "versions"},
- "passes": [...], "fidelity": {...} | null, "lowering": {...} | null}
+ "passes": [...], "fidelity": {...} | null, "lowering": {...} | null,
+ "result": {"runtime", "precision", "bytes_before", "bytes_after", "fidelity": {...},
+            and once timed "speedup", "before_ms", "after_ms", "measured_in", "inputs", "rounds"}}
+"result" is the headline (graphopt/headline.py) the CLI's summary and the page open with.
 "details" (version 3) is what the renderers draw: each step declares its tables and lines. A
 step's "fidelity" and "measurements" dicts are kept for readers of version 2; the last three
 keys are views kept for readers of version 1: "passes" is "steps" again, "fidelity" the first
@@ -29,7 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from graphopt import atomic, machine
+from graphopt import atomic, headline, machine
 from graphopt.details import Details, end_to_end_lines
 from graphopt.steps import StepKind, StepRecord
 from graphopt.verify import Validation
@@ -46,6 +49,9 @@ class Report:
     before: dict[str, Any]
     after: dict[str, Any]
     notes: list[str] = dataclasses.field(default_factory=list)
+    runtime: str = "onnxruntime"  # where the optimized model is meant to run, and at what precision
+    precision: str = "fp32"
+    timing: dict[str, Any] | None = None  # headline.measure's, once OptimizeResult.measure() ran
 
     @property
     def passes(self) -> list[StepRecord]:
@@ -78,7 +84,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         steps = [p.to_dict() for p in self.steps]
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "preset": self.preset,
             "steps": steps,
@@ -90,6 +96,12 @@ class Report:
             "lowering": self.lowering,
             "fidelity": self.fidelity,
         }
+        out["result"] = headline.build(out, self.timing, self.runtime, self.precision)
+        return out
+
+    def headline(self) -> str:
+        """The result in one sentence: speed-up (once timed), fidelity, runtime and precision, size."""
+        return headline.line(self.to_dict()["result"])
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Atomic write: a temporary file beside `path`, then a rename."""
@@ -111,6 +123,7 @@ class Report:
         """rich renderables: the passes table, the validation table, notes."""
         from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         passes = Table(title="steps", title_justify="left")
         for col in ("step", "kind", "rewrites", "status", "check", "ms"):
@@ -123,7 +136,7 @@ class Report:
                 f" (cosine {p.check['min_cosine']:.4f} vs bound {p.check['bound']})" if "bound" in p.check else "") + (
                 f" [group of {len(p.check['group'])}]" if len(p.check.get("group", ())) > 1 else "")
             passes.add_row(p.name, p.kind, fired, p.status + (f": {p.note}" if p.note else ""), check, f"{p.seconds * 1e3:.1f}")
-        parts: list[Any] = [passes]
+        parts: list[Any] = [Text(f"result: {self.headline()}", style="bold"), passes]
         summary = Table(title="model", title_justify="left")
         for col in ("", "nodes", "params", "bytes"):
             summary.add_column(col)

@@ -25,6 +25,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #d7
 table { border-collapse: collapse; margin: 0.6em 0; } th, td { padding: 3px 10px; border-bottom: 1px solid #e6e9ee; text-align: left; }
 th { background: #f3f5f8; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .ok { color: #17803d; } .bad { color: #b42318; } .muted { color: #6b7280; } .chart { margin: 0.5em 0 1em; }
+.headline { font-size: 1.15em; padding: 0.5em 0.8em; background: #f3f5f8; border-left: 4px solid #17803d; }
 code { background: #f3f5f8; padding: 0 3px; border-radius: 3px; }
 """
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "neon", "sve")
@@ -33,7 +34,7 @@ FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf
 def render(report: Mapping[str, Any], *, title: str = "graphopt report", bench: Mapping[str, Any] | None = None) -> str:
     """The page for `report` (a `Report.to_dict()`), with a benchmark's result when given."""
     charts = _Charts()
-    parts = [f"<h1>{_e(title)}</h1>", _summary(report)]
+    parts = [f"<h1>{_e(title)}</h1>", _headline(report), _summary(report)]
     parts += ["<h2>Plan</h2>", _plan(report["steps"])]
     parts += ["<h2>Model before and after</h2>", _model(report["model"], charts)]
     speed = _speed(report["steps"], bench, charts)
@@ -64,6 +65,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequen
     body = "".join("<tr>" + "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _headline(report: Mapping[str, Any]) -> str:
+    """The result first (reports before it had no "result" key: nothing then)."""
+    from graphopt import headline
+
+    result = report.get("result")
+    if not result:
+        return ""
+    good = result["fidelity"].get("passed", True) and result.get("speedup", 1.0) >= 1.0
+    return (f"<p class='headline'><strong>Result:</strong> <span class='{'ok' if good else 'bad'}'>"
+            f"{_e(headline.line(result))}</span></p>")
 
 
 def _summary(report: Mapping[str, Any]) -> str:

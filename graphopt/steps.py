@@ -78,6 +78,7 @@ class Options:
     dims: Mapping[str, int] | None = None
     fidelity: float = 0.99
     calib: Any = None
+    calib_rows: int = 8192  # rows of each activation a step keeps while it streams calibration (calibration.sample_rows)
     use_cache: bool = True
     precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
     target: str | None = None  # the lowering target, for steps whose form depends on it

@@ -135,3 +135,18 @@ def test_a_saved_model_runs_where_its_metadata_says(tmp_path):
     assert (runtime.name, precision) == ("openvino", "fp32")
     x = np.array([[-1, 0, 2], [3, -4, 5]], np.float32)
     np.testing.assert_array_equal(runtimes.executable_for(path).run({"x": x})["y"], np.maximum(x, 0))
+
+
+def test_every_package_directory_is_installed():
+    """A wheel holds only the packages pyproject.toml lists: every directory with an __init__.py
+    under graphopt/, passes/ and backends/ is one of them (graphopt.passes.prune was once missed:
+    the editable install hid it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for top, name in (("graphopt", "graphopt"), ("passes", "graphopt.passes"), ("backends", "graphopt.backends")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join((name, *parts)))
+    assert found - listed == set(), "add these to [tool.setuptools] packages"

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import graphopt
-from graphopt import verify
+from graphopt import calibration, verify
 from graphopt.errors import InputError
 from graphopt.passes.precision import dynamic
 from graphopt.passes.precision.ranges import quantize_weight
@@ -67,7 +67,7 @@ def test_the_dynamic_form_computes_dynamic_quantize_linear_arithmetic_and_fuses(
     # and it is close to float, with an error the local model predicts
     exact = x @ w
     err = float(np.linalg.norm(got - exact) / np.linalg.norm(exact))
-    assert err < 0.02 and abs(err - dynamic.local_error([x], w, rows=64)) < 0.2 * err
+    assert err < 0.02 and abs(err - dynamic.local_error(calibration.Rows.of([x]), w, rows=64)) < 0.2 * err
 
 
 def test_the_form_with_the_higher_gain_per_error_is_taken():

@@ -69,6 +69,8 @@ def runs(tmp_path_factory):
     mixer = graphopt.optimize(exact.model, passes=["eliminate-dead-code"], mixer="linear:hedgehog", layers="all",
                               dims=DIMS, calib_steps=5)
     int8 = graphopt.optimize(exact.model, passes=["eliminate-dead-code"], precision="int8", fidelity=0.0, dims=DIMS)
+    for result in (mixer, int8):  # the headline's speed-up (the exact run's page goes without one)
+        result.measure(rounds=3)
     return {"exact": exact.report, "mixer": mixer.report, "int8": int8.report}
 
 
@@ -88,6 +90,15 @@ def test_the_page_holds_every_step_and_fetches_nothing(runs, run, tmp):
     assert text.count("<svg") >= (3 if run != "exact" else 1)  # histogram; fidelity charts with the bound
     if run != "exact":
         assert "<h2>Fidelity</h2>" in text and "bound" in words
+    # the page opens with the result: speed-up (where timed), fidelity, runtime and precision, size
+    result = report.to_dict()["result"]
+    assert text.index("Result:") < text.index("<h2>Plan</h2>")
+    assert f"onnxruntime ({result['precision']})" in words and "weights" in words
+    if run == "exact":
+        assert "not timed" in words and "outputs equal (passed" in words
+    else:
+        assert f"{result['speedup']:.2f}x faster" in words and "held-out examples: mean cosine" in words
+        assert result["precision"] == ("int8" if run == "int8" else "fp32")
 
 
 def test_a_json_written_earlier_renders_the_same_page(runs, tmp):
@@ -126,6 +137,11 @@ def test_the_page_renders_in_a_headless_browser(runs, tmp):
     width, height = struct.unpack(">II", header[16:24])
     assert (width, height) == (1200, 2400)
     assert shot.stat().st_size > 30_000  # tables and charts, not a blank page
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    shown = [t.strip() for t in _parse(dom).text if t.strip()]  # the page's text as the browser holds it, in order
+    start = shown.index("Result:")
+    assert "x faster in onnxruntime (fp32)" in shown[start + 1] and start < shown.index("Plan"), shown[start:start + 3]
 
 
 def test_view_serves_netron_on_localhost_then_stops(runs, tmp):

@@ -14,10 +14,9 @@ runs static QDQ, so it is not offered under `--target cpu`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
+from graphopt.calibration import Rows
 from graphopt.ir import ir
 from graphopt.passes._weights import add_initializer
 from graphopt.passes.precision.ranges import fake_weight, quantize_weight
@@ -33,28 +32,26 @@ def applies(site: Site) -> bool:
     return site.node.op_type == "MatMul" and site.w.ndim == 2
 
 
-def fake(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """x through DynamicQuantizeLinear and back, for a tensor whose range is [lo, hi]."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-8) / 255.0
+def fake(x: np.ndarray, lo, hi) -> np.ndarray:
+    """x through DynamicQuantizeLinear and back, for a tensor whose range is [lo, hi] (scalars, or
+    arrays that broadcast against x: one range per row)."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scale = np.maximum(hi - lo, 1e-8) / 255.0
     zero = np.clip(np.round(-lo / scale), 0, 255)
     return ((np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
 
 
-def local_error(batches: Sequence[np.ndarray], w: np.ndarray, rows: int = 1024, seed: int = 0) -> float:
-    """Relative error of x @ W in the dynamic form over the calibration batches: each batch's
-    range is the whole tensor's, as the runtime sees it; the error is read on `rows` sampled
-    rows in all."""
+def local_error(x: Rows, w: np.ndarray, rows: int = 1024, seed: int = 0) -> float:
+    """Relative error of x @ W in the dynamic form over the streamed calibration rows: each row
+    quantized with its own batch's range (the whole tensor's, as the runtime sees it), read on
+    at most `rows` rows of the sample."""
     fake_w = fake_weight(w, 1)
-    rng = np.random.default_rng(seed)
-    num = den = 0.0
-    for x in batches:
-        flat = x.reshape(-1, x.shape[-1])
-        sample = flat[rng.choice(len(flat), min(len(flat), max(1, rows // len(batches))), replace=False)].astype(np.float32)
-        exact = sample @ w
-        num += float(np.sum((fake(sample, float(x.min()), float(x.max())) @ fake_w - exact) ** 2))
-        den += float(np.sum(exact ** 2))
-    return float(np.sqrt(num / max(den, 1e-30)))
+    pick = np.sort(np.random.default_rng(seed).choice(len(x.rows), min(len(x.rows), rows), replace=False))
+    sample = x.rows[pick].astype(np.float32)
+    lo, hi = x.ranges[x.batch[pick], 0:1], x.ranges[x.batch[pick], 1:2]
+    exact = sample @ w
+    approx = fake(sample, lo, hi) @ fake_w
+    return float(np.linalg.norm(approx - exact) / max(float(np.linalg.norm(exact)), 1e-30))
 
 
 def layer_nodes(x: str, wq: str, ws: str, wz: str, y: str) -> list:

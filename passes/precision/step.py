@@ -43,8 +43,9 @@ from graphopt.passes.precision import details as precision_details
 MAX_ROWS = 1024  # rows of each layer's input kept for the range search and local errors
 
 
-def _rows(arrays: list[np.ndarray], last: int, seed: int = 0) -> np.ndarray:
-    rows = np.concatenate([a.reshape(-1, last) for a in arrays])
+def _rows(x: calibration.Rows, seed: int = 0) -> np.ndarray:
+    """At most MAX_ROWS of the streamed sample's rows (a seeded subsample)."""
+    rows = x.rows
     if len(rows) > MAX_ROWS:
         rows = rows[np.random.default_rng(seed).choice(len(rows), MAX_ROWS, replace=False)]
     return rows.astype(np.float32)
@@ -62,32 +63,33 @@ def quantize(model: Model, options: Options) -> tuple[Model, dict[str, Any]]:
     data = calibration.split(work, options.calib, seed=options.seed, dims=options.dims)
     references = [verify.run(options.reference_for(model), f) for f in data.held]
     report: dict[str, Any] = {"precision": "int8", "calibration": data.describe()}
-    report["smoothing"] = _smooth(work, sites, data)
+    report["smoothing"] = _smooth(work, sites, data, options.calib_rows, options.seed)
     sites = find_sites(work.ir.graph)  # the migration replaced weights (and inputs, for Mul branches)
-    captured = calibration.run_exposed(work, [s.x.name for s in sites], data.fit)
+    sampled = calibration.sample_rows(work, [s.x.name for s in sites], data.fit, capacity=options.calib_rows,
+                                      seed=options.seed, progress=options.progress)  # streamed, bounded
     layers, acts, shifts = [], {}, {}
     gains: dict = {}
     where = _measured_in(options)
     dynamic_allowed = _dynamic_allowed(options.int8_form, where, opset)
     report["gain_measured_in"] = where[0] if where[1] is None else f"{where[0]} ({where[1]} for the float form)"
     for group in _by_activation(sites):  # the layers reading one activation share its range (and QuantizeLinear)
-        xs = [r[group[0].x.name] for r in captured]
+        x = sampled[group[0].x.name]
         ws = [None if site.node.op_type == "Conv" else smooth.dense(site) for site in group]  # x @ W form
-        if any(w is None for w in ws):  # Conv: min-max range, error measured end to end only
-            act, errs = ranges.candidates(np.concatenate([a.ravel() for a in xs]))[0], [None]
+        if any(w is None for w in ws):  # Conv: min-max range (exact, over every batch), error measured end to end only
+            act, errs = ranges.ActRange(min(x.lo, 0.0), max(x.hi, 0.0), "minmax"), [None]
         else:
-            act, errs = ranges.best_shared_range(_rows(xs, ws[0].shape[0]), ws)
+            act, errs = ranges.best_shared_range(_rows(x), ws)
         for site, w, err in zip(group, ws, errs):
             acts[site.index] = act
-            shifts[site.index] = bias.shift(site, xs, act, w)
-            timed = gain.measure(site, xs[0].shape, act, gains, where)
+            shifts[site.index] = bias.shift(site, [x.rows] if w is not None else [x.first], act, w)
+            timed = gain.measure(site, x.first.shape, act, gains, where)
             row = {"index": site.index, "node": site.name, "op": site.node.op_type, "range": act.method, "form": "static",
                    "rel_error": None if err is None else round(err, 6),
                    "float_ms": None if timed is None else round(timed[0], 4),
                    "int8_ms": None if timed is None else round(timed[1], 4),
                    "bias_shift": None if shifts[site.index] is None else round(float(np.abs(shifts[site.index]).max()), 6)}
             if dynamic_allowed and dynamic.applies(site):
-                _offer_dynamic(row, site, xs, w, gains, where, force=options.int8_form == "dynamic")
+                _offer_dynamic(row, site, x, w, gains, where, force=options.int8_form == "dynamic")
                 if row["form"] == "dynamic":
                     shifts[site.index] = None
             layers.append(row)
@@ -173,15 +175,15 @@ def _dynamic_allowed(form: str, where: tuple[str, str | None], opset: int) -> bo
     return possible and form != "static"
 
 
-def _offer_dynamic(row: dict[str, Any], site: Site, xs: list[np.ndarray], w: np.ndarray, gains: dict, where,
+def _offer_dynamic(row: dict[str, Any], site: Site, x: calibration.Rows, w: np.ndarray, gains: dict, where,
                    force: bool = False) -> None:
     """The dynamic-activation form as the layer's other int8 candidate: its local error on the
     calibration batches and its time alone; the row takes it when its gain per error is higher
     (and it is faster than float), or always when `force` (--int8-form dynamic; the selection
     still leaves a layer float where its int8 form is not faster). Both forms' numbers stay in
     the row."""
-    err = dynamic.local_error(xs, w)
-    timed = gain.measure(site, xs[0].shape, gain.DYNAMIC, gains, where)
+    err = dynamic.local_error(x, w)
+    timed = gain.measure(site, x.first.shape, gain.DYNAMIC, gains, where)
     row.update(static_int8_ms=row["int8_ms"], static_rel_error=row["rel_error"],
                dynamic_int8_ms=None if timed is None else round(timed[1], 4), dynamic_rel_error=round(err, 6))
     if force or (timed is not None and prefers_dynamic(row, timed[1], err)):
@@ -241,16 +243,16 @@ def _by_activation(sites: list[Site]) -> list[list[Site]]:
             if id(s) in grouped or s.node.op_type == "Conv"]
 
 
-def _smooth(work: Model, sites: list[Site], data) -> dict[str, Any]:
+def _smooth(work: Model, sites: list[Site], data, capacity: int = calibration.DEFAULT_ROWS, seed: int = 0) -> dict[str, Any]:
     """Migrate activation range into the weights where it lowers the int8 error; validated equal."""
     groups = smooth.groups(sites)
     if not groups:
         return {"activations": []}
     before = work.clone()
-    captured = calibration.run_exposed(work, [g.x.name for g in groups], data.fit)
+    sampled = calibration.sample_rows(work, [g.x.name for g in groups], data.fit, capacity=capacity, seed=seed)
     done = []
     for g in groups:
-        rows = _rows([r[g.x.name] for r in captured], captured[0][g.x.name].shape[-1])
+        rows = _rows(sampled[g.x.name])
         alpha, s, err = smooth.choose(rows, g)
         how = smooth.apply(work.ir.graph, g, s) if alpha else "not migrated"
         done.append({"activation": g.x.name, "alpha": alpha, "how": how, "readers": [r.name for r in g.readers],

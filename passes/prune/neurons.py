@@ -30,32 +30,6 @@ from graphopt.passes._edits import append_add
 from graphopt.passes._weights import add_initializer, const_array
 
 RIDGE = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # lam as a multiple of the mean diagonal of X^T X
-MAX_ROWS = 8192
-
-
-def rows(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] = ()) -> np.ndarray:
-    """[.., k] captures flattened to at most MAX_ROWS rows (a seeded sample), float64; with a
-    [B, S] mask per capture (an attention mask), padded tokens' rows are left out."""
-    masks = list(masks) or [None] * len(arrays)
-    parts = []
-    for a, m in zip(arrays, masks):
-        flat = a.reshape(-1, a.shape[-1])
-        parts.append(flat[m.reshape(-1) != 0] if m is not None and m.size == len(flat) else flat)
-    flat = np.concatenate(parts).astype(np.float64)
-    if len(flat) > MAX_ROWS:
-        flat = flat[np.random.default_rng(0).choice(len(flat), MAX_ROWS, replace=False)]
-    return flat
-
-
-def token_masks(batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray | None]:
-    """Per batch, the [B, S] attention mask among its inputs (an integer or boolean input named
-    like a mask, 0 on padding), or None."""
-    found = []
-    for feeds in batches:
-        mask = next((v for k, v in feeds.items() if "mask" in k.lower() and v.ndim == 2
-                     and (v.dtype == bool or np.issubdtype(v.dtype, np.integer)) and set(np.unique(v)) <= {0, 1}), None)
-        found.append(mask)
-    return found
 
 
 def importance(h: np.ndarray, w2: np.ndarray) -> np.ndarray:

@@ -105,11 +105,13 @@ def prune(model: Model, options: Options, form: str) -> tuple[Model, dict[str, A
     names = [s.rows.name for s in sites]
     streams = [neurons.residual_add(s) for s in sites]
     stream_names = [a.outputs[0].name for a in streams if a is not None]
-    fit_caps = calibration.run_exposed(work, names + stream_names, data.fit)
-    held_caps = calibration.run_exposed(work, names, data.held)
-    fit_masks, held_masks = neurons.token_masks(data.fit), neurons.token_masks(data.held)  # padded tokens left out
-    h_fit = [neurons.rows([c[n] for c in fit_caps], fit_masks) for n in names]
-    h_held = [neurons.rows([c[n] for c in held_caps], held_masks) for n in names]
+    # streamed, at most --calib-rows rows of each value held (padded tokens left out)
+    fit_rows = calibration.sample_rows(work, names + stream_names, data.fit, capacity=options.calib_rows, masked=True,
+                                       seed=options.seed, progress=options.progress)
+    held_rows = calibration.sample_rows(work, names, data.held, capacity=options.calib_rows, masked=True,
+                                        seed=options.seed + 1)
+    h_fit = [fit_rows[n].rows.astype(np.float64) for n in names]
+    h_held = [held_rows[n].rows.astype(np.float64) for n in names]
     # removal order per block (OBS on the refit), as far as its smallest non-zero fraction goes
     smallest = [min((k for k in lad if k != DROPPED), default=None) for lad in ladders]
     orders = [neurons.removal_order(h, s.w2, s.units - k, group=s.group) if k is not None else (np.zeros(0, np.int64), np.zeros(0))
@@ -122,7 +124,7 @@ def prune(model: Model, options: Options, form: str) -> tuple[Model, dict[str, A
     for i, site in enumerate(sites):
         target = h_fit[i] @ site.w2.astype(np.float64)
         stream = streams[i]
-        energy = float(np.mean(np.sum(neurons.rows([c[stream.outputs[0].name] for c in fit_caps], fit_masks) ** 2, axis=1))
+        energy = float(np.mean(np.sum(fit_rows[stream.outputs[0].name].rows.astype(np.float64) ** 2, axis=1))
                        if stream is not None else np.mean(np.sum(target ** 2, axis=1))) or 1.0
         errors = orders[i][1] / len(target)
         spread = float(np.mean(np.sum((target - target.mean(axis=0)) ** 2, axis=1)))

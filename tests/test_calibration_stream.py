@@ -1,0 +1,119 @@
+"""Issue 30 item 2: calibration streams. The batches run one at a time and each activation keeps
+a seeded uniform sample of at most --calib-rows rows (calibration.sample_rows), so the
+activation memory held does not grow with the number of examples; the user's batches are
+checked against the model's inputs, naming the batch, the input and the shape."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import onnx.parser
+import pytest
+
+import graphopt
+from graphopt import calibration
+from graphopt.errors import InputError
+
+WIDE = 2048  # the exposed activation's width: [B, 64, WIDE] float32, 512 kB a row of the batch axis
+
+
+def _model():
+    """x -> MatMul -> Relu -> MatMul with seeded weights; 'h' is the wide activation."""
+    import onnx
+
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N, 64, 8] x, int64[N, 64] attention_mask) => (float[N, 64, 8] y, int64[N, 64] m) {{
+            h = MatMul(x, w1)
+            a = Relu(h)
+            y = MatMul(a, w2)
+            m = Identity(attention_mask)
+        }}""")
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(rng.standard_normal((8, WIDE)).astype(np.float32), "w1"),
+                                    onnx.numpy_helper.from_array(rng.standard_normal((WIDE, 8)).astype(np.float32) / 40, "w2")])
+    return graphopt.load(model)
+
+
+def _batch(i: int, rows: int = 4):
+    rng = np.random.default_rng(100 + i)
+    mask = np.ones((rows, 64), np.int64)
+    mask[0, 40:] = 0
+    return {"x": rng.standard_normal((rows, 64, 8)).astype(np.float32), "attention_mask": mask}
+
+
+def test_a_sample_that_fits_keeps_every_row_in_order_with_exact_ranges():
+    model = _model()
+    batches = [_batch(i) for i in range(3)]
+    seen = []
+    kept = calibration.sample_rows(model, ["h"], batches, capacity=10_000, masked=True,
+                                   progress=lambda i, n, what: seen.append((i, n, what)))["h"]
+    full = [graphopt.verify.run(calibration.expose(model, ["h"]), b)["h"] for b in batches]
+    want = np.concatenate([f.reshape(-1, WIDE)[b["attention_mask"].reshape(-1) != 0] for f, b in zip(full, batches)])
+    np.testing.assert_array_equal(kept.rows, want)
+    assert kept.seen == len(want) == 3 * 4 * 64 - 3 * 24
+    assert kept.lo == min(f.min() for f in full) and kept.hi == max(f.max() for f in full)
+    np.testing.assert_array_equal(kept.ranges, [[f.min(), f.max()] for f in full])
+    np.testing.assert_array_equal(kept.first, full[0])
+    assert list(np.bincount(kept.batch)) == [256 - 24] * 3
+    assert seen == [(1, 3, "calibrating"), (2, 3, "calibrating"), (3, 3, "calibrating")]
+
+
+def test_the_kept_rows_are_a_uniform_sample_over_every_batch():
+    """With room for a tenth of the rows, each batch keeps about a tenth of its own, whatever its
+    place in the stream (averaged over seeds): not the first batches only."""
+    per_batch = np.zeros(10)
+    for seed in range(40):
+        x = [np.full((100, 3), i, np.float32) for i in range(10)]
+        kept = calibration.Rows.of(x, capacity=100, seed=seed)
+        assert len(kept.rows) == 100 and kept.seen == 1000
+        np.testing.assert_array_equal(kept.rows[:, 0], kept.batch)  # each row's batch is recorded with it
+        per_batch += np.bincount(kept.batch, minlength=10)
+    assert np.all(np.abs(per_batch / 40 - 10) < 2.0), per_batch / 40
+
+
+def _peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_activation_memory_does_not_grow_with_the_examples():
+    """Peak traced memory (numpy's allocations) while sampling 4 and 40 batches of a [4, 64, 2048]
+    activation: the same (it holds one batch and the sample), where holding every batch's
+    capture, as run_exposed does, grows tenfold."""
+    model = _model()
+
+    def stream(n):  # the batches come from a generator: never all in memory either
+        return lambda: calibration.sample_rows(model, ["h"], (_batch(i) for i in range(n)), capacity=512)
+
+    small, large = _peak(stream(4)), _peak(stream(40))
+    assert large < 1.3 * small, (small, large)
+    held_small = _peak(lambda: calibration.run_exposed(model, ["h"], [_batch(i) for i in range(4)]))
+    held_large = _peak(lambda: calibration.run_exposed(model, ["h"], [_batch(i) for i in range(40)]))
+    assert held_large > 5 * held_small and held_large > 5 * large
+
+
+def test_steps_calibrate_within_the_row_budget():
+    model = _model()
+    calib = [_batch(i) for i in range(8)]
+    feeds = _batch(99)
+    for kwargs in ({"precision": "int8"}, {"prune": "ffn"}):
+        result = graphopt.optimize(model, passes=["eliminate-dead-code"], calib=calib, inputs=feeds, fidelity=0.9,
+                                   calib_rows=300, **kwargs)
+        assert result.report.fidelity is not None, kwargs
+    with pytest.raises(InputError, match="--calib-rows must be >= 1"):
+        graphopt.optimize(model, passes=["eliminate-dead-code"], calib=calib, precision="int8", calib_rows=0)
+
+
+def test_batches_that_do_not_fit_name_the_batch_the_input_and_the_shape():
+    model = _model()
+    bad = [_batch(0), _batch(1), {"x": np.zeros((2, 64, 9), np.float32), "attention_mask": np.ones((2, 64), np.int64)}]
+    with pytest.raises(InputError, match=r"'x' has shape \[2, 64, 9\], the model wants .*calibration batch 2 of 3"):
+        calibration.split(model, bad)
+    with pytest.raises(InputError, match="missing attention_mask.*calibration batch 0"):
+        calibration.split(model, [{"x": _batch(0)["x"]}, _batch(1)])
