@@ -43,14 +43,14 @@ def from_files(model: Model, folder: Path | None, *, text: str | None = None, im
     if text:
         source = Path(tokenizer) if tokenizer else folder
         made = folders.preprocessor(source) if source is not None else None
-        if made is None or not hasattr(made, "pad"):
+        if not folders.is_tokenizer(made):
             raise InputError("--calib-text needs a tokenizer", hint="pass --tokenizer DIR (a folder with tokenizer.json), "
                              "or a model folder that has one")
         return text_batches(text, made, model, batch=batch)
     if images:
         explicit = image_size is not None or mean is not None or std is not None
         made = folders.preprocessor(folder) if folder is not None and not explicit else None
-        made = None if made is None or hasattr(made, "pad") else made  # a tokenizer is no image processor
+        made = None if made is None or folders.is_tokenizer(made) else made  # a tokenizer is no image processor
         return image_batches(images, model, made, batch=batch, size=image_size, mean=mean, std=std)
     return None
 

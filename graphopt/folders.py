@@ -73,6 +73,11 @@ def preprocessor(path: Path) -> Any:
     return None
 
 
+def is_tokenizer(made: Any) -> bool:
+    """Whether a preprocessor is a tokenizer (image processors have `pad` too)."""
+    return made is not None and hasattr(made, "convert_tokens_to_ids")
+
+
 def _weights(path: Path) -> None:
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise InputError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)",
@@ -117,7 +122,7 @@ def load_folder(path: Path, task: str | None = None):
         dynamic = {"pixel_values": {0: "batch"}}
     else:
         tokenizer = preprocessor(path)
-        if tokenizer is not None and hasattr(tokenizer, "pad") and getattr(tokenizer, "pad_token", None) is not None:
+        if is_tokenizer(tokenizer) and getattr(tokenizer, "pad_token", None) is not None:
             encoded = tokenizer(EXAMPLE_TEXT, padding=True, return_tensors="pt")
             example = (encoded["input_ids"], encoded["attention_mask"])
         else:

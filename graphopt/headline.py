@@ -29,7 +29,7 @@ REDUCED = {ops.QUANTIZE_LINEAR: "int8", ops.DYNAMIC_QUANTIZE_LINEAR: "int8", ops
 def measure(source: Model, optimized: Model, feeds: Mapping[str, np.ndarray], rounds: int = ROUNDS) -> dict[str, Any]:
     """Median ms of the source (a default onnxruntime session) and of the optimized model (in
     the runtime its metadata names), interleaved on `feeds`."""
-    runtime, _ = runtimes.runtime_for(optimized)
+    runtime, _ = runtimes.meant_for(optimized)
     before = runtimes.executable_for(source)
     after = runtimes.executable_for(optimized)
     medians = timing.medians(timing.interleaved({"before": lambda: before.run(feeds), "after": lambda: after.run(feeds)},
@@ -48,7 +48,7 @@ def precision_of(model: Model) -> str:
             found.add(name)
     if found:
         return "+".join(sorted(found))
-    _, hinted = runtimes.runtime_for(model)
+    _, hinted = runtimes.meant_for(model)
     if hinted:
         return hinted
     dtypes = {v.const_value.dtype for v in model.ir.graph.initializers.values() if v.const_value is not None}
@@ -74,7 +74,7 @@ def _fidelity(report: Mapping[str, Any]) -> dict[str, Any]:
     for step in reversed(report["steps"]):
         fid = step.get("fidelity") or {}
         ends = fid.get("end_to_end") or (step.get("details") or {}).get("end_to_end")
-        if step["kind"] == "approximate" and step["status"] == "applied" and ends:
+        if step["kind"] == "approximate" and step["status"] in ("applied", "no-op") and ends:
             held = (fid.get("calibration") or {}).get("held_out_rows")
             return {"kind": "approximate", "step": step["name"], "held_out_rows": held,
                     "mean_cosine": round(min(e["mean_cosine"] for e in ends.values()), 6),
@@ -93,8 +93,9 @@ def line(result: Mapping[str, Any]) -> str:
     where = f"{result['runtime']} ({result['precision']})"
     if "speedup" in result:
         shapes = ", ".join(f"{k} {v}" for k, v in result["inputs"].items())
-        parts.append(f"{result['speedup']:.2f}x faster in {where}: {result['before_ms']:.2f} -> "
-                     f"{result['after_ms']:.2f} ms at {shapes}")
+        speed = (f"{result['speedup']:.2f}x faster" if result["speedup"] >= 1 else
+                 f"{1 / max(result['speedup'], 1e-9):.2f}x slower")
+        parts.append(f"{speed} in {where}: {result['before_ms']:.2f} -> {result['after_ms']:.2f} ms at {shapes}")
     else:
         parts.append(f"runs in {where} (not timed)")
     fid = result["fidelity"]

@@ -42,7 +42,7 @@ CONCAT = OpId(ONNX_DOMAIN, "Concat")
 DEQUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "DequantizeLinear")
 QUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "QuantizeLinear")
 DYNAMIC_QUANTIZE_LINEAR = OpId(ONNX_DOMAIN, "DynamicQuantizeLinear")
-MATMUL_NBITS = OpId(MICROSOFT_DOMAIN, "MatMulNBits")
+MATMUL_NBITS = OpId(ORT_CONTRIB_DOMAIN, "MatMulNBits")
 
 # Readers that see only a tensor's shape: rewrites that change values but not shapes can ignore them.
 SHAPE_ONLY_READERS = frozenset(OpId(ONNX_DOMAIN, name) for name in ("Shape", "Size"))

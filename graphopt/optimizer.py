@@ -171,7 +171,7 @@ def optimize(
             ["approximate steps ran: outputs are compared by the fidelity report, not validated as equal"]
             if result.approximate else []),
     )
-    report.runtime, _ = runtimes.runtime_for(result.model)
+    report.runtime, _ = runtimes.meant_for(result.model)
     report.precision = headline.precision_of(result.model)
     return OptimizeResult(result.model, report, source, feeds)
 

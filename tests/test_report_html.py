@@ -17,7 +17,7 @@ import pytest
 
 import graphopt
 import models
-from graphopt import report_html
+from graphopt import headline, report_html
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 DIMS = {"batch": 2, "seq": 16}
@@ -97,8 +97,9 @@ def test_the_page_holds_every_step_and_fetches_nothing(runs, run, tmp):
     if run == "exact":
         assert "not timed" in words and "outputs equal (passed" in words
     else:
-        assert f"{result['speedup']:.2f}x faster" in words and "held-out examples: mean cosine" in words
-        assert result["precision"] == ("int8" if run == "int8" else "fp32")
+        assert headline.line(result) in words and result["speedup"] > 0
+        assert "held-out examples: mean cosine" in words
+        assert result["precision"] in (("int8", "fp32") if run == "int8" else ("fp32",))  # int8 where a layer is faster here
 
 
 def test_a_json_written_earlier_renders_the_same_page(runs, tmp):
@@ -141,7 +142,7 @@ def test_the_page_renders_in_a_headless_browser(runs, tmp):
                          capture_output=True, text=True, timeout=120).stdout
     shown = [t.strip() for t in _parse(dom).text if t.strip()]  # the page's text as the browser holds it, in order
     start = shown.index("Result:")
-    assert "x faster in onnxruntime (fp32)" in shown[start + 1] and start < shown.index("Plan"), shown[start:start + 3]
+    assert re.search(r"x (faster|slower) in onnxruntime \(fp32\)", shown[start + 1]) and start < shown.index("Plan"), shown[start:start + 3]
 
 
 def test_view_serves_netron_on_localhost_then_stops(runs, tmp):

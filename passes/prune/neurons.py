@@ -20,7 +20,6 @@ refit never raises a layer's held-out error; c is added to the block's output bi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
