@@ -23,7 +23,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt import benchmark as bench_mod, machine
-from graphopt import atomic, datasets, exporters, folders, presets, registry, runtimes
+from graphopt import atomic, calibration, datasets, exporters, folders, presets, registry, runtimes
 from graphopt.cli_help import EXAMPLES, SUMMARY, _examples  # noqa: F401  (EXAMPLES: read by the help test)
 from graphopt.benchmark import ANCHORS, OPTIONAL
 from graphopt.errors import GraphoptError, InputError
@@ -108,9 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                    "per channel after scaling pixels to [0, 1]")
     s.add_argument("--std", type=datasets.parse_floats, metavar="S[,S,S]", help="with --calib-images: divided by, "
                    "per channel, after --mean")
-    s.add_argument("--calib-rows", type=int, default=8192, metavar="N", help="rows of each activation kept while "
+    s.add_argument("--calib-rows", type=int, default=calibration.DEFAULT_ROWS, metavar="N", help="rows of each activation kept while "
                    "calibration streams through a step (int8, prune): a seeded sample, so memory does not grow with "
-                   "the examples (default 8192)")
+                   f"the examples (default {calibration.DEFAULT_ROWS})")
     s.add_argument("--calib-batch", type=int, default=16, metavar="N", help="examples per --calib-text / "
                    "--calib-images batch (default 16)")
     s.add_argument("--approx", metavar="FAMILIES", help="approximate families under one budget, comma-separated from "

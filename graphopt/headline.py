@@ -3,7 +3,7 @@ the speed-up on the runtime the model is meant for, the fidelity on held-out dat
 runtime and precision, the weights' size before and after.
 
     timing = headline.measure(source, optimized, feeds)   # both timed, interleaved, one process
-    result = headline.build(report.to_dict(), timing)      # {"speedup", "runtime", "precision", ...}
+    result = headline.build(report.to_dict(), timing, runtime, precision)  # {"speedup", "fidelity", ...}
     headline.line(result)  # "1.42x faster in onnxruntime (int8): 12.40 -> 8.73 ms at input_ids [16, 48]; ..."
 
 `build` reads the report alone (a JSON written earlier gives the same headline); the timing is

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import budget as budget_mod, feeds as feeds_mod, fitting, headline, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
+from graphopt import budget as budget_mod, calibration, feeds as feeds_mod, fitting, headline, importers, model as model_mod, plan as plan_mod, presets, registry, runtimes, summary, verify
 from graphopt.errors import GraphoptError, InputError
 from graphopt.model import Model
 from graphopt.plan import Progress
@@ -64,7 +64,7 @@ def optimize(
     mixer: str | None = None,
     fidelity: float = 0.99,
     calib: Any = None,
-    calib_rows: int = 8192,
+    calib_rows: int = calibration.DEFAULT_ROWS,
     portable: bool = False,
     precision: str | None = None,
     check_every: int = 1,

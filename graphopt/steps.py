@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import fidelity, model as model_mod, verify
+from graphopt import calibration, fidelity, model as model_mod, verify
 from graphopt.details import Details
 from graphopt.errors import GraphoptError
 from graphopt.ir import ir
@@ -78,7 +78,7 @@ class Options:
     dims: Mapping[str, int] | None = None
     fidelity: float = 0.99
     calib: Any = None
-    calib_rows: int = 8192  # rows of each activation a step keeps while it streams calibration (calibration.sample_rows)
+    calib_rows: int = calibration.DEFAULT_ROWS  # rows of each activation a step keeps while it streams calibration (calibration.sample_rows)
     use_cache: bool = True
     precision: str | None = None  # reduced precision the user allows (fp32, bf16, fp16, auto); None: fp32 only
     target: str | None = None  # the lowering target, for steps whose form depends on it
