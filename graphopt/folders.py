@@ -10,9 +10,15 @@ fixes the inputs and the one output the exported model has:
     sequence-classification  input_ids, attention_mask -> logits
     token-classification     input_ids, attention_mask -> logits
     causal-lm                input_ids, attention_mask -> logits (no KV cache)
+    causal-lm-with-past      input_ids [batch, seq], attention_mask [batch, past + seq],
+                             past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim]
+                             -> logits, present.{i}.key/.value (past + seq long); a past of
+                             length 0 is the first step
+    seq2seq-encoder          an encoder-decoder folder's encoder: input_ids, attention_mask ->
+                             last_hidden_state (the default for is_encoder_decoder configs)
     image-classification     pixel_values -> logits
 `preprocessor(DIR)` is the folder's tokenizer or image processor, which the CLI saves beside
-the output. Not built: causal-lm with a KV cache, seq2seq encoders.
+the output. Not built: the seq2seq decoder.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from typing import Any
 from graphopt.errors import InputError
 
 TASKS = ("feature-extraction", "sentence-embedding", "sequence-classification", "token-classification", "causal-lm",
-         "image-classification")
+         "causal-lm-with-past", "seq2seq-encoder", "image-classification")
 SUFFIXES = (("ForSequenceClassification", "sequence-classification"), ("ForTokenClassification", "token-classification"),
             ("ForImageClassification", "image-classification"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
-OUTPUTS = {"feature-extraction": "last_hidden_state", "sentence-embedding": "sentence_embedding"}
+OUTPUTS = {"feature-extraction": "last_hidden_state", "sentence-embedding": "sentence_embedding",
+           "seq2seq-encoder": "last_hidden_state"}
 TEXT_DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 EXAMPLE_TEXT = ["graphopt exports this folder.", "A second, somewhat longer example sentence for the export."]
 
@@ -52,7 +59,10 @@ def task_of(path: Path, task: str | None = None) -> str:
         return task
     if (path / "modules.json").is_file() and "Pooling" in (path / "modules.json").read_text():
         return "sentence-embedding"
-    for arch in _config(path).get("architectures") or []:
+    config = _config(path)
+    if config.get("is_encoder_decoder"):
+        return "seq2seq-encoder"
+    for arch in config.get("architectures") or []:
         for suffix, name in SUFFIXES:
             if arch.endswith(suffix):
                 return name
@@ -94,6 +104,7 @@ def module_for(path: Path, task: str) -> Any:
     auto = {"feature-extraction": "AutoModel", "sentence-embedding": "AutoModel",
             "sequence-classification": "AutoModelForSequenceClassification",
             "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM",
+            "causal-lm-with-past": "AutoModelForCausalLM", "seq2seq-encoder": "AutoModelForSeq2SeqLM",
             "image-classification": "AutoModelForImageClassification"}[task]
     try:
         model = getattr(transformers, auto).from_pretrained(str(path), local_files_only=True).eval()
@@ -102,6 +113,10 @@ def module_for(path: Path, task: str) -> Any:
                          hint="pass --task for the head the folder has") from None
     if task == "image-classification":
         return _Pixels(model)
+    if task == "seq2seq-encoder":
+        return _Text(model.get_encoder(), "feature-extraction", False)
+    if task == "causal-lm-with-past":
+        return _Cached(model)
     normalize = (path / "modules.json").is_file() and "Normalize" in (path / "modules.json").read_text()
     return _Text(model, task, normalize)
 
@@ -129,12 +144,21 @@ def load_folder(path: Path, task: str | None = None):
             ids = torch.randint(0, config.get("vocab_size", 100), (2, 12), generator=torch.Generator().manual_seed(0))
             example = (ids, torch.ones_like(ids))
         dynamic = TEXT_DYNAMIC
+        if task == "causal-lm-with-past":
+            example, dynamic = _with_past(module, example)
     with warnings.catch_warnings():  # the exporter's notes on renamed axes are not the user's concern
         warnings.simplefilter("ignore")
         model = importers.load(module, example_inputs=example, dynamic_shapes=dynamic)
     outputs = model.ir.graph.outputs
     if len(outputs) == 1:
         outputs[0].name = OUTPUTS.get(task, "logits")
+    if task == "causal-lm-with-past":
+        names = cache_names(module.layers)
+        for value, name in zip(model.ir.graph.inputs, ["input_ids", "attention_mask", *names], strict=True):
+            value.name = name
+        presents = [n.replace("past_key_values", "present") for n in names]
+        for value, name in zip(outputs, ["logits", *presents], strict=True):
+            value.name = name
     model.ir.metadata_props["graphopt.task"] = task
     return model
 
@@ -162,6 +186,54 @@ class _Text:
                 return out.logits
 
         return Text().eval()
+
+
+def cache_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+
+
+def _with_past(module, example):
+    """Example inputs with a past of 3 tokens, and dims: batch, seq, past (the mask's length is
+    left to the exporter, which sees it is past + seq)."""
+    import torch
+    from torch.export import Dim
+
+    ids, mask = example
+    config = module.model.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    g = torch.Generator().manual_seed(0)
+    pasts = tuple(torch.randn(ids.shape[0], kv_heads, 3, head_dim, generator=g) for _ in range(2 * module.layers))
+    mask = torch.cat([torch.ones(ids.shape[0], 3, dtype=mask.dtype), mask], dim=1)
+    batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple({0: batch, 2: past} for _ in pasts))
+    return (ids, mask, *pasts), dynamic
+
+
+class _Cached:
+    """A decoder step: the cache in as inputs, the updated cache out."""
+
+    def __new__(cls, model):
+        import torch
+
+        layers = model.config.num_hidden_layers
+
+        class Cached(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model, self.layers = model, layers
+
+            def forward(self, input_ids, attention_mask, *past):
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                for i in range(self.layers):
+                    cache.update(past[2 * i], past[2 * i + 1], i)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+                return (out.logits, *[t for layer in out.past_key_values.layers[: self.layers] for t in (layer.keys, layer.values)])
+
+        return Cached().eval()
 
 
 class _Pixels:
