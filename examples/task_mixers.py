@@ -58,7 +58,9 @@ def digits(size: int = 16):
     return images, labels, order[:1400], order[1400:]
 
 
-def vit_task(steps: int):
+def train_vit(steps: int):
+    """A transformers ViT trained on the digits at 16x16 (seeded, by step count), in eval mode,
+    with the data: (model, images, labels, train, test)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     images, labels, train, test = digits()
@@ -74,7 +76,11 @@ def vit_task(steps: int):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), images, labels, train, test
+
+
+def vit_task(steps: int):
+    model, images, labels, train, test = train_vit(steps)
     module = Logits(model, "logits")
     onnx_model = _named_logits(graphopt.load(module, example_inputs=(images[:2],), dynamic_shapes=({0: "batch"},)))
     calib = [{"x": images[train[i:i + 64]].numpy()} for i in range(0, 256, 64)]
