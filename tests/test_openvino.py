@@ -102,9 +102,12 @@ def test_target_cpu_measures_ort_and_openvino(bert, tmp, monkeypatch):
     fastest = min(times, key=times.get)
     if fastest == "openvino-bf16-graph" and times["openvino-bf16"] <= times[fastest] * (1 + cpu.GRAPH_MARGIN):
         fastest = "openvino-bf16"  # the hint keeps the file float32: the converted graph must win clearly
-    assert lowering["chosen"] == fastest
+    chosen = lowering["chosen"]
+    # the report rounds medians to the microsecond: two equal there (ort and an ort-lowered that
+    # changed little) are a tie, either of which is the fastest
+    assert chosen == fastest or times[chosen] - times[fastest] <= 1e-3, (chosen, times)
     assert {n.domain for n in result.model.ir.graph} <= {"", "com.microsoft"}
-    if fastest.endswith("-graph"):  # approximate on purpose: its fidelity was measured in OpenVINO
+    if chosen.endswith("-graph"):  # approximate on purpose: its fidelity was measured in OpenVINO
         assert result.report.validation is None and next(s for s in result.report.steps if s.name == "lower-cpu").check["measured_in"] == "openvino"
     else:
         assert result.report.validation.passed
