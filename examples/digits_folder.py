@@ -15,7 +15,6 @@ the test PNGs, with the CPU model.
 from __future__ import annotations
 
 import argparse
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -45,17 +44,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--out", type=Path, default=Path("/tmp/digits"))
     args = ap.parse_args()
-    print(f"cpu: {machine.cpu_model()} ({platform.machine()})")
+    print(f"cpu: {machine.cpu_model()}")
     model, images, labels, train, test = task_mixers.train_vit(args.steps)
     model.save_pretrained(args.out / "vit")
     write_pngs(args.out / "train", images, labels, train)
     test_pixels = write_pngs(args.out / "test", images, labels, test)
     out = args.out / "vit.int8.onnx"
-    command = [str(Path(sys.executable).with_name("graphopt")), "optimize", str(args.out / "vit"), "-o", str(out),
-               "--calib-images", str(args.out / "train"), "--image-size", "16x16", "--mean", "0", "--std", "1",
-               "--precision", "int8", "--fidelity", "0.99"]
-    print("$", " ".join(command[1:]))
-    subprocess.run(["graphopt", *command[1:]], check=True, executable=command[0])
+    command = ["optimize", str(args.out / "vit"), "-o", str(out), "--calib-images", str(args.out / "train"),
+               "--image-size", "16x16", "--mean", "0", "--std", "1", "--precision", "int8", "--fidelity", "0.99"]
+    print("$ graphopt", " ".join(command))
+    subprocess.run([str(Path(sys.executable).with_name("graphopt")), *command], check=True)
     want = labels[test].numpy()
     with torch.no_grad():
         fp32 = model(pixel_values=torch.as_tensor(test_pixels)).logits.argmax(-1).numpy()

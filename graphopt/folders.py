@@ -37,6 +37,7 @@ SUFFIXES = (("ForSequenceClassification", "sequence-classification"), ("ForToken
 OUTPUTS = {"feature-extraction": "last_hidden_state", "sentence-embedding": "sentence_embedding",
            "seq2seq-encoder": "last_hidden_state"}
 TEXT_DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+EXAMPLE_PAST = 3  # cached tokens in the with-past export's example (the exported past is dynamic)
 EXAMPLE_TEXT = ["graphopt exports this folder.", "A second, somewhat longer example sentence for the export."]
 
 
@@ -193,19 +194,20 @@ def cache_names(layers: int) -> list[str]:
 
 
 def _with_past(module, example):
-    """Example inputs with a past of 3 tokens, and dims: batch, seq, past (the mask's length is
-    left to the exporter, which sees it is past + seq)."""
+    """Example inputs with a past of EXAMPLE_PAST tokens, and dims: batch, seq, past (the mask's
+    length is left to the exporter, which sees it is past + seq)."""
     import torch
     from torch.export import Dim
 
     ids, mask = example
-    config = module.model.config
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    config = module.model.config  # GPT-2's n_head / n_embd answer to these names too
+    heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     g = torch.Generator().manual_seed(0)
-    pasts = tuple(torch.randn(ids.shape[0], kv_heads, 3, head_dim, generator=g) for _ in range(2 * module.layers))
-    mask = torch.cat([torch.ones(ids.shape[0], 3, dtype=mask.dtype), mask], dim=1)
+    shape = (ids.shape[0], kv_heads, EXAMPLE_PAST, head_dim)
+    pasts = tuple(torch.randn(shape, generator=g) for _ in range(2 * module.layers))
+    mask = torch.cat([torch.ones(ids.shape[0], EXAMPLE_PAST, dtype=mask.dtype), mask], dim=1)
     batch, seq, past = Dim("batch"), Dim("seq"), Dim("past")
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, tuple({0: batch, 2: past} for _ in pasts))
     return (ids, mask, *pasts), dynamic
