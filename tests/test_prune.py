@@ -17,7 +17,7 @@ from graphopt.errors import InputError
 from graphopt.ir import ir
 from graphopt.passes.prune import neurons
 from graphopt.passes.prune.sites import find_ffn
-from graphopt.passes.prune.step import linear_flops
+from graphopt.passes.prune.step import linear_flops, rank
 from rule_testing import build, header
 
 D, K = 8, 32
@@ -155,3 +155,25 @@ def test_cli_prune_flag(tmp_path):
     bad = subprocess.run([cli, "optimize", str(path), "-o", str(tmp_path / "x.onnx"), "--prune", "rows"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and not (tmp_path / "x.onnx").exists()
+
+
+def test_the_ranking_spends_the_bound_where_the_measured_loss_per_flop_is_lowest():
+    """Two blocks with the same proxy errors and savings: the one whose measured end-to-end
+    sensitivity is lower gives up its rungs first; a block saving twice the FLOPs per rung at
+    the same loss goes before one that saves less."""
+    proxies, savings = [[0.01, 0.03], [0.01, 0.03]], [[100, 100], [100, 100]]
+    order = [(i, step) for _, i, step in rank(proxies, [10.0, 1.0], savings)]
+    assert order == [(1, 0), (1, 1), (0, 0), (0, 1)]
+    order = [(i, step) for _, i, step in rank(proxies, [1.0, 1.0], [[100, 100], [200, 200]])]
+    assert order[0] == (1, 0) and order.index((1, 1)) < order.index((0, 1))
+    # a block's rungs keep their order even where a later rung is cheaper per FLOP
+    order = [(i, step) for _, i, step in rank([[0.05, 0.051]], [1.0], [[100, 100]])]
+    assert order == [(0, 0), (0, 1)]
+
+
+def test_every_block_gets_one_sensitivity_probe():
+    model = redundant(build(mlp("Relu"), w1=[D, K], b1=[K], w2=[K, D], b2=[D]))
+    result = graphopt.optimize(model, passes=["eliminate-dead-code"], prune="ffn", fidelity=0.999,
+                               calib=[feeds(256, 0), feeds(256, 1)])
+    trials = [t["trial"] for t in result.report.steps[-1].fidelity["trials"]]
+    assert [t for t in trials if t.startswith("sensitivity")] == [f"sensitivity: block 0 (ffn) alone at {K // 2}/{K}"]

@@ -9,8 +9,11 @@ projection refitted by `neurons`, whatever the form.
 2. Rank: each block's ladder is the distinct unit counts KEEP's fractions give it, then 0 (the
    block dropped) where the form allows and the block can be. Every rung gets a proxy error,
    the block's squared output error after the refit (read off the OBS costs) over the energy
-   of the residual stream it joins, and all rungs of all blocks are sorted by proxy error per
-   linear FLOP saved.
+   of the residual stream it joins. The proxy ranks a block's rungs; across blocks it is
+   scaled by the block's measured sensitivity (the held-out end-to-end loss, 1 - worst mean
+   cosine, of that block alone at the rung keeping about PROBE of its units, over its proxy
+   there: one trial per block), and all rungs of all blocks are sorted by that estimated loss
+   per linear FLOP saved.
 3. Bisection: the longest prefix of that order whose held-out end-to-end worst mean cosine
    meets the bound (each block refitted, neurons.refit), about log2(rungs) trials.
 4. Refinement: the rungs after it, one at a time in the same order, each kept only if the
@@ -42,7 +45,8 @@ from graphopt.steps import ApproximateStep, Approximation, Options
 
 KEEP = tuple(1 - k / 16 for k in range(1, 13))  # fractions of each block's units kept, in trial order (15/16 .. 1/4)
 DROPPED = 0  # the last rung where blocks may be dropped: no unit kept
-MAX_TRIALS = 40
+MAX_TRIALS = 40  # of the search (bisection and refinement); the sensitivity probes are one per block on top
+PROBE = 0.5  # the share of its units a block keeps when its sensitivity is probed
 RULES = {"ffn": "PruneFfnNeurons", "heads": "PruneAttentionHeads", "blocks": "DropBlocks"}
 FORMS = {"ffn": ("ffn",), "heads": ("heads",), "blocks": ("blocks",), "ffn+heads": ("ffn", "heads"),
          "all": ("ffn", "heads", "blocks")}
@@ -81,6 +85,28 @@ def ladder(site, forms: tuple[str, ...]) -> tuple[int, ...]:
     shrink = sorted({kept(site, f) for f in KEEP} - {site.units}, reverse=True) if site.form in forms else []
     drop = [DROPPED] if "blocks" in forms and neurons.drop_blocker(site) is None else []
     return tuple(shrink + drop)
+
+
+def rank(proxies: list[list[float]], sensitivity: list[float], savings: list[list[int]]) -> list[tuple[float, int, int]]:
+    """Every rung (block i, step) as (key, i, step), cheapest first: the key is the estimated
+    end-to-end loss the rung adds (its rise in proxy error x the block's sensitivity) per linear
+    FLOP it saves against the rung before (`savings`); a block's keys are made non-decreasing,
+    so its rungs come in order."""
+    rungs = []
+    for i, (proxy, scale) in enumerate(zip(proxies, sensitivity)):
+        key = 0.0
+        for step in range(len(proxy)):
+            rise = scale * (proxy[step] - (proxy[step - 1] if step else 0.0))
+            key = max(key, rise / savings[i][step])
+            rungs.append((key, i, step))
+    return sorted(rungs)
+
+
+def probe_rung(ladder: tuple[int, ...], units: int) -> int:
+    """The rung a block's sensitivity is measured at: the one keeping closest to PROBE of its
+    units (a dropped block only when it has no other)."""
+    shrink = [j for j, k in enumerate(ladder) if k != DROPPED] or [len(ladder) - 1]
+    return min(shrink, key=lambda j: abs(ladder[j] - PROBE * units))
 
 
 def kept(site, fraction: float) -> int:
@@ -158,21 +184,20 @@ def prune(model: Model, options: Options, form: str) -> tuple[Model, dict[str, A
         trials.append({"trial": what, "mean_cosine": fidelity.worst_mean_cosine(e2e), "within_bound": ok})
         return trial, e2e, ok
 
-    def saved(i: int, step: int) -> int:
-        """Linear FLOPs per token that block i saves at rung `step` against rung step - 1."""
-        before = sites[i].units if step == 0 else ladders[i][step - 1]
-        return max(1, (before - ladders[i][step]) * sites[i].unit_flops)
-
-    # every rung of every block, cheapest proxy error per FLOP saved first (a block's rungs in
-    # order: its keys are made non-decreasing)
-    rungs = []
-    for i in range(len(sites)):
-        key = 0.0
-        for step in range(len(ladders[i])):
-            rise = proxies[i][step] - (proxies[i][step - 1] if step else 0.0)
-            key = max(key, rise / saved(i, step))
-            rungs.append((key, i, step))
-    rungs.sort()
+    say = options.progress or (lambda _done, _total, _what: None)
+    # each block's sensitivity: the end-to-end loss (1 - worst mean cosine) of that block alone
+    # at its probe rung, over the proxy there; the proxy ranks rungs within a block, the
+    # sensitivity scales it to what the output sees (a late block's error reaches it unnormed)
+    sensitivity = []
+    for i, site in enumerate(sites):
+        step = probe_rung(ladders[i], site.units)
+        say(i, len(sites), f"prune: sensitivity of block {i} ({site.form})")
+        _, e2e, _ = measure({i: step}, f"sensitivity: block {i} ({site.form}) alone at {ladders[i][step]}/{site.units}")
+        loss = max(1.0 - fidelity.worst_mean_cosine(e2e), 1e-12)
+        sensitivity.append(loss / max(proxies[i][step], 1e-12))
+    savings = [[max(1, ((site.units if step == 0 else lad[step - 1]) - lad[step]) * site.unit_flops)
+                for step in range(len(lad))] for site, lad in zip(sites, ladders)]
+    rungs = rank(proxies, sensitivity, savings)
 
     def prefix(n: int) -> dict[int, int]:
         steps = {i: -1 for i in range(len(sites))}
@@ -180,12 +205,12 @@ def prune(model: Model, options: Options, form: str) -> tuple[Model, dict[str, A
             steps[i] = step
         return steps
 
-    say = options.progress or (lambda _done, _total, _what: None)
+    probes = len(trials)
     best_model, best_e2e = work, fidelity.end_to_end(references, work, data.held)
     low, high = 0, len(rungs)  # the longest prefix within the bound, by bisection
     while low < high:
         mid = (low + high + 1) // 2
-        say(len(trials), MAX_TRIALS, f"prune: the {mid} cheapest of {len(rungs)} steps")
+        say(len(trials) - probes, MAX_TRIALS, f"prune: the {mid} cheapest of {len(rungs)} steps")
         trial, e2e, ok = measure(prefix(mid), f"the {mid} cheapest steps")
         if ok:
             low, best_model, best_e2e = mid, trial, e2e
@@ -194,13 +219,13 @@ def prune(model: Model, options: Options, form: str) -> tuple[Model, dict[str, A
     chosen = prefix(low)
     frozen: set[int] = set()
     for _, i, step in rungs[low:]:  # then one step at a time, in the same order
-        if len(trials) >= MAX_TRIALS:
+        if len(trials) - probes >= MAX_TRIALS:
             break
         if i in frozen or step != chosen[i] + 1:
             continue
         steps = {**chosen, i: step}
         count = ladders[i][step]
-        say(len(trials), MAX_TRIALS, f"prune: block {i} ({sites[i].form}) to {count}/{sites[i].units}")
+        say(len(trials) - probes, MAX_TRIALS, f"prune: block {i} ({sites[i].form}) to {count}/{sites[i].units}")
         trial, e2e, ok = measure(steps, f"block {i} ({sites[i].form}) at {count}/{sites[i].units}")
         if ok:
             chosen, best_model, best_e2e = steps, trial, e2e
