@@ -8,10 +8,13 @@ end-to-end worst mean cosine down to 1 - (1 - F) (i + 1) / n, so each later fami
 share plus whatever the earlier ones left unspent, and the last one ends at F.
 
 Families (FAMILIES) map to the requests the steps are registered under: `prune` (every pruning
-form), `int8` (static and dynamic forms), `mixers` (with the user's `mixer`); `auto` is every
-family that keeps the model's interface and needs nothing more named (prune, int8).
+form), `int8` (static and dynamic forms), `bf16` (the graph converted, precision bf16; beside
+int8 it is precision auto, whose float layers run at OpenVINO's bf16 hint where `--target cpu`
+measures it faster, so it needs that target), `mixers` (with the user's `mixer`); `auto` is
+every family that keeps the model's interface, needs nothing more named and is chosen by
+measurement on every target (prune, int8).
 Not built: choosing across families by measured gain per error (the shares are fixed by
-position), and bf16 / fp16 inside the budget (they are `--precision`'s, bounded on their own).
+position).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from graphopt.errors import InputError
 
-FAMILIES = ("prune", "int8", "mixers")
+FAMILIES = ("prune", "int8", "bf16", "mixers")
 AUTO = ("prune", "int8")
 PRUNE_FORM = "all"
 
@@ -56,18 +59,24 @@ def families(text: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def requests(allowed: tuple[str, ...], given: Mapping[str, Any]) -> dict[str, Any]:
+def requests(allowed: tuple[str, ...], given: Mapping[str, Any], target: str | None = None) -> dict[str, Any]:
     """The approximate requests (`prune`, `mixer`, `precision`) the families ask for, on top of
     what the user named; a value the user gave wins. Pruning comes first (smaller matrices are
     quantized after), as optimize orders the requests it registers."""
     out = {"prune": given.get("prune"), **given}
     if "prune" in allowed and not out.get("prune"):
         out["prune"] = PRUNE_FORM
-    if "int8" in allowed:
-        if out.get("precision") not in (None, "int8"):
-            raise InputError(f"--approx int8 with --precision {out['precision']}: the budget's int8 is the only precision step",
-                             hint="drop --precision, or drop int8 from --approx")
-        out["precision"] = "int8"
+    wanted = {"int8", "bf16"} & set(allowed)
+    if wanted:
+        precision = "auto" if len(wanted) == 2 else wanted.pop()
+        if precision == "auto" and target != "cpu":
+            raise InputError("--approx int8,bf16: bf16 beside int8 is OpenVINO's measured precision hint, which only --target cpu weighs",
+                             hint="add --target cpu, or keep one of int8 and bf16")
+        if out.get("precision") not in (None, precision):
+            raise InputError(f"--approx {','.join(sorted({'int8', 'bf16'} & set(allowed)))} with --precision {out['precision']}: "
+                             f"the budget sets the precision ({precision})",
+                             hint="drop --precision, or drop int8 / bf16 from --approx")
+        out["precision"] = precision
     if "mixers" in allowed and not out.get("mixer"):
         raise InputError("--approx mixers needs the mixer to swap in", hint="add --mixer, e.g. --mixer linear:hedgehog")
     if "mixers" not in allowed and out.get("mixer") and allowed:

@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-batch", type=int, default=16, metavar="N", help="examples per --calib-text / "
                    "--calib-images batch (default 16)")
     s.add_argument("--approx", metavar="FAMILIES", help="approximate families under one budget, comma-separated from "
-                   "prune, int8, mixers, or auto (prune, int8): --fidelity then bounds the whole plan's end-to-end "
+                   "prune, int8, bf16 (beside int8: with --target cpu), mixers, or auto (prune, int8): --fidelity then bounds the whole plan's end-to-end "
                    "output, each step keeping its share (default: only what --precision / --prune / --mixer ask, each "
                    "bounded on its own)")
     s.add_argument("--check-every", type=int, default=1, metavar="K", help="check the exact steps that changed the "

@@ -101,7 +101,7 @@ def optimize(
     `features`), each documented where it is declared and shown by `graphopt optimize --help`.
     step_progress: (done, total, what) from inside a long step (a mixer's fit, layer by layer).
     approx: the approximate families allowed under one fidelity budget, comma-separated from
-    prune, int8, mixers, or auto (prune and int8): `fidelity` then bounds the whole plan's
+    prune, int8, bf16, mixers, or auto (prune and int8): `fidelity` then bounds the whole plan's
     end-to-end output against the model before the first approximate step, each step keeping
     its share (graphopt/budget.py); the report's notes give each family's part of the error.
     allow_unchecked: when no input can be generated or found that the model runs on (or the
@@ -118,7 +118,7 @@ def optimize(
     requests = {**asked, "mixer": mixer, "precision": precision}
     allowed = budget_mod.families(approx)
     if allowed:
-        requests = budget_mod.requests(allowed, requests)
+        requests = budget_mod.requests(allowed, requests, target)
         precision = requests["precision"]
     if required and not requests.get(required):
         raise InputError(f"preset '{preset}' needs a {required}", hint="pass --mixer, e.g. --mixer linear:hedgehog")

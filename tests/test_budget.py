@@ -52,6 +52,12 @@ def test_families_and_the_requests_they_make():
         budget.requests(("mixers",), {"mixer": None})
     with pytest.raises(InputError, match="--approx int8 with --precision bf16"):
         budget.requests(("int8",), {"precision": "bf16"})
+    assert budget.requests(("bf16",), {"precision": None})["precision"] == "bf16"
+    assert budget.requests(("int8", "bf16"), {"precision": None}, target="cpu")["precision"] == "auto"
+    with pytest.raises(InputError, match="bf16 beside int8 is OpenVINO's measured precision hint"):
+        budget.requests(("int8", "bf16"), {"precision": None}, target="ort-cpu")
+    with pytest.raises(InputError, match="--approx bf16 with --precision int8"):
+        budget.requests(("bf16",), {"precision": "int8"})
     shares = budget.Budget(0.99, 2)
     assert [round(shares.share(i), 6) for i in range(2)] == [0.995, 0.99]
 
@@ -71,6 +77,25 @@ def test_the_whole_plan_stays_within_one_bound():
     assert abs(fidelity.worst_mean_cosine(e2e) - steps[-1].check["min_cosine"]) < 1e-4  # what the last step reported
     notes = " ".join(result.report.notes)
     assert "one fidelity budget 0.99 for prune, int8" in notes and "its part of the error" in notes
+
+
+def test_bf16_takes_its_share_after_pruning(tmp_path):
+    model, calib = _mlp(), _batches()
+    result = graphopt.optimize(model, passes=["eliminate-dead-code"], approx="prune,bf16", fidelity=0.99, calib=calib)
+    steps = [s for s in result.report.steps if s.kind == "approximate"]
+    assert [s.name for s in steps] == ["prune", "convert-precision"]
+    assert [round(s.check["bound"], 6) for s in steps] == [0.995, 0.99]
+    assert all(s.check["passed"] for s in steps) and steps[1].status == "applied"
+    assert any(v.dtype == graphopt.ir.ir.DataType.BFLOAT16 for v in result.model.ir.graph.initializers.values())
+    # the bf16 graph runs in OpenVINO (onnxruntime has no bf16 MatMul on CPU): its output, from
+    # the model the plan started from, is within the bound on held-out rows
+    from graphopt.backends import openvino
+
+    path = graphopt.save(result.model, tmp_path / "bf16.onnx")
+    compiled = openvino.compile(path, precision="f32")  # the graph's own types decide
+    held = calib[len(calib) // 2:]
+    cosines = [verify.min_cosine(verify.run(model, f), compiled.run(f)) for f in held]
+    assert min(cosines) >= 0.99
 
 
 def test_cli_approx(tmp_path):
