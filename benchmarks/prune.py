@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=220)
     warnings.simplefilter("ignore")
     module, tokenizer = models.minilm()
     calib_s, held_s = sentences.split(0, calibration=args.calib)
