@@ -66,14 +66,14 @@ def requests(allowed: tuple[str, ...], given: Mapping[str, Any], target: str | N
     out = {"prune": given.get("prune"), **given}
     if "prune" in allowed and not out.get("prune"):
         out["prune"] = PRUNE_FORM
-    wanted = {"int8", "bf16"} & set(allowed)
+    wanted = [f for f in ("int8", "bf16") if f in allowed]
     if wanted:
-        precision = "auto" if len(wanted) == 2 else wanted.pop()
+        precision = "auto" if len(wanted) == 2 else wanted[0]
         if precision == "auto" and target != "cpu":
             raise InputError("--approx int8,bf16: bf16 beside int8 is OpenVINO's measured precision hint, which only --target cpu weighs",
                              hint="add --target cpu, or keep one of int8 and bf16")
         if out.get("precision") not in (None, precision):
-            raise InputError(f"--approx {','.join(sorted({'int8', 'bf16'} & set(allowed)))} with --precision {out['precision']}: "
+            raise InputError(f"--approx {','.join(wanted)} with --precision {out['precision']}: "
                              f"the budget sets the precision ({precision})",
                              hint="drop --precision, or drop int8 / bf16 from --approx")
         out["precision"] = precision
